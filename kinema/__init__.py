@@ -1,11 +1,26 @@
-"""Kinema: a video-generation engine for the Wan2.1 model family."""
+"""Kinema: a video-generation engine for the Wan2.1 model family.
+
+The public loaders are imported lazily, so `import kinema` (and the CLI's start)
+stays fast and only the parts a program uses are loaded.
+"""
+
+from kinema.errors import CheckpointError, KinemaError
 
 __version__ = "0.1.0"
 
-from kinema.errors import CheckpointError, KinemaError  # noqa: E402
-from kinema.loading.clip import load_clip_vision  # noqa: E402
-from kinema.loading.dit import load_dit  # noqa: E402
-from kinema.loading.t5 import load_text_encoder  # noqa: E402
-from kinema.loading.vae import load_vae  # noqa: E402
+_LAZY = {
+    "load_dit": "kinema.loading.dit",
+    "load_vae": "kinema.loading.vae",
+    "load_text_encoder": "kinema.loading.t5",
+    "load_clip_vision": "kinema.loading.clip",
+}
 
-__all__ = ["load_dit", "load_vae", "load_text_encoder", "load_clip_vision", "KinemaError", "CheckpointError", "__version__"]
+__all__ = [*_LAZY, "KinemaError", "CheckpointError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kinema' has no attribute {name!r}")

@@ -1,0 +1,244 @@
+"""The Wan2.1 diffusion transformer (DiT), one module for t2v, i2v and flf2v.
+
+Variants are data (`DiTConfig` and the `WAN_DIT` registry). Parameter names
+follow the official `WanModel`, so official checkpoints load one to one and the
+other formats are key maps onto these names (kinema/loading/dit.py).
+
+The forward pass is split into parts a sampler can drive on its own:
+`embed` (patchify + optional i2v condition), `time_embed`, `embed_context`,
+`rope`, the `blocks` (each a plain call, so they can be skipped, swapped in and
+out or run on a slice of the sequence), and `head` + `unpatchify`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kinema.models.layers import LayerNorm32, Linear, RMSNorm32, modulate
+from kinema.ops.attention import attention
+from kinema.ops.rope import apply_rope, rope_table
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    model_type: str = "t2v"  # t2v | i2v | flf2v
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_dim: int = 16  # 36 for i2v / flf2v: 16 noise + 4 mask + 16 condition latent
+    dim: int = 1536
+    ffn_dim: int = 8960
+    freq_dim: int = 256
+    text_dim: int = 4096
+    out_dim: int = 16
+    num_heads: int = 12
+    num_layers: int = 30
+    qk_norm: bool = True
+    cross_attn_norm: bool = True
+    eps: float = 1e-6
+    image_dim: int = 1280  # CLIP token width (i2v / flf2v)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def image_tokens(self) -> int:
+        return 514 if self.model_type == "flf2v" else 257
+
+
+WAN_DIT = {
+    "t2v-1.3B": DiTConfig("t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
+    "t2v-14B": DiTConfig("t2v", dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "i2v-14B": DiTConfig("i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+    "flf2v-14B": DiTConfig("flf2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
+}
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[cos, sin] embedding of timesteps t [B] -> [B, dim] float32 (angles in float64 as the reference)."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    args = torch.outer(t.to(torch.float64), freqs)  # [B, half]
+    return torch.cat([args.cos(), args.sin()], dim=1).float()
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (Linear(cfg.dim, cfg.dim) for _ in range(4))
+        norm = (lambda: RMSNorm32(cfg.dim, cfg.eps)) if cfg.qk_norm else nn.Identity
+        self.norm_q, self.norm_k = norm(), norm()
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), *rope)  # [B, L, H, D]
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), *rope)
+        v = self.v(x).unflatten(-1, (self.num_heads, -1))
+        out = attention(q.to(v.dtype), k.to(v.dtype), v)
+        return self.o(out.flatten(2))
+
+
+class CrossAttention(nn.Module):
+    """Attention from video tokens to text tokens, plus (i2v / flf2v) separate k/v for CLIP tokens."""
+
+    def __init__(self, cfg: DiTConfig, image: bool):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.q, self.k, self.v, self.o = (Linear(cfg.dim, cfg.dim) for _ in range(4))
+        norm = (lambda: RMSNorm32(cfg.dim, cfg.eps)) if cfg.qk_norm else nn.Identity
+        self.norm_q, self.norm_k = norm(), norm()
+        if image:
+            self.k_img, self.v_img = Linear(cfg.dim, cfg.dim), Linear(cfg.dim, cfg.dim)
+            self.norm_k_img = norm()
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.v.weight.dtype).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, image_context: torch.Tensor | None) -> torch.Tensor:
+        q = self._heads(self.norm_q(self.q(x)))
+        out = attention(q, self._heads(self.norm_k(self.k(context))), self._heads(self.v(context)))
+        if image_context is not None:
+            k_img = self._heads(self.norm_k_img(self.k_img(image_context)))
+            out = out + attention(q, k_img, self._heads(self.v_img(image_context)))
+        return self.o(out.flatten(2))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm1 = LayerNorm32(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.self_attn = SelfAttention(cfg)
+        self.norm3 = LayerNorm32(cfg.dim, cfg.eps) if cfg.cross_attn_norm else nn.Identity()
+        self.cross_attn = CrossAttention(cfg, image=cfg.model_type != "t2v")
+        self.norm2 = LayerNorm32(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, cfg.dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x, e, rope, context, image_context=None):
+        """x [B, L, dim] float32 residual stream; e [B, 6, dim] time modulation."""
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(1)
+        x = x + self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), rope).float() * gate_sa[:, None]
+        x = x + self.cross_attn(self.norm3(x), context, image_context).float()
+        x = x + self.ffn(modulate(self.norm2(x), shift_ff, scale_ff)).float() * gate_ff[:, None]
+        return x
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = LayerNorm32(cfg.dim, cfg.eps, elementwise_affine=False)
+        self.head = Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float() + e[:, None]).unbind(1)
+        return self.head(modulate(self.norm(x), shift, scale)).float()
+
+
+class ImageEmbedding(nn.Module):
+    """CLIP tokens -> DiT width. flf2v adds a learned position for each of its 2 x 257 tokens."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.image_dim
+        self.proj = nn.Sequential(LayerNorm32(d), Linear(d, d), nn.GELU(), Linear(d, cfg.dim), LayerNorm32(cfg.dim))
+        if cfg.model_type == "flf2v":
+            self.emb_pos = nn.Parameter(torch.zeros(1, cfg.image_tokens, d))
+
+    def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "emb_pos"):
+            clip_fea = clip_fea.float() + self.emb_pos.float()
+        return self.proj(clip_fea)
+
+
+class WanDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.config = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"), Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), Linear(cfg.dim, cfg.dim * 6))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+        if cfg.model_type != "t2v":
+            self.img_emb = ImageEmbedding(cfg)
+
+    # -- the parts of the forward pass -------------------------------------------------------------
+    def embed(self, x: torch.Tensor, y: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Noisy latents x [B, 16, F, H, W] (+ condition y [B, 20, F, H, W]) -> tokens [B, L, dim], grid."""
+        if y is not None:
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
+        if x.shape[1] != self.config.in_dim:
+            raise ValueError(
+                f"the DiT takes {self.config.in_dim} input channels ({self.config.model_type}), got {x.shape[1]}"
+                + (" (i2v / flf2v need the 20-channel condition y)" if y is None and self.config.in_dim > x.shape[1] else "")
+            )
+        pt, ph, pw = self.config.patch_size
+        if x.shape[2] % pt or x.shape[3] % ph or x.shape[4] % pw:
+            raise ValueError(f"latent size {tuple(x.shape[2:])} is not divisible by the patch size {self.config.patch_size}")
+        w = self.patch_embedding.weight
+        tokens = self.patch_embedding(x.to(w.dtype))  # [B, dim, f, h, w]
+        grid = tuple(tokens.shape[2:])
+        return tokens.flatten(2).transpose(1, 2).float(), grid  # [B, L, dim]
+
+    def time_embed(self, t: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps [B] in [0, 1000] -> e [B, dim] (head), e0 [B, 6, dim] (blocks), float32."""
+        t = t.reshape(-1).expand(batch) if t.numel() == 1 else t.reshape(batch)
+        e = self.time_embedding(sinusoidal_embedding(t, self.config.freq_dim)).float()
+        return e, self.time_projection(e).float().unflatten(1, (6, self.config.dim))
+
+    def embed_context(self, context: torch.Tensor, clip_fea: torch.Tensor | None = None):
+        """Text [B, L, text_dim] -> [B, L, dim]; CLIP tokens [B, 257|514, 1280] -> [B, 257|514, dim] or None."""
+        image_context = None
+        if self.config.model_type != "t2v":
+            if clip_fea is None:
+                raise ValueError(f"a {self.config.model_type} DiT needs clip_fea [B, {self.config.image_tokens}, 1280]")
+            if clip_fea.shape[1] != self.config.image_tokens:
+                raise ValueError(
+                    f"a {self.config.model_type} DiT takes {self.config.image_tokens} CLIP tokens, got {clip_fea.shape[1]}"
+                )
+            image_context = self.img_emb(clip_fea)
+        return self.text_embedding(context), image_context
+
+    def rope(self, grid: tuple[int, int, int], device, offset=(0, 0, 0)):
+        return rope_table(grid, self.config.head_dim, device, offset)
+
+    def unpatchify(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """[B, L, pt*ph*pw*C] -> [B, C, F, H, W]."""
+        f, h, w = grid
+        pt, ph, pw = self.config.patch_size
+        x = tokens.reshape(tokens.shape[0], f, h, w, pt, ph, pw, -1)
+        x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # [B, C, f, pt, h, ph, w, pw]
+        return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw)
+
+    # -- the whole pass -----------------------------------------------------------------------------
+    def forward(self, x, t, context, clip_fea=None, y=None) -> torch.Tensor:
+        """Flow prediction [B, 16, F, H, W] float32 for noisy latents x at timesteps t given the text context."""
+        tokens, grid = self.embed(x, y)
+        e, e0 = self.time_embed(t, x.shape[0])
+        context, image_context = self.embed_context(context, clip_fea)
+        rope = self.rope(grid, tokens.device)
+        for block in self.blocks:
+            tokens = block(tokens, e0, rope, context, image_context)
+        return self.unpatchify(self.head(tokens, e), grid)
+
+    @torch.no_grad()
+    def init_weights(self) -> "WanDiT":
+        """The reference initialisation, for training from scratch."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.patch_embedding.weight.flatten(1))
+        nn.init.zeros_(self.patch_embedding.bias)
+        for seq in (self.text_embedding, self.time_embedding):
+            for m in seq.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+        # A zero head makes the untrained model predict zero velocity rather than noise.
+        nn.init.zeros_(self.head.head.weight)
+        return self

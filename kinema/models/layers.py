@@ -1,0 +1,46 @@
+"""Small layers shared by Kinema's models, written for mixed precision.
+
+Kinema keeps the residual stream and all normalisation in float32 (as the
+reference does under autocast) while the big matrix multiplies run in the
+weights' dtype. `Linear` therefore casts its input to its own weight dtype, so
+a model whose weights were loaded in bf16 needs no autocast and a float32
+"island" is simply a module whose weights were kept in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Linear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in float32 whatever the input or weight dtype; returns float32."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class RMSNorm32(nn.Module):
+    """RMS norm over the last dim, in float32; returns float32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x [B, L, D] normalised, shift/scale [B, D]."""
+    return x * (1 + scale[:, None]) + shift[:, None]

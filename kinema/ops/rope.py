@@ -1,0 +1,62 @@
+"""3D rotary position embedding of the Wan2.1 DiT.
+
+The head dimension d is split into a time, a height and a width part of sizes
+d - 4*(d//6), 2*(d//6), 2*(d//6); each part rotates interleaved channel pairs
+(x[2i], x[2i+1]) by position * theta^(-2i/part) along its own axis.
+
+The reference computes this in float64 complex arithmetic on every step. Here
+the angles are computed once per grid in float64 and kept as float32 cos/sin
+tables; the rotation itself runs in float32 real arithmetic, which matches the
+reference to ~1e-7 relative.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Channels of each head given to the (time, height, width) axes."""
+    return head_dim - 4 * (head_dim // 6), 2 * (head_dim // 6), 2 * (head_dim // 6)
+
+
+def _axis_angles(n: int, start: int, dim: int, theta: float) -> torch.Tensor:
+    inv_freq = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)  # [dim/2]
+    pos = torch.arange(start, start + n, dtype=torch.float64)
+    return torch.outer(pos, inv_freq)  # [n, dim/2]
+
+
+@lru_cache(maxsize=16)
+def _table(grid: tuple[int, int, int], offset: tuple[int, int, int], head_dim: int, theta: float, device: str):
+    f, h, w = grid
+    dt, dh, dw = rope_split(head_dim)
+    at = _axis_angles(f, offset[0], dt, theta)[:, None, None].expand(f, h, w, -1)
+    ah = _axis_angles(h, offset[1], dh, theta)[None, :, None].expand(f, h, w, -1)
+    aw = _axis_angles(w, offset[2], dw, theta)[None, None, :].expand(f, h, w, -1)
+    angles = torch.cat([at, ah, aw], dim=-1).reshape(f * h * w, head_dim // 2)  # [L, D/2]
+    return angles.cos().float().to(device), angles.sin().float().to(device)
+
+
+def rope_table(
+    grid: tuple[int, int, int],
+    head_dim: int,
+    device: torch.device | str = "cpu",
+    offset: tuple[int, int, int] = (0, 0, 0),
+    theta: float = 10000.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [L, head_dim/2] for the tokens of a (frames, height, width) grid in raster order.
+
+    `offset` shifts the positions, so a window of frames cut from a longer video
+    keeps the positions it has in the whole.
+    """
+    return _table(tuple(grid), tuple(offset), head_dim, theta, str(device))
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, L, H, D] (any float dtype) by the tables; returns float32 [B, L, H, D]."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [B, L, H, D/2, 2]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None], sin[None, :, None]  # [1, L, 1, D/2]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)

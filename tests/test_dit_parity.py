@@ -1,0 +1,153 @@
+"""The DiT computes what diffusers' WanTransformer3DModel computes, loaded from every supported format."""
+
+import json
+
+import pytest
+import torch
+from conftest import rel_err
+from diffusers import WanTransformer3DModel
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+from safetensors.torch import save_file
+
+import kinema
+from kinema.errors import CheckpointError
+
+TEXT_DIM, CLIP_DIM = 40, 24
+# t2v with head_dim 128 (heads inferable without a config); i2v / flf2v with widths not a multiple of 128.
+VARIANTS = {
+    "t2v": dict(num_attention_heads=2, attention_head_dim=128, in_channels=16),
+    "i2v": dict(num_attention_heads=2, attention_head_dim=48, in_channels=36, image_dim=CLIP_DIM, added_kv_proj_dim=96),
+    "flf2v": dict(
+        num_attention_heads=3, attention_head_dim=36, in_channels=36, image_dim=CLIP_DIM, added_kv_proj_dim=108,
+        pos_embed_seq_len=514,
+    ),
+}
+
+
+def _reference(variant: str) -> WanTransformer3DModel:
+    torch.manual_seed({"t2v": 1, "i2v": 2, "flf2v": 3}[variant])
+    ref = WanTransformer3DModel(
+        patch_size=(1, 2, 2), out_channels=16, text_dim=TEXT_DIM, freq_dim=256, ffn_dim=136, num_layers=2,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, **VARIANTS[variant],
+    )
+    with torch.no_grad():  # the default init zeroes some projections: make every path matter
+        for p in ref.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return ref.eval()
+
+
+def _inputs(variant: str, frames: int, h: int, w: int, batch: int):
+    g = torch.Generator().manual_seed(frames * 100 + h)
+    x = torch.randn(batch, 16, frames, h, w, generator=g)
+    t = torch.tensor([999.0, 431.5][:batch])
+    if variant == "t2v":
+        return dict(x=x, t=t, context=torch.randn(batch, 9, TEXT_DIM, generator=g))
+    tokens = 514 if variant == "flf2v" else 257
+    # diffusers hard-codes 512 text tokens when image tokens are present.
+    return dict(
+        x=x, t=t, context=torch.randn(batch, 512, TEXT_DIM, generator=g),
+        y=torch.randn(batch, 20, frames, h, w, generator=g), clip_fea=torch.randn(batch, tokens, CLIP_DIM, generator=g),
+    )
+
+
+def _ref_forward(ref, variant, inp):
+    if variant == "t2v":
+        return ref(inp["x"], inp["t"], inp["context"]).sample
+    clip = inp["clip_fea"]
+    if variant == "flf2v":  # diffusers takes the two images' tokens as a batch of 2 and folds them itself
+        clip = clip.reshape(-1, 257, CLIP_DIM)
+    return ref(torch.cat([inp["x"], inp["y"]], 1), inp["t"], inp["context"], encoder_hidden_states_image=clip).sample
+
+
+def _kinema_forward(dit, inp):
+    return dit(inp["x"], inp["t"], inp["context"], clip_fea=inp.get("clip_fea"), y=inp.get("y"))
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def saved(request, tmp_path_factory):
+    """The reference model and its weights saved in every format Kinema reads."""
+    variant = request.param
+    ref = _reference(variant)
+    root = tmp_path_factory.mktemp(variant)
+    ref.save_pretrained(root / "diffusers")
+    ref.save_pretrained(root / "diffusers_sharded", max_shard_size="100KB")
+    (root / "pipeline").mkdir()
+    ref.save_pretrained(root / "pipeline" / "transformer")
+    official = {k: v.contiguous() for k, v in kinema.load_dit(root / "diffusers").state_dict().items()}
+    heads = VARIANTS[variant]["num_attention_heads"]
+    cfg = {"_class_name": "WanModel", "model_type": variant, "num_heads": heads, "dim": ref.config.num_attention_heads * ref.config.attention_head_dim}
+    (root / "official").mkdir()
+    save_file(official, root / "official" / "diffusion_pytorch_model.safetensors")
+    (root / "official" / "config.json").write_text(json.dumps(cfg))
+    # Official sharded layout: two shards behind an index.
+    (root / "official_sharded").mkdir()
+    keys = sorted(official)
+    halves = {"diffusion_pytorch_model-00001-of-00002.safetensors": keys[::2], "diffusion_pytorch_model-00002-of-00002.safetensors": keys[1::2]}
+    for name, ks in halves.items():
+        save_file({k: official[k] for k in ks}, root / "official_sharded" / name)
+    index = {"metadata": {}, "weight_map": {k: name for name, ks in halves.items() for k in ks}}
+    (root / "official_sharded" / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    (root / "official_sharded" / "config.json").write_text(json.dumps(cfg))
+    save_file({f"model.diffusion_model.{k}": v for k, v in official.items()}, root / "comfy_prefixed.safetensors")
+    save_file(official, root / "comfy_plain.safetensors")
+    return variant, ref, root, official
+
+
+FORMATS = ["diffusers", "diffusers_sharded", "pipeline", "official", "official_sharded", "comfy_prefixed.safetensors", "comfy_plain.safetensors"]
+
+
+def test_official_names_are_what_diffusers_converts_from(saved):
+    """Our canonical names are the official ones: diffusers' own converter maps them back to its weights."""
+    variant, ref, _, official = saved
+    converted = convert_wan_transformer_to_diffusers(dict(official))
+    # diffusers' single-file converter lacks the flf2v image position table; its repo script names it so.
+    if "img_emb.emb_pos" in converted:
+        converted["condition_embedder.image_embedder.pos_embed"] = converted.pop("img_emb.emb_pos")
+    expected = ref.state_dict()
+    assert sorted(converted) == sorted(expected)
+    for k, v in expected.items():
+        assert torch.equal(converted[k].reshape(v.shape), v), k
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fp32_parity_every_format(saved, fmt):
+    variant, ref, root, _ = saved
+    heads = None if (fmt.startswith(("diffusers", "pipeline", "official")) or variant == "t2v") else VARIANTS[variant]["num_attention_heads"]
+    dit = kinema.load_dit(root / fmt, num_heads=heads)
+    assert dit.config.model_type == variant
+    batch = 1 if variant == "flf2v" else 2
+    for frames, h, w in [(1, 6, 10), (5, 4, 6)]:  # F=1 and F=5 latent frames, non-square
+        inp = _inputs(variant, frames, h, w, batch)
+        with torch.no_grad():
+            want = _ref_forward(ref, variant, inp)
+            got = _kinema_forward(dit, inp)
+        assert got.shape == want.shape == inp["x"].shape
+        assert got.dtype == torch.float32
+        assert rel_err(got, want) <= 1e-4, (fmt, frames, rel_err(got, want))
+
+
+def test_bf16_parity_keeps_fp32_islands(saved):
+    variant, ref, root, _ = saved
+    dit = kinema.load_dit(root / "official", dtype=torch.bfloat16)
+    block = dit.blocks[0]
+    assert block.ffn[0].weight.dtype == torch.bfloat16 and block.self_attn.q.weight.dtype == torch.bfloat16
+    for p in (block.modulation, dit.head.head.weight, dit.head.modulation, dit.time_embedding[0].weight,
+              dit.time_projection[1].weight, block.norm3.weight, block.self_attn.norm_q.weight):
+        assert p.dtype == torch.float32
+    batch = 1 if variant == "flf2v" else 2
+    inp = _inputs(variant, 5, 4, 6, batch)
+    with torch.no_grad():
+        want = _ref_forward(ref, variant, inp)
+        got = _kinema_forward(dit, inp)
+    assert got.dtype == torch.float32
+    err = rel_err(got, want)
+    assert err <= 2e-2, err
+    assert err > 0  # it really ran in reduced precision
+
+
+def test_heads_need_config_for_odd_width(saved):
+    variant, _, root, _ = saved
+    if variant == "t2v":
+        pytest.skip("width is a multiple of 128")
+    with pytest.raises(CheckpointError, match="num_heads"):
+        kinema.load_dit(root / "comfy_plain.safetensors")
