@@ -28,7 +28,14 @@ _FP8_MARKERS = ("scaled_fp8",)
 _FP8_SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 
 
-def _open_safetensors(path: Path) -> dict:
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def _open_safetensors(path: Path, backend: str = "mmap"):
     from safetensors import safe_open
 
     size = path.stat().st_size
@@ -38,36 +45,79 @@ def _open_safetensors(path: Path) -> dict:
             "The download or save was probably interrupted; fetch or save it again."
         )
     try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-        keys = list(handle.keys())
+        handle = safe_open(str(path), framework="pt", device="cpu", backend=backend)
+        handle.keys()
     except Exception as exc:  # safetensors raises its own error types
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({exc}). It is truncated or corrupt: "
             "fetch or save it again."
         ) from None
-    return {key: (handle, key) for key in keys}
+    return handle
 
 
-def _open_torch(path: Path) -> dict:
-    try:
+class _SafetensorsFile:
+    """One safetensors file, read two ways: memory-mapped views for tensors used as they are
+    (zero copy, pages touched lazily) and pread for tensors that get converted, so a
+    converted tensor's source pages never stay resident beside its copy."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.mapped = _open_safetensors(path)
+        self._pread = None
+
+    def keys(self) -> list[str]:
+        return list(self.mapped.keys())
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.mapped.get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype | None:
+        return _ST_DTYPES.get(self.mapped.get_slice(name).get_dtype())
+
+    def get(self, name: str, convert: bool) -> torch.Tensor:
+        if not convert:
+            return self.mapped.get_tensor(name)
+        if self._pread is None:
+            self._pread = _open_safetensors(self.path, "pread")
+        return self._pread.get_tensor(name)
+
+
+class _TorchFile:
+    """A .pth/.bin checkpoint, memory-mapped when it uses the zip format."""
+
+    def __init__(self, path: Path):
+        self.path = path
         try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            # Legacy (non-zip) .pth files cannot be memory-mapped.
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path} could not be read as a PyTorch checkpoint ({type(exc).__name__}: {exc}). "
-            "It is truncated, corrupt, or holds non-tensor objects that are unsafe to load."
-        ) from None
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
-            state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} does not hold a flat dictionary of tensors; it is not a model checkpoint.")
-    return {key: (state, key) for key in state}
+            try:
+                state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                # Legacy (non-zip) .pth files cannot be memory-mapped.
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise CheckpointError(
+                f"{path} could not be read as a PyTorch checkpoint ({type(exc).__name__}: {exc}). "
+                "It is truncated, corrupt, or holds non-tensor objects that are unsafe to load."
+            ) from None
+        for wrapper in ("state_dict", "model", "module"):
+            if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+                state = state[wrapper]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CheckpointError(f"{path} does not hold a flat dictionary of tensors; it is not a model checkpoint.")
+        self.state = state
+
+    def keys(self) -> list[str]:
+        return list(self.state)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.state[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.state[name].dtype
+
+    def get(self, name: str, convert: bool) -> torch.Tensor:
+        return self.state[name]
 
 
 def _read_index(path: Path) -> list[Path]:
@@ -88,22 +138,22 @@ class TensorSource:
 
     def __init__(self, paths: list[Path]):
         self.paths = [Path(p) for p in paths]
-        self._entries: dict[str, tuple[object, str]] = {}
-        self.origin: dict[str, Path] = {}
+        self._files: dict[str, _SafetensorsFile | _TorchFile] = {}
+        self.origin: dict[str, Path] = {}  # key -> the file that holds it, for error messages
         for path in self.paths:
             if path.suffix in SAFETENSORS_SUFFIXES:
-                entries = _open_safetensors(path)
+                file = _SafetensorsFile(path)
             elif path.suffix in TORCH_SUFFIXES:
-                entries = _open_torch(path)
+                file = _TorchFile(path)
             else:
                 raise CheckpointError(
                     f"{path}: unknown checkpoint file type '{path.suffix}'; expected "
                     f"{', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)} or a sharded '*.index.json'."
                 )
-            for key, entry in entries.items():
-                self._entries[key] = entry
+            for key in file.keys():
+                self._files[key] = file
                 self.origin[key] = path
-        self._scales = {k[: -len(".scale_weight")]: k for k in self._entries if k.endswith(".scale_weight")}
+        self._scales = {k[: -len(".scale_weight")]: k for k in self._files if k.endswith(".scale_weight")}
 
     @property
     def name(self) -> str:
@@ -111,33 +161,32 @@ class TensorSource:
 
     @property
     def is_scaled_fp8(self) -> bool:
-        return any(k in self._entries for k in _FP8_MARKERS) or bool(self._scales)
+        return any(k in self._files for k in _FP8_MARKERS) or bool(self._scales)
 
     def keys(self) -> list[str]:
-        return [k for k in self._entries if k not in _FP8_MARKERS and not k.endswith(_FP8_SCALE_SUFFIXES)]
+        return [k for k in self._files if k not in _FP8_MARKERS and not k.endswith(_FP8_SCALE_SUFFIXES)]
 
     def __contains__(self, key: str) -> bool:
-        return key in self._entries and key not in _FP8_MARKERS
-
-    def _raw(self, key: str) -> torch.Tensor:
-        holder, name = self._entries[key]
-        if isinstance(holder, dict):
-            return holder[name]
-        return holder.get_tensor(name)
+        return key in self._files and key not in _FP8_MARKERS
 
     def shape(self, key: str) -> tuple[int, ...]:
-        holder, name = self._entries[key]
-        if isinstance(holder, dict):
-            return tuple(holder[name].shape)
-        return tuple(holder.get_slice(name).get_shape())
+        return self._files[key].shape(key)
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        """The stored dtype (before any dequantisation)."""
+        return self._files[key].dtype(key)
 
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor for `key`, dequantised if it is scaled fp8, cast to `dtype` if given."""
-        tensor = self._raw(key)
+        file = self._files[key]
+        stored = file.dtype(key)
         scale_key = self._scales.get(key[: -len(".weight")]) if key.endswith(".weight") else None
+        fp8 = stored in (torch.float8_e4m3fn, torch.float8_e5m2)
+        tensor = file.get(key, convert=scale_key is not None or fp8 or (dtype is not None and stored != dtype))
         if scale_key is not None:
-            tensor = tensor.to(torch.float32) * self._raw(scale_key).to(torch.float32)
-        elif tensor.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            scale = self._files[scale_key].get(scale_key, convert=True)
+            tensor = tensor.to(torch.float32) * scale.to(torch.float32)
+        elif fp8:
             tensor = tensor.to(torch.float32)
         if dtype is not None and tensor.dtype != dtype:
             tensor = tensor.to(dtype)

@@ -1,0 +1,106 @@
+"""Every way a user can hand the loaders a bad checkpoint ends in one clear CheckpointError."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import kinema
+from kinema.errors import CheckpointError
+from kinema.models.dit import DiTConfig, WanDiT
+
+CFG = DiTConfig("t2v", dim=128, ffn_dim=64, text_dim=16, freq_dim=32, num_heads=1, num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dit")
+    state = {k: v.contiguous() for k, v in WanDiT(CFG).state_dict().items()}
+    save_file(state, root / "dit.safetensors")
+    return root, state
+
+
+def test_good_file_loads(good):
+    root, state = good
+    dit = kinema.load_dit(root / "dit.safetensors")
+    assert dit.config == CFG
+    assert torch.equal(dit.blocks[1].ffn[2].weight, state["blocks.1.ffn.2.weight"])
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match=r"not found: .*nowhere\.safetensors"):
+        kinema.load_dit(tmp_path / "nowhere.safetensors")
+
+
+def test_empty_folder(tmp_path):
+    with pytest.raises(CheckpointError, match="no DiT checkpoint file in folder"):
+        kinema.load_dit(tmp_path)
+
+
+def test_truncated_safetensors(good, tmp_path):
+    data = (good[0] / "dit.safetensors").read_bytes()
+    bad = tmp_path / "cut.safetensors"
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors.*truncated or corrupt"):
+        kinema.load_dit(bad)
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "notes.pth"
+    bad.write_text("hello")
+    with pytest.raises(CheckpointError, match=r"notes\.pth could not be read"):
+        kinema.load_dit(bad)
+
+
+def test_wrong_component(tmp_path):
+    vae_like = {"encoder.conv1.weight": torch.zeros(4, 3, 3, 3, 3), "decoder.conv1.weight": torch.zeros(4, 4, 3, 3, 3)}
+    save_file(vae_like, tmp_path / "vae.safetensors")
+    with pytest.raises(CheckpointError, match=r"holds a VAE, not a diffusion transformer.*load_vae"):
+        kinema.load_dit(tmp_path / "vae.safetensors")
+
+
+def test_unknown_key(good, tmp_path):
+    state = dict(good[1])
+    state["blocks.0.adapter.weight"] = torch.zeros(3)
+    save_file(state, tmp_path / "extra.safetensors")
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.adapter\.weight.*nothing was loaded"):
+        kinema.load_dit(tmp_path / "extra.safetensors")
+
+
+def test_unknown_key_diffusers_format(tmp_path):
+    state = {"condition_embedder.time_embedder.linear_1.weight": torch.zeros(2, 2), "blocks.0.attn1.mystery.weight": torch.zeros(2)}
+    save_file(state, tmp_path / "d.safetensors")
+    with pytest.raises(CheckpointError, match=r"unknown keys for the diffusers .*mystery"):
+        kinema.load_dit(tmp_path / "d.safetensors")
+
+
+def test_shape_mismatch(good, tmp_path):
+    state = dict(good[1])
+    state["blocks.1.ffn.0.weight"] = torch.zeros(65, 128)
+    save_file(state, tmp_path / "shape.safetensors")
+    with pytest.raises(CheckpointError, match=r"'blocks\.1\.ffn\.0\.weight' has shape \[65, 128\] .*expects \[64, 128\]"):
+        kinema.load_dit(tmp_path / "shape.safetensors")
+
+
+def test_missing_key(good, tmp_path):
+    state = dict(good[1])
+    del state["blocks.1.cross_attn.o.bias"]
+    save_file(state, tmp_path / "hole.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing 1 weight.*blocks\.1\.cross_attn\.o\.bias"):
+        kinema.load_dit(tmp_path / "hole.safetensors")
+
+
+def test_missing_shard(good, tmp_path):
+    (tmp_path / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"patch_embedding.weight": "part-1.safetensors"}})
+    )
+    with pytest.raises(CheckpointError, match=r"missing: .*part-1\.safetensors"):
+        kinema.load_dit(tmp_path)
+
+
+def test_bad_config_json(good, tmp_path):
+    (tmp_path / "diffusion_pytorch_model.safetensors").write_bytes((good[0] / "dit.safetensors").read_bytes())
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON"):
+        kinema.load_dit(tmp_path)
