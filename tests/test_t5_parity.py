@@ -349,7 +349,7 @@ def test_tokenizer_not_found(env):
     folder = env["root"] / "lonely"
     folder.mkdir()
     shutil.copy(env["root"] / "umt5_hf.safetensors", folder)
-    with pytest.raises(KinemaError, match=r"no umT5 tokenizer found.*lonely.*tokenizer=") as info:
+    with pytest.raises(KinemaError, match=r"no umT5 tokenizer found.*lonely.*tokenizer="):
         load_text_encoder(folder)
     with pytest.raises(KinemaError, match="tokenizer not found"):
         load_text_encoder(folder, tokenizer=folder / "missing")

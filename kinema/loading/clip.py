@@ -19,7 +19,6 @@ beside the file, else from a default rule (`default_num_heads`).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -29,7 +28,7 @@ import torch
 
 from kinema.encoders.image import ClipVisionEncoder
 from kinema.errors import CheckpointError
-from kinema.loading.files import TensorSource, checkpoint_files
+from kinema.loading.files import TensorSource, checkpoint_files, read_config
 from kinema.loading.identify import identify, wrong_component_message
 from kinema.loading.keymap import KeyMap
 from kinema.loading.materialize import materialize
@@ -156,14 +155,7 @@ def default_num_heads(dim: int) -> int:
 def _hf_config(folder: Path, dim: int) -> dict | None:
     """The vision part of a Hugging Face CLIP config.json in `folder`, if there is one for this model."""
     path = folder / "config.json"
-    if not path.is_file():
-        return None
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or remove it.") from None
-    if not isinstance(cfg, dict):
-        return None
+    cfg = read_config(folder)
     if cfg.get("model_type") == "clip" and isinstance(cfg.get("vision_config"), dict):
         cfg = cfg["vision_config"]
     # An official Wan2.1 folder holds the DiT's config.json beside the CLIP file; it is not ours.

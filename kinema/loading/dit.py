@@ -11,14 +11,13 @@ comes from config.json when there is one, else dim / 128 as in every released mo
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from kinema.errors import CheckpointError
-from kinema.loading.files import TensorSource, checkpoint_files
+from kinema.loading.files import TensorSource, checkpoint_files, read_config
 from kinema.loading.identify import identify, wrong_component_message
 from kinema.loading.keymap import KeyMap, identity_map
 from kinema.loading.materialize import materialize
@@ -78,17 +77,6 @@ def _resolve(path: Path) -> list[Path]:
     if path.is_dir() and (path / "transformer").is_dir() and not any(path.glob("diffusion_pytorch_model*")):
         path = path / "transformer"  # a diffusers pipeline folder
     return checkpoint_files(path, "DiT", _CANDIDATES)
-
-
-def _read_config(folder: Path) -> dict:
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        return {}
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({exc}); fix or delete it.") from None
-    return cfg if isinstance(cfg, dict) else {}
 
 
 def infer_config(shape, keys: set[str], folder_config: dict, num_heads: int | None) -> DiTConfig:
@@ -156,7 +144,7 @@ def load_dit(
             raise CheckpointError(f"{source.name}: missing '{key}', needed to tell the DiT architecture; the file is incomplete.")
         return source.shape(plan.sources[key][0])
 
-    cfg = infer_config(shape, set(plan.keys()), _read_config(files[0].parent), num_heads)
+    cfg = infer_config(shape, set(plan.keys()), read_config(files[0].parent), num_heads)
     with torch.device("meta"):
         model = WanDiT(cfg)
     return materialize(model, plan, source, dtype_policy(dtype), device, what=f"Wan2.1 {cfg.model_type} DiT")

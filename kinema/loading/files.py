@@ -193,6 +193,22 @@ class TensorSource:
         return tensor
 
 
+def read_config(folder: Path) -> dict:
+    """The `config.json` in `folder` as a dict ({} when there is none); a broken one is an error.
+
+    In an official Wan2.1 folder this is the DiT's config, so each loader checks
+    that what it reads there is meant for it.
+    """
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return {}
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or remove it.") from None
+    return cfg if isinstance(cfg, dict) else {}
+
+
 def checkpoint_files(path: str | os.PathLike, component: str, candidates: tuple[str, ...] = ()) -> list[Path]:
     """Resolve a user-given path (a file, an index file, or a folder) to the files holding one component.
 

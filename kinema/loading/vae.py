@@ -8,7 +8,6 @@ checked before any weight is read; a checkpoint either loads whole or not at all
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 
 from kinema.errors import CheckpointError
-from kinema.loading.files import TensorSource, checkpoint_files
+from kinema.loading.files import TensorSource, checkpoint_files, read_config
 from kinema.loading.identify import identify, wrong_component_message
 from kinema.loading.keymap import KeyMap, identity_map
 from kinema.loading.materialize import materialize
@@ -143,13 +142,11 @@ def infer_config(shapes: dict[str, tuple[int, ...]], name: str) -> dict:
 def _latent_stats(folder: Path, z_dim: int) -> tuple[list | None, list | None]:
     """`latents_mean`/`latents_std` from a diffusers config.json beside the weights, if there is one."""
     config_path = folder / "config.json"
-    if not config_path.is_file():
-        return None, None
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError):
+        config = read_config(folder)
+    except CheckpointError:
         return None, None  # not ours to judge: in official folders config.json belongs to the DiT
-    if not isinstance(config, dict) or config.get("latents_mean") is None or config.get("latents_std") is None:
+    if config.get("latents_mean") is None or config.get("latents_std") is None:
         return None, None
     mean, std = config["latents_mean"], config["latents_std"]
     if len(mean) != z_dim or len(std) != z_dim:
