@@ -63,6 +63,15 @@ def _kinema_forward(dit, inp):
     return dit(inp["x"], inp["t"], inp["context"], clip_fea=inp.get("clip_fea"), y=inp.get("y"))
 
 
+def _to_diffusers(official: dict) -> dict:
+    """Official names -> diffusers names with diffusers' own converter (independent of Kinema's key maps)."""
+    converted = convert_wan_transformer_to_diffusers(dict(official))
+    # diffusers' single-file converter lacks the flf2v image position table; its repo script names it so.
+    if "img_emb.emb_pos" in converted:
+        converted["condition_embedder.image_embedder.pos_embed"] = converted.pop("img_emb.emb_pos")
+    return converted
+
+
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def saved(request, tmp_path_factory):
     """The reference model and its weights saved in every format Kinema reads."""
@@ -99,10 +108,7 @@ FORMATS = ["diffusers", "diffusers_sharded", "pipeline", "official", "official_s
 def test_official_names_are_what_diffusers_converts_from(saved):
     """Our canonical names are the official ones: diffusers' own converter maps them back to its weights."""
     variant, ref, _, official = saved
-    converted = convert_wan_transformer_to_diffusers(dict(official))
-    # diffusers' single-file converter lacks the flf2v image position table; its repo script names it so.
-    if "img_emb.emb_pos" in converted:
-        converted["condition_embedder.image_embedder.pos_embed"] = converted.pop("img_emb.emb_pos")
+    converted = _to_diffusers(official)
     expected = ref.state_dict()
     assert sorted(converted) == sorted(expected)
     for k, v in expected.items():
@@ -151,3 +157,36 @@ def test_heads_need_config_for_odd_width(saved):
         pytest.skip("width is a multiple of 128")
     with pytest.raises(CheckpointError, match="num_heads"):
         kinema.load_dit(root / "comfy_plain.safetensors")
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_comfyui_fp8_files(saved, tmp_path, scaled):
+    """ComfyUI fp8 DiT files (plain e4m3fn casts, or scaled fp8 with per-layer scale_weight) load dequantised."""
+    variant, ref, _, official = saved
+    state, dequant = {}, {}
+    for k, v in official.items():
+        if v.ndim == 2 and k.endswith(".weight"):  # Linear weights are what the peers store in fp8
+            scale = (v.abs().max() / 448.0) if scaled else torch.tensor(1.0)
+            q = (v / scale).to(torch.float8_e4m3fn)
+            state[k] = q
+            if scaled:
+                state[k[: -len(".weight")] + ".scale_weight"] = scale.reshape(1).float()
+            dequant[k] = q.float() * scale
+        else:
+            state[k] = v
+            dequant[k] = v
+    if scaled:
+        state["scaled_fp8"] = torch.zeros(0, dtype=torch.float8_e4m3fn)
+    save_file({f"model.diffusion_model.{k}": v for k, v in state.items()}, tmp_path / "fp8.safetensors")
+    heads = VARIANTS[variant]["num_attention_heads"]
+    dit = kinema.load_dit(tmp_path / "fp8.safetensors", num_heads=heads)
+    reference = WanTransformer3DModel.from_config(ref.config)
+    reference.load_state_dict(_to_diffusers(dequant))
+    reference.eval()
+    inp = _inputs(variant, 5, 4, 6, 1)
+    with torch.no_grad():
+        want = _ref_forward(reference, variant, inp)
+        got = _kinema_forward(dit, inp)
+        unquantised = _ref_forward(ref, variant, inp)
+    assert rel_err(got, want) <= 1e-4
+    assert rel_err(got, unquantised) > 1e-3  # the weights really went through fp8

@@ -24,7 +24,7 @@ from kinema.errors import CheckpointError
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # Keys that only carry the fp8 scaling convention, never model weights.
-_FP8_MARKERS = ("scaled_fp8",)
+_FP8_MARKERS = ("scaled_fp8",)  # also under a wrapper prefix, e.g. "model.diffusion_model.scaled_fp8"
 _FP8_SCALE_SUFFIXES = (".scale_weight", ".scale_input")
 
 
@@ -159,15 +159,19 @@ class TensorSource:
     def name(self) -> str:
         return str(self.paths[0]) if len(self.paths) == 1 else f"{self.paths[0].parent} ({len(self.paths)} shards)"
 
+    @staticmethod
+    def _is_marker(key: str) -> bool:
+        return key.rpartition(".")[2] in _FP8_MARKERS
+
     @property
     def is_scaled_fp8(self) -> bool:
-        return any(k in self._files for k in _FP8_MARKERS) or bool(self._scales)
+        return any(self._is_marker(k) for k in self._files) or bool(self._scales)
 
     def keys(self) -> list[str]:
-        return [k for k in self._files if k not in _FP8_MARKERS and not k.endswith(_FP8_SCALE_SUFFIXES)]
+        return [k for k in self._files if not self._is_marker(k) and not k.endswith(_FP8_SCALE_SUFFIXES)]
 
     def __contains__(self, key: str) -> bool:
-        return key in self._files and key not in _FP8_MARKERS
+        return key in self._files and not self._is_marker(key)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._files[key].shape(key)
