@@ -1,0 +1,7 @@
+"""Flow-matching sampling: schedules (`schedule`), solver steps (`solvers`) and the one loop (`loop`)."""
+
+from kinema.sampling.loop import sample
+from kinema.sampling.schedule import add_noise, initial_noise, schedule, shift_sigmas, start_step_for_denoise
+from kinema.sampling.solvers import SOLVERS
+
+__all__ = ["SOLVERS", "add_noise", "initial_noise", "sample", "schedule", "shift_sigmas", "start_step_for_denoise"]

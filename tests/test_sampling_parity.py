@@ -1,0 +1,184 @@
+"""Kinema's sampler against diffusers' schedulers and the official Wan2.1 formulas.
+
+diffusers is driven with the official Wan2.1 schedule (its own flow defaults
+differ, see kinema/sampling/schedule.py) and the model is called with the same
+integer timesteps in both loops, so any difference is in the solver maths.
+A tiny random WanDiT is the model: it is nonlinear in x and depends on t, so a
+wrong coefficient, order or timestep shows up in the final latent.
+"""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    UniPCMultistepScheduler,
+)
+
+from kinema.errors import KinemaError
+from kinema.models.dit import DiTConfig, WanDiT
+from kinema.sampling import (
+    SOLVERS,
+    add_noise,
+    initial_noise,
+    sample,
+    schedule,
+    start_step_for_denoise,
+)
+
+# diffusers' DPM-Solver builds an unused beta schedule with a numpy-2 deprecation warning
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+
+SHAPE = (1, 16, 2, 4, 4)  # [B, C, F, H, W] -> 8 tokens with patch (1, 2, 2)
+
+
+@pytest.fixture(scope="module")
+def model_fn():
+    torch.manual_seed(0)
+    dit = WanDiT(DiTConfig("t2v", dim=64, ffn_dim=64, text_dim=16, freq_dim=32, num_heads=1, num_layers=1)).eval()
+    context = torch.randn(1, 5, 16)
+
+    @torch.no_grad()
+    def fn(x, t):
+        return dit(x, t, context)
+
+    return fn
+
+
+def official_sigmas(solver, steps, shift):
+    """The Wan2.1 schedulers' sigmas, recomputed from their code's formulas (float64 numpy)."""
+    if solver == "dpm++":  # fm_solvers.get_sampling_sigmas
+        sigmas = np.linspace(1, 0, steps + 1)[:steps]
+    else:  # FlowUniPCMultistepScheduler.set_timesteps: linspace(sigma_max, sigma_min) of the 1000 train sigmas
+        train = (1.0 - np.linspace(1, 1 / 1000, 1000)[::-1]).astype(np.float32)
+        sigmas = np.linspace(float(train[0]), float(train[-1]), steps + 1)[:-1]
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def diffusers_sample(solver, model_fn, noise, steps, shift):
+    """The reference loop, with the official sigmas and Kinema's (= official) integer timesteps."""
+    sigmas, timesteps = schedule(solver, steps, shift)
+    unshifted = official_sigmas(solver, steps, 1.0)
+    if solver == "euler":
+        sched = FlowMatchEulerDiscreteScheduler(shift=shift)
+        sched.set_timesteps(sigmas=unshifted)  # shifts in float32: ~1e-7 off the float64 official values
+    elif solver == "unipc":
+        sched = UniPCMultistepScheduler(
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=shift,
+            solver_order=2,
+            solver_type="bh2",
+            predict_x0=True,
+            lower_order_final=True,
+            final_sigmas_type="zero",
+        )
+        sched.set_timesteps(sigmas=unshifted)
+        assert torch.equal(sched.timesteps, timesteps)
+    else:
+        sched = DPMSolverMultistepScheduler(
+            prediction_type="flow_prediction",
+            use_flow_sigmas=True,
+            flow_shift=shift,
+            algorithm_type="dpmsolver++",
+            solver_type="midpoint",
+            solver_order=2,
+            lower_order_final=True,
+            final_sigmas_type="zero",
+        )
+        sched.set_timesteps(steps)
+        # its flow schedule starts at shift(0.999) and it takes no custom sigmas: impose the official one
+        sched.sigmas, sched.timesteps = sigmas.clone(), timesteps.clone()
+    torch.testing.assert_close(sched.sigmas.float(), sigmas, rtol=0, atol=1e-6)
+    x = noise.clone()
+    for i, t in enumerate(sched.timesteps):
+        v = model_fn(x, timesteps[i : i + 1])
+        x = sched.step(v, t, x, return_dict=False)[0]
+    return x
+
+
+@pytest.mark.parametrize("steps", [4, 10])
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_matches_diffusers(solver, shift, steps, model_fn):
+    noise = initial_noise(SHAPE, seed=1)
+    ref = diffusers_sample(solver, model_fn, noise, steps, shift)
+    out = sample(model_fn, noise, *schedule(solver, steps, shift), solver=solver, progress=False)
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_solvers_differ(model_fn):
+    """Guards the parity test against a model too simple to tell the solvers apart."""
+    noise = initial_noise(SHAPE, seed=1)
+    outs = {s: sample(model_fn, noise, *schedule(s, 4, 3.0), solver=s, progress=False) for s in SOLVERS}
+    assert (outs["euler"] - outs["unipc"]).abs().max() > 1e-3
+    assert (outs["unipc"] - outs["dpm++"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("steps", [1, 4, 10, 50])
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0, 8.0])
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_schedule_is_official(solver, steps, shift):
+    sigmas, timesteps = schedule(solver, steps, shift)
+    ref = official_sigmas(solver, steps, shift)
+    assert sigmas.dtype == torch.float32 and sigmas.shape == (steps + 1,) and sigmas[-1] == 0
+    assert torch.equal(sigmas[:-1], torch.from_numpy(ref.astype(np.float32)))
+    assert timesteps.dtype == torch.int64
+    assert timesteps.tolist() == (ref * 1000).astype(np.int64).tolist()  # truncated, not rounded
+    assert (timesteps[0] == 1000) == (solver == "dpm++")
+
+
+def test_seed_determinism(model_fn):
+    a, b = initial_noise(SHAPE, 7), initial_noise(SHAPE, 7)
+    assert a.dtype == torch.float32 and a.device.type == "cpu"
+    assert torch.equal(a, b)
+    assert torch.equal(a, torch.randn(SHAPE, generator=torch.Generator("cpu").manual_seed(7)))
+    assert not torch.equal(a, initial_noise(SHAPE, 8))
+    sched = schedule("unipc", 4, 5.0)
+    assert torch.equal(sample(model_fn, a, *sched, progress=False), sample(model_fn, b, *sched, progress=False))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_start_step(solver, model_fn):
+    steps, k = 10, 4
+    sigmas, timesteps = schedule(solver, steps, 3.0)
+    x0, noise = torch.randn(SHAPE), initial_noise(SHAPE, 3)
+    seen, progress = [], []
+
+    def counting(x, t):
+        seen.append(int(t))
+        return model_fn(x, t)
+
+    latents = add_noise(x0, noise, sigmas[k])
+    out = sample(counting, latents, sigmas, timesteps, solver, start_step=k, progress=lambda *a: progress.append(a))
+    assert seen == timesteps[k:].tolist()
+    assert progress == [(i, steps) for i in range(k + 1, steps + 1)]
+    assert out.shape == SHAPE and torch.isfinite(out).all()
+
+
+def test_add_noise_and_denoise_strength():
+    x0, noise = torch.randn(SHAPE), torch.randn(SHAPE)
+    assert torch.equal(add_noise(x0, noise, 0.0), x0)
+    torch.testing.assert_close(add_noise(x0, noise, 0.25), 0.75 * x0 + 0.25 * noise)
+    assert start_step_for_denoise(10, 1.0) == 0
+    assert start_step_for_denoise(10, 0.75) == 3  # 2.5 rounds up
+    assert start_step_for_denoise(10, 0.3) == 7
+    assert start_step_for_denoise(10, 0.01) == 9  # at least one step runs
+    for bad in (0.0, 1.5, -0.1):
+        with pytest.raises(KinemaError, match="denoise"):
+            start_step_for_denoise(10, bad)
+
+
+def test_unknown_solver_and_bad_arguments(model_fn):
+    with pytest.raises(KinemaError, match=r"'ddim'.*euler, unipc, dpm\+\+"):
+        schedule("ddim", 10, 5.0)
+    sigmas, timesteps = schedule("unipc", 4, 5.0)
+    with pytest.raises(KinemaError, match="ddim"):
+        sample(model_fn, initial_noise(SHAPE, 0), sigmas, timesteps, solver="ddim", progress=False)
+    with pytest.raises(KinemaError, match="steps"):
+        schedule("unipc", 0, 5.0)
+    with pytest.raises(KinemaError, match="shift"):
+        schedule("unipc", 10, 0.0)
+    with pytest.raises(ValueError, match="start_step"):
+        sample(model_fn, initial_noise(SHAPE, 0), sigmas, timesteps, start_step=4, progress=False)
