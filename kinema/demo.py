@@ -3,8 +3,8 @@
 Until the built-in trained model ships, this is the smallest honest end-to-end
 run: it writes a small Wan2.1-architecture checkpoint set with random weights
 in the official folder layout (DiT, umT5, VAE and a sentencepiece tokenizer),
-loads every part back through the public loaders, encodes a prompt, runs a few
-flow-matching Euler steps of the DiT and decodes the latents with the VAE. The
+loads every part back through the public loaders and generates a short clip with
+the t2v pipeline (prompt encoding, classifier-free guidance, UniPC sampling, VAE decode). The
 weights are untrained, so the frames are structured noise; what the demo shows
 is that every component loads and runs, with shapes and timings.
 """
@@ -74,22 +74,15 @@ def main(argv=None) -> None:
           f"DiT {sum(p.numel() for p in dit.parameters()):,} params ({dit.config.model_type}), "
           f"VAE {sum(p.numel() for p in vae.parameters()):,} params in {time.perf_counter() - start:.1f}s")
 
-    frames, height, width = 17, 64, 64
-    latent_shape = (1, 16, 1 + (frames - 1) // 4, height // 8, width // 8)
-    context = te.encode([args.prompt])[0][None]  # [1, L, text_dim]
-    x = torch.randn(latent_shape, generator=torch.Generator("cpu").manual_seed(args.seed))
-    sigmas = torch.linspace(1.0, 0.0, args.steps + 1)
-    shift = 5.0
-    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for i in range(args.steps):  # flow matching: x_t = (1 - s) x0 + s noise, the DiT predicts noise - x0
-            v = dit(x, (sigmas[i] * 1000).reshape(1), context)
-            x = x + (sigmas[i + 1] - sigmas[i]) * v
-        video = vae.decode(x)  # [1, 3, F, H, W] in [-1, 1]
-    print(f"sampled {args.steps} steps and decoded {video.shape[2]} frames of {width}x{height} in {time.perf_counter() - t0:.1f}s")
+    from kinema.pipeline.generate import Models, generate
 
-    pixels = ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    t0 = time.perf_counter()
+    result = generate(Models(dit, vae, te), "t2v", prompt=args.prompt, size=(64, 64), frame_num=17,
+                   steps=args.steps, seed=args.seed, progress=True)
+    video = result["video"]  # [3, F, H, W] in [-1, 1]
+    print(f"sampled {args.steps} steps and decoded {video.shape[1]} frames of 64x64 in {time.perf_counter() - t0:.1f}s")
+
+    pixels = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
     images = [Image.fromarray(f) for f in pixels]
     path = out / "demo.gif"
     images[0].save(path, save_all=True, append_images=images[1:], duration=125, loop=0)

@@ -1,0 +1,169 @@
+"""One generation pipeline for every task: t2v, t2i, i2v, flf2v, v2v and second stages.
+
+Top to bottom, as the official scripts do it: encode the prompts, build the
+image condition (i2v / flf2v), draw the seeded noise, sample with classifier-free
+guidance, decode. The tasks differ only in which conditions they add and where
+sampling starts, so there is one function, not one pipeline per task.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kinema.errors import KinemaError
+from kinema.pipeline.conditioning import build_condition, target_size
+from kinema.pipeline.tasks import TEXT_LEN, get_task
+from kinema.sampling import add_noise, initial_noise, sample, schedule, start_step_for_denoise
+
+log = logging.getLogger("kinema")
+
+
+@dataclass
+class Models:
+    dit: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: object  # kinema.encoders.text.TextEncoder
+    clip: object | None = None  # kinema.encoders.image.ClipVisionEncoder, for i2v / flf2v
+
+
+def round_frames(frame_num: int) -> int:
+    """The nearest valid frame count 4n + 1 (at least 1), warning when it changes."""
+    fixed = max(1, 4 * round((frame_num - 1) / 4) + 1)
+    if fixed != frame_num:
+        log.warning("frame count %d is not 4n+1; using %d", frame_num, fixed)
+    return fixed
+
+
+def round_size(width: int, height: int, multiple: int = 16) -> tuple[int, int]:
+    """Width and height rounded to multiples of 16 (VAE stride x patch), warning when they change."""
+    w, h = (max(multiple, multiple * round(v / multiple)) for v in (width, height))
+    if (w, h) != (width, height):
+        log.warning("size %dx%d is not a multiple of %d; using %dx%d", width, height, multiple, w, h)
+    return w, h
+
+
+def pad_context(embs: list[torch.Tensor], length: int = TEXT_LEN) -> torch.Tensor:
+    """Text embeddings [L_i, D] -> [B, length, D], zero-padded as the reference pads before the DiT."""
+    return torch.stack([torch.cat([e, e.new_zeros(length - e.shape[0], e.shape[1])]) for e in embs])
+
+
+def _fit_last_frame(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The official flf2v rule: scale the last frame to cover the first's size, then centre-crop to it."""
+    (h1, w1), (h2, w2) = first.shape[1:], last.shape[1:]
+    if (h1, w1) == (h2, w2):
+        return last
+    ratio = max(w1 / w2, h1 / h2)
+    size = (round(h2 * ratio), round(w2 * ratio))
+    last = F.interpolate(last[None].float(), size=size, mode="bilinear", antialias=True)[0]
+    top, left = (size[0] - h1) // 2, (size[1] - w1) // 2
+    return last[:, top : top + h1, left : left + w1]
+
+
+def guided_model(dit, cond: dict, uncond: dict | None, guide_scale: float, batched: bool):
+    """model_fn(x, t) for the sampler: uncond + g * (cond - uncond), as two passes or one batch of two."""
+
+    def run(x, t, kw):
+        return dit(x, t, **kw)
+
+    def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if uncond is None:
+            return run(x, t, cond)
+        if batched:
+            both = {k: None if v is None else torch.cat([v, uncond[k]]) for k, v in cond.items()}
+            v_cond, v_uncond = run(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        else:
+            v_cond, v_uncond = run(x, t, cond), run(x, t, uncond)
+        return v_uncond + guide_scale * (v_cond - v_uncond)
+
+    return model_fn
+
+
+@torch.no_grad()
+def generate(
+    models: Models,
+    task: str = "t2v",
+    prompt: str = "",
+    negative_prompt: str | None = None,
+    size: tuple[int, int] = (1280, 720),
+    frame_num: int | None = None,
+    steps: int | None = None,
+    shift: float | None = None,
+    guide_scale: float | None = None,
+    seed: int = 0,
+    solver: str = "unipc",
+    image: torch.Tensor | None = None,
+    first_frame: torch.Tensor | None = None,
+    last_frame: torch.Tensor | None = None,
+    video: torch.Tensor | None = None,
+    latents: torch.Tensor | None = None,
+    denoise: float = 1.0,
+    batched_cfg: bool = False,
+    decode: bool = True,
+    progress=True,
+) -> dict:
+    """Generate one video. Images are [3, H, W] and videos [3, F, H, W], in [-1, 1].
+
+    Returns {"video": [3, F, H, W] in [-1, 1] (None when decode=False), "latents":
+    [16, T, h, w], "settings": the values actually used}.
+    `latents` (a first stage's output) or `video` (v2v) start sampling part-way,
+    at the noise level `denoise` in (0, 1].
+    """
+    spec = get_task(task)
+    dit, vae, device = models.dit, models.vae, next(models.dit.parameters()).device
+    if dit.config.model_type != spec.model_type:
+        raise KinemaError(f"task {spec.name} needs a {spec.model_type} DiT, but the checkpoint is a {dit.config.model_type} model.")
+    width, height = round_size(*size)
+    frame_num = 1 if spec.name == "t2i" else round_frames(frame_num or spec.frame_num)
+    steps = steps or spec.steps
+    shift = shift if shift is not None else spec.default_shift(f"{width}*{height}")
+    guide_scale = spec.guide_scale if guide_scale is None else guide_scale
+    negative_prompt = spec.negative_prompt if negative_prompt is None else negative_prompt
+
+    cond: dict = {"clip_fea": None, "y": None}
+    uncond: dict = {"clip_fea": None, "y": None}
+    if spec.name in ("i2v", "flf2v"):
+        if models.clip is None:
+            raise KinemaError(f"task {spec.name} needs the CLIP vision encoder; pass --clip or a checkpoint folder that has it.")
+        first = image if spec.name == "i2v" else first_frame
+        if first is None:
+            raise KinemaError(f"task {spec.name} needs {'an image (--image)' if spec.name == 'i2v' else 'a first frame (--first_frame)'}.")
+        height, width = target_size(first.shape[1], first.shape[2], width * height, vae.spatial_ratio, dit.config.patch_size[1])
+        known = {0: first}
+        if spec.name == "flf2v":
+            if last_frame is None:
+                raise KinemaError("task flf2v needs a last frame (--last_frame).")
+            known[frame_num - 1] = _fit_last_frame(first, last_frame)
+        clip = torch.cat([models.clip.encode(f[None].to(models.clip.device)) for f in known.values()], dim=1)
+        y = build_condition(vae, known, frame_num, height, width)
+        cond = uncond = {"clip_fea": clip.to(device), "y": y.to(device)}  # the image condition is not guided
+    lat_shape = (1, vae.z_dim, (frame_num - 1) // vae.temporal_ratio + 1, height // vae.spatial_ratio, width // vae.spatial_ratio)
+
+    embs = models.text_encoder.encode([prompt] + ([negative_prompt] if guide_scale != 1.0 else []))
+    context = pad_context([e.to(device) for e in embs])
+    cond = {"context": context[:1], **cond}
+    uncond = {"context": context[1:], **uncond} if guide_scale != 1.0 else None
+
+    sigmas, timesteps = schedule(solver, steps, shift)
+    noise = initial_noise(lat_shape, seed).to(device)
+    start = 0
+    if video is not None or latents is not None:
+        if latents is None:
+            v = F.interpolate(video.float().transpose(0, 1), size=(height, width), mode="bilinear", antialias=True)
+            v = v[: 1 + (v.shape[0] - 1) // vae.temporal_ratio * vae.temporal_ratio].transpose(0, 1)  # [3, F', H, W]
+            latents = vae.encode(v[None])[0]
+        if tuple(latents.shape) != lat_shape[1:]:
+            raise KinemaError(f"the input latents have shape {list(latents.shape)}, but this size and frame count need {list(lat_shape[1:])}.")
+        start = start_step_for_denoise(steps, denoise)
+        noise = add_noise(latents[None].to(device).float(), noise, sigmas[start].item())
+    log.info("Generating %s %dx%d, %d frames, %d steps (%s, shift %g, guidance %g, seed %d)",
+             spec.name, width, height, frame_num, steps - start, solver, shift, guide_scale, seed)
+    x0 = sample(guided_model(dit, cond, uncond, guide_scale, batched_cfg), noise, sigmas, timesteps, solver, start, progress)
+    out = vae.decode(x0.to(vae.device))[0] if decode else None
+    settings = dict(task=spec.name, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+                    frame_num=frame_num, steps=steps, shift=shift, guide_scale=guide_scale, seed=seed, solver=solver,
+                    denoise=denoise if start else 1.0)
+    return {"video": out, "latents": x0[0], "settings": settings}
