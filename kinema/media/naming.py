@@ -1,0 +1,85 @@
+"""Output paths: ComfyUI-style counters and writes that never clobber a file.
+
+A generation run can take many minutes, so its result must never overwrite an
+earlier one and a crash must never leave a half-written file under the final
+name. Every writer therefore renders into a hidden temporary file (or folder)
+beside the target and `publish`es it in one step at the end; a counter name
+(`prefix_00001.mp4`, `prefix_00002.mp4`, ...) takes the next number above any
+already used by that prefix, whatever the extension, so a video, its `.json`
+sidecar and a later PNG of the same prefix never share a number.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from kinema.errors import KinemaError
+
+COUNTER_DIGITS = 5
+
+
+def next_counter(directory: Path, prefix: str) -> int:
+    """One above the highest `prefix_NNNNN*` counter already in `directory` (1 if none)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}_(\d{{{COUNTER_DIGITS},}})(?:\.|$)")
+    used = [int(m.group(1)) for name in os.listdir(directory) if (m := pattern.match(name))]
+    return max(used, default=0) + 1
+
+
+def counter_name(prefix: str, counter: int, ext: str) -> str:
+    """`prefix_00001.ext` (`ext` without its dot; empty for a folder)."""
+    stem = f"{prefix}_{counter:0{COUNTER_DIGITS}d}"
+    return f"{stem}.{ext}" if ext else stem
+
+
+def check_prefix(prefix: str) -> None:
+    if not prefix or os.sep in prefix or (os.altsep and os.altsep in prefix) or prefix in (".", ".."):
+        raise KinemaError(
+            f"filename_prefix {prefix!r} is not a plain file name; pass a name such as 'kinema' "
+            "and put folders in the output path instead"
+        )
+
+
+def temp_path(final: Path) -> Path:
+    """A hidden sibling of `final`, so the rename into place stays on one file system."""
+    return final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
+
+
+def publish(tmp: Path, final: Path, overwrite: bool = False) -> None:
+    """Move a finished `tmp` to `final` in one step, refusing to replace `final` unless asked.
+
+    Files go through `os.link`, which fails atomically when `final` exists, so
+    two runs racing for the same counter cannot overwrite each other. Folders
+    (PNG sequences) cannot be linked and use a check-then-rename.
+    """
+    if tmp.is_dir():
+        if final.exists():
+            if not overwrite:
+                raise FileExistsError(final)
+            shutil.rmtree(final) if final.is_dir() else final.unlink()
+        os.rename(tmp, final)
+        return
+    if overwrite:
+        os.replace(tmp, final)
+        return
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links
+        if final.exists():
+            raise FileExistsError(final) from None
+        os.rename(tmp, final)
+        return
+    tmp.unlink()
+
+
+def remove(path: Path) -> None:
+    """Best-effort clean-up of a temporary file or folder after a failed write."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists():
+        path.unlink()

@@ -1,0 +1,213 @@
+"""Reading videos and images back as uint8 frames, and into the model's range.
+
+Everything comes back as a torch uint8 tensor [F, H, W, 3] (RGB), the layout
+`save_video` takes, so a clip can be read, edited and saved without thinking
+about formats; `to_model_range` then gives the [3, F, H, W] floats in [-1, 1]
+the VAE encodes (i2v / flf2v conditioning, video-to-video).
+
+Images with transparency are composited onto white (what a viewer shows),
+grayscale and palette images are expanded to RGB. Videos that `save_video`
+padded to an even size are cropped back to the size that was asked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from kinema.errors import KinemaError
+from kinema.media.metadata import FRAME_SIZE_TAG, from_json, get_tag, sidecar_path
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+ANIMATED_SUFFIXES = {".gif", ".webp"}  # decoded with Pillow: FFmpeg cannot read animated WebP
+DEFAULT_FPS = 16.0  # Wan2.1's rate, reported for stills and sequences without a sidecar
+
+
+class Video(NamedTuple):
+    frames: torch.Tensor  # [F, H, W, 3] uint8
+    fps: float
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def check_readable(path: Path, allow_dir: bool = False) -> None:
+    """Fail early, naming the path, for the mistakes a decoder reports cryptically."""
+    if not path.exists():
+        raise KinemaError(f"{path} does not exist; check the path (relative paths start at {Path.cwd()})")
+    if path.is_dir() and not allow_dir:
+        raise KinemaError(f"{path} is a directory; pass the path of an image or video file inside it")
+    if path.is_file() and path.stat().st_size == 0:
+        raise KinemaError(f"{path} is empty (0 bytes); it was probably not finished writing. Re-export it")
+
+
+def open_container(path: Path):
+    import av
+
+    try:
+        return av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError) as e:
+        raise KinemaError(f"{path} is not a readable video ({e}); check that it is a complete mp4/mov/webm file") from None
+
+
+def open_image(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im = Image.open(path)
+        im.load()
+        return im
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise KinemaError(f"{path} is not a readable image ({e}); check that it is a complete, uncorrupted file") from None
+
+
+def _rgb(im) -> np.ndarray:
+    """One Pillow frame -> [H, W, 3] uint8; alpha is composited onto white."""
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    if im.mode in ("I;16", "I;16B", "I"):  # 16-bit grayscale: keep the high byte
+        return np.repeat((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"))
+
+
+def read_image(path: str | Path) -> torch.Tensor:
+    """An image file -> [H, W, 3] uint8 (first frame of an animation)."""
+    path = Path(path)
+    check_readable(path)
+    with open_image(path) as im:
+        return torch.from_numpy(_rgb(im).copy())
+
+
+def _read_animation(path: Path, max_frames: int | None) -> Video:
+    from PIL import ImageSequence
+
+    frames, durations = [], []
+    with open_image(path) as im:
+        for frame in ImageSequence.Iterator(im):
+            if max_frames is not None and len(frames) >= max_frames:
+                break
+            frames.append(_rgb(frame))
+            durations.append(frame.info.get("duration") or 0)
+    mean_ms = sum(durations) / len(durations)
+    return Video(torch.from_numpy(np.stack(frames)), 1000.0 / mean_ms if mean_ms > 0 else DEFAULT_FPS)
+
+
+def _read_sequence(folder: Path, max_frames: int | None) -> Video:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith("."))
+    if not files:
+        raise KinemaError(f"{folder} is a directory with no PNG frames; pass a video file or a folder of numbered .png files")
+    files = files[:max_frames] if max_frames is not None else files
+    frames = [read_image(p).numpy() for p in files]
+    if len({f.shape for f in frames}) > 1:
+        raise KinemaError(f"the PNG frames in {folder} differ in size; a sequence needs frames of one size")
+    side = sidecar_path(folder)
+    fps = from_json(side.read_text(encoding="utf-8")).get("frame_rate", DEFAULT_FPS) if side.is_file() else DEFAULT_FPS
+    return Video(torch.from_numpy(np.stack(frames)), float(fps))
+
+
+# Luma weights (Kr, Kb) by the frame's colorspace tag; untagged video is taken as BT.601, as FFmpeg does.
+_MATRIX = {1: (0.2126, 0.0722), 5: (0.299, 0.114), 6: (0.299, 0.114), 9: (0.2627, 0.0593), 10: (0.2627, 0.0593)}
+
+
+def _yuv_to_rgb(frame) -> np.ndarray:
+    """A decoded YUV frame -> [H, W, 3] uint8, with the matrix and range it is tagged with.
+
+    swscale's direct YUV -> rgb24 path scales limited-range levels as if 8 bits
+    mapped to 16 by *257 rather than <<8 and darkens every frame by ~1-2
+    levels, so only the chroma upsampling (YUV -> yuv444p16le, exact) is left
+    to it and the matrix is applied here.
+    """
+    kr, kb = _MATRIX.get(frame.colorspace, _MATRIX[5])
+    yuv = frame.reformat(format="yuv444p16le", interpolation="BILINEAR").to_ndarray()  # [H, W, 3] uint16
+    yuv = yuv.astype(np.float32) / 256.0  # 8-bit scale (swscale widens by shifting)
+    y, u, v = yuv[..., 0], yuv[..., 1] - 128.0, yuv[..., 2] - 128.0
+    if frame.color_range != 2:  # limited ("tv") range: Y in 16..235, C in 16..240
+        y, u, v = (y - 16.0) * (255 / 219), u * (255 / 224), v * (255 / 224)
+    r = y + 2 * (1 - kr) * v
+    b = y + 2 * (1 - kb) * u
+    g = (y - kr * r - kb * b) / (1 - kr - kb)
+    return np.stack([r, g, b], axis=-1).round().clip(0, 255).astype(np.uint8)
+
+
+def _to_rgb(frame) -> np.ndarray:
+    name = frame.format.name
+    if name.startswith("yuv") and not name.startswith("yuvj") and "a" not in name[3:6]:
+        return _yuv_to_rgb(frame)
+    return frame.to_ndarray(format="rgb24")  # RGB, palette, full-range yuvj: swscale is exact enough
+
+
+def _read_container(path: Path, max_frames: int | None) -> Video:
+    import av
+
+    with open_container(path) as container:
+        if not container.streams.video:
+            raise KinemaError(f"{path} has no video stream; pass a video file")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        size = get_tag(container.metadata, FRAME_SIZE_TAG)
+        frames = []
+        try:
+            for frame in container.decode(stream):
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+                frames.append(_to_rgb(frame))
+        except av.FFmpegError as e:
+            if not frames:
+                raise KinemaError(f"{path} could not be decoded ({e}); the file is corrupt or truncated") from None
+        rate = stream.average_rate or stream.guessed_rate or DEFAULT_FPS
+    if not frames:
+        raise KinemaError(f"{path} holds no video frames; it is empty or truncated. Re-export it")
+    video = np.stack(frames)  # [F, H, W, 3]
+    if size:
+        w, h = (int(v) for v in size.split("x"))
+        video = video[:, :h, :w]
+    return Video(torch.from_numpy(np.ascontiguousarray(video)), float(rate))
+
+
+def read_video(path: str | Path, max_frames: int | None = None) -> Video:
+    """A video, animation, PNG-sequence folder or still -> Video(frames [F, H, W, 3] uint8, fps).
+
+    `max_frames` stops decoding early (the first frames of a long clip for i2v).
+    """
+    path = Path(path)
+    check_readable(path, allow_dir=True)
+    if path.is_dir():
+        return _read_sequence(path, max_frames)
+    suffix = path.suffix.lower()
+    if suffix in ANIMATED_SUFFIXES:
+        return _read_animation(path, max_frames)
+    if suffix in IMAGE_SUFFIXES:
+        with open_image(path) as im:
+            fps = from_json(im.info.get("kinema")).get("frame_rate", DEFAULT_FPS)
+        return Video(read_image(path)[None], float(fps))
+    return _read_container(path, max_frames)
+
+
+def first_frame(path: str | Path) -> torch.Tensor:
+    """The first frame [H, W, 3] uint8 of a video or image (e.g. to continue a clip with i2v)."""
+    return read_video(path, max_frames=1).frames[0]
+
+
+def last_frame(path: str | Path) -> torch.Tensor:
+    """The last frame [H, W, 3] uint8: the natural start image for extending a clip."""
+    return read_video(path).frames[-1]
+
+
+def to_model_range(frames: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """uint8 [F, H, W, 3] (or one image [H, W, 3]) -> float32 [3, F, H, W] in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(frames)) if isinstance(frames, np.ndarray) else frames
+    if x.dtype != torch.uint8:
+        raise KinemaError(f"to_model_range expects uint8 frames, got {x.dtype}; pass what read_video returns")
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise KinemaError(f"to_model_range expects frames [F, H, W, 3], got shape {tuple(x.shape)}")
+    return x.permute(3, 0, 1, 2).float().div(127.5).sub(1.0).contiguous()  # [3, F, H, W]
