@@ -1,0 +1,240 @@
+"""The `kinema` command line: `kinema generate` (the official generate.py flags) and `kinema info`.
+
+User errors end in one line on stderr and exit code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from kinema.errors import KinemaError
+from kinema.pipeline.tasks import OFFICIAL_TASKS, TASKS
+
+log = logging.getLogger("kinema")
+
+FORMAT_BY_SUFFIX = {".mp4": "h264-mp4", ".webm": "webm", ".mov": "prores-mov", ".gif": "gif", ".webp": "webp", ".png": "png"}
+# Settings stored in a file's metadata that `--from` turns back into flags.
+FROM_KEYS = {
+    "task": "task", "prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "base_seed", "steps": "sample_steps",
+    "shift": "sample_shift", "guide_scale": "sample_guide_scale", "solver": "sample_solver", "frame_num": "frame_num",
+    "size": "size", "fps": "fps", "format": "format", "denoise": "denoise",
+}
+
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("true", "1", "yes"):
+        return True
+    if v.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {v!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kinema.media import FORMATS
+    from kinema.sampling import SOLVERS
+
+    p = argparse.ArgumentParser(prog="kinema", description="Wan2.1 video generation.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate a video or image", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
+    g.add_argument("--task", default="t2v-14B", choices=[*OFFICIAL_TASKS, *TASKS], help="what to generate")
+    g.add_argument("--size", default="1280*720", help="W*H of the output (for i2v/flf2v: the area; the image sets the aspect)")
+    g.add_argument("--frame_num", type=int, default=None, help="frames, 4n+1 (default 81; 1 for t2i)")
+    g.add_argument("--ckpt_dir", default=None, help="checkpoint folder (official, diffusers or a folder of single files)")
+    g.add_argument("--dit", default=None, help="DiT checkpoint (file or folder), overrides --ckpt_dir")
+    g.add_argument("--vae", default=None, help="VAE checkpoint, overrides --ckpt_dir")
+    g.add_argument("--t5", default=None, help="umT5 checkpoint, overrides --ckpt_dir")
+    g.add_argument("--tokenizer", default=None, help="umT5 tokenizer folder or file (default: found next to the umT5 weights)")
+    g.add_argument("--clip", default=None, help="CLIP vision checkpoint for i2v/flf2v, overrides --ckpt_dir")
+    g.add_argument("--offload_model", type=_bool, default=None, help="move each model to the GPU only while it runs")
+    g.add_argument("--t5_cpu", action="store_true", help="keep the text encoder on the CPU")
+    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="DiT weights (auto: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--sample_solver", default="unipc", choices=SOLVERS, help="sampler")
+    g.add_argument("--sample_steps", type=int, default=None, help="sampling steps (default 50; 40 for i2v)")
+    g.add_argument("--sample_shift", type=float, default=None, help="flow shift (default 5.0; 3.0 for i2v at 480p; 16 for flf2v)")
+    g.add_argument("--sample_guide_scale", type=float, default=5.0, help="classifier-free guidance scale")
+    g.add_argument("--batched_cfg", action="store_true", help="run cond and uncond as one batch (same result, more memory)")
+    g.add_argument("--base_seed", type=int, default=-1, help="seed; -1 picks one at random")
+    g.add_argument("--prompt", default=None, help="what to generate")
+    g.add_argument("--negative_prompt", default=None, help="what to avoid (default: the official one for the task)")
+    g.add_argument("--image", default=None, help="i2v: the first frame")
+    g.add_argument("--first_frame", default=None, help="flf2v: the first frame")
+    g.add_argument("--last_frame", default=None, help="flf2v: the last frame")
+    g.add_argument("--video", default=None, help="v2v: the input video")
+    g.add_argument("--denoise", type=float, default=0.7, help="v2v: how much of the input to re-noise, in (0, 1]")
+    g.add_argument("--fps", type=int, default=16, help="frame rate of the output")
+    g.add_argument("--format", default=None, choices=list(FORMATS), help="output format (default: from --save_file, else h264-mp4; png for t2i)")
+    g.add_argument("--save_file", default=None, help="output file (default: the official name in --output_dir)")
+    g.add_argument("--output_dir", default=".", help="folder for outputs without --save_file")
+    g.add_argument("--filename_prefix", default=None, help="name outputs PREFIX_00001.ext, ... instead of the official name")
+    g.add_argument("--from", dest="from_file", default=None, help="repeat the run recorded in a Kinema output file's metadata")
+    p.generate = g  # `--from` sets its defaults
+    i = sub.add_parser("info", help="print the generation settings stored in a file")
+    i.add_argument("--debug", action="store_true", help="show tracebacks")
+    i.add_argument("file")
+    return p
+
+
+def _parse_size(size: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in size.lower().replace("x", "*").split("*"))
+    except ValueError:
+        raise KinemaError(f"--size {size!r} is not W*H (e.g. 832*480).") from None
+    if w < 16 or h < 16:
+        raise KinemaError(f"--size {size!r} is too small; width and height must be at least 16.")
+    return w, h
+
+
+def _check(args) -> None:
+    from kinema.pipeline.tasks import get_task
+
+    task = get_task(args.task).name
+    if not args.prompt:
+        raise KinemaError("--prompt is missing; say what to generate.")
+    if args.frame_num is not None and args.frame_num < 1:
+        raise KinemaError(f"--frame_num {args.frame_num} must be at least 1 (4n+1: 1, 5, ..., 81).")
+    if not args.ckpt_dir and not (args.dit and args.vae and args.t5):
+        raise KinemaError("no checkpoint: pass --ckpt_dir, or all of --dit, --vae and --t5.")
+    if args.ckpt_dir and not Path(args.ckpt_dir).is_dir():
+        raise KinemaError(f"--ckpt_dir {args.ckpt_dir} is not a folder.")
+    needs = {"i2v": ["image"], "flf2v": ["first_frame", "last_frame"], "v2v": ["video"]}.get(task, [])
+    for name in ("image", "first_frame", "last_frame", "video"):
+        if getattr(args, name) and name not in needs:
+            raise KinemaError(f"--{name} is not used by task {args.task}; use " + {"image": "--task i2v-14B", "video": "--task v2v"}.get(name, "--task flf2v-14B") + ".")
+    for name in needs:
+        if not getattr(args, name):
+            raise KinemaError(f"task {args.task} needs --{name}.")
+        if not Path(getattr(args, name)).exists():
+            raise KinemaError(f"--{name} {getattr(args, name)} does not exist.")
+    if not 0 < args.denoise <= 1:
+        raise KinemaError(f"--denoise {args.denoise} must be in (0, 1].")
+    if args.sample_steps is not None and args.sample_steps < 1:
+        raise KinemaError(f"--sample_steps {args.sample_steps} must be at least 1.")
+
+
+def _output(args, task: str) -> tuple[str, Path, str | None]:
+    """(format, folder or file, prefix) for save_video."""
+    fmt = args.format
+    if args.save_file:
+        suffix = Path(args.save_file).suffix.lower()
+        fmt = fmt or FORMAT_BY_SUFFIX.get(suffix)
+        if fmt is None:
+            raise KinemaError(f"--save_file {args.save_file}: unknown extension {suffix!r}; use one of {', '.join(FORMAT_BY_SUFFIX)} or pass --format.")
+        return fmt, Path(args.save_file), None
+    fmt = fmt or ("png" if task == "t2i" else "h264-mp4")
+    if args.filename_prefix:
+        return fmt, Path(args.output_dir), args.filename_prefix
+    from kinema.media.write import FORMATS
+
+    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+    prompt = args.prompt.replace(" ", "_").replace("/", "_")[:50]
+    name = f"{args.task}_{args.size}_1_1_{prompt}_{stamp}.{FORMATS[fmt].ext}"  # the official default name
+    return fmt, Path(args.output_dir) / name, None
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    import kinema
+    from kinema.media import read_image, read_video, save_video, to_model_range
+    from kinema.pipeline.generate import Models, generate
+    from kinema.pipeline.tasks import get_task
+
+    _check(args)
+    task = get_task(args.task)
+    size = _parse_size(args.size)
+    fmt, target, prefix = _output(args, task.name)
+    if args.save_file and target.exists():
+        raise KinemaError(f"--save_file {target} already exists; Kinema never overwrites. Choose another name.")
+    seed = args.base_seed if args.base_seed >= 0 else random.randint(0, 2**31 - 1)
+    log.info("Generation job args: %s", {k: v for k, v in vars(args).items() if k not in ("debug", "command")})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        args.dtype, torch.bfloat16 if device == "cuda" else torch.float32)
+    images = {}
+    for name in ("image", "first_frame", "last_frame"):
+        if getattr(args, name):
+            images[name] = to_model_range(read_image(getattr(args, name)))[:, 0]  # [3, H, W]
+    video = to_model_range(read_video(args.video).frames) if args.video else None
+    t0 = time.perf_counter()
+    log.info("Loading models from %s", args.ckpt_dir or "the given files")
+    te = kinema.load_text_encoder(args.t5 or args.ckpt_dir, tokenizer=args.tokenizer, device="cpu" if args.t5_cpu else device)
+    dit = kinema.load_dit(args.dit or args.ckpt_dir, dtype=dtype, device=device)
+    vae = kinema.load_vae(args.vae or args.ckpt_dir, device=device)
+    clip = kinema.load_clip_vision(args.clip or args.ckpt_dir, device=device) if task.model_type != "t2v" else None
+    log.info("Models loaded in %.1fs: %s DiT, %d layers, width %d", time.perf_counter() - t0, dit.config.model_type, dit.config.num_layers, dit.config.dim)
+    log.info("Generating %s ...", "image" if task.name == "t2i" else "video")
+    out = generate(
+        Models(dit, vae, te, clip), task.name, prompt=args.prompt, negative_prompt=args.negative_prompt, size=size,
+        frame_num=args.frame_num, steps=args.sample_steps, shift=args.sample_shift, guide_scale=args.sample_guide_scale,
+        seed=seed, solver=args.sample_solver, image=images.get("image"), first_frame=images.get("first_frame"),
+        last_frame=images.get("last_frame"), video=video, denoise=args.denoise, batched_cfg=args.batched_cfg,
+    )
+    s = out["settings"]
+    metadata = {**s, "size": f"{s['width']}*{s['height']}", "fps": args.fps, "format": fmt,
+                "model": str(Path(args.dit or args.ckpt_dir).resolve()), "kinema_version": kinema.__version__}
+    log.info("Saving generated %s to %s", "image" if task.name == "t2i" else "video", target if prefix is None else f"{target}/{prefix}_NNNNN")
+    path = save_video(out["video"], target, format=fmt, frame_rate=args.fps, filename_prefix=prefix or "kinema", metadata=metadata)
+    log.info("Saved %s", path)
+    log.info("Finished.")
+
+
+def cmd_info(args) -> None:
+    from kinema.media import read_metadata
+
+    if not Path(args.file).exists():
+        raise KinemaError(f"{args.file} does not exist.")
+    meta = read_metadata(args.file)
+    if not meta:
+        raise KinemaError(f"{args.file} holds no Kinema generation metadata.")
+    print(json.dumps(meta, indent=2, ensure_ascii=False))
+
+
+def _apply_from(parser, argv: list[str]) -> list[str]:
+    """`--from FILE`: the file's recorded settings become the defaults; flags given now still win."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--from", dest="from_file")
+    known, _ = pre.parse_known_args(argv)
+    if not known.from_file:
+        return argv
+    from kinema.media import read_metadata
+
+    if not Path(known.from_file).exists():
+        raise KinemaError(f"--from {known.from_file} does not exist.")
+    meta = read_metadata(known.from_file)
+    if not meta:
+        raise KinemaError(f"--from {known.from_file} holds no Kinema generation metadata to repeat.")
+    parser.generate.set_defaults(**{FROM_KEYS[k]: v for k, v in meta.items() if k in FROM_KEYS})
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s] %(levelname)s: %(message)s", stream=sys.stderr)
+    parser = build_parser()
+    try:
+        argv = _apply_from(parser, argv)
+        args = parser.parse_args(argv)
+        {"generate": cmd_generate, "info": cmd_info}[args.command](args)
+    except KinemaError as exc:
+        if debug:
+            raise
+        print(f"kinema: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kinema: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

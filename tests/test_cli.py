@@ -1,0 +1,118 @@
+"""`kinema generate` / `kinema info` end to end on a random checkpoint in the official folder layout."""
+
+import shutil
+import subprocess
+import sys
+
+import av
+import numpy as np
+import pytest
+
+from kinema.cli.main import main
+from kinema.demo import write_random_checkpoint
+
+PROMPT = "a red circle moving right on a black background"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt") / "Wan2.1-T2V-tiny"
+    write_random_checkpoint(folder)
+    return folder
+
+
+def _gen(ckpt, *extra, task="t2v-1.3B"):
+    return ["generate", "--task", task, "--ckpt_dir", str(ckpt), "--size", "64*48", "--frame_num", "5",
+            "--sample_steps", "2", "--prompt", PROMPT, "--base_seed", "11", *extra]
+
+
+def _decode(path):
+    with av.open(str(path)) as c:
+        stream = c.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(stream)]
+        return np.stack(frames), float(stream.average_rate)
+
+
+def test_generate_info_and_repeat(ckpt, tmp_path, capsys):
+    out = tmp_path / "clip.mp4"
+    assert main(_gen(ckpt, "--save_file", str(out), "--fps", "12")) == 0
+    frames, fps = _decode(out)
+    assert frames.shape == (5, 48, 64, 3) and fps == 12
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert '"seed": 11' in info and PROMPT in info and '"solver": "unipc"' in info
+    again = tmp_path / "again.mp4"
+    assert main(["generate", "--from", str(out), "--ckpt_dir", str(ckpt), "--save_file", str(again)]) == 0
+    frames2, fps2 = _decode(again)
+    assert fps2 == 12 and np.array_equal(frames, frames2)
+
+
+def test_default_name_and_prefix_counter(ckpt, tmp_path):
+    assert main(_gen(ckpt, "--output_dir", str(tmp_path))) == 0
+    (name,) = [p.name for p in tmp_path.iterdir()]
+    assert name.startswith("t2v-1.3B_64*48_1_1_a_red_circle_moving_right_on_a_black_bac") and name.endswith(".mp4")
+    for _ in range(2):
+        assert main(_gen(ckpt, "--output_dir", str(tmp_path), "--filename_prefix", "run", "--format", "webp")) == 0
+    assert (tmp_path / "run_00001.webp").exists() and (tmp_path / "run_00002.webp").exists()
+
+
+def test_t2i_writes_png(ckpt, tmp_path):
+    assert main(_gen(ckpt, "--save_file", str(tmp_path / "img.png"), task="t2i-14B")) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "img.png").size == (64, 48)
+
+
+def _err(args, capsys):
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    return code, err
+
+
+def test_user_errors_exit_2(ckpt, tmp_path, capsys):
+    (tmp_path / "notes.png").write_text("not an image")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(ckpt / "diffusion_pytorch_model.safetensors", partial)
+    existing = tmp_path / "exists.mp4"
+    existing.write_bytes(b"keep me")
+    cases = [
+        (_gen(ckpt, "--size", "64x"), "--size '64x' is not W*H"),
+        ([a for a in _gen(ckpt) if a not in ("--prompt", PROMPT)], "--prompt is missing"),
+        (_gen(ckpt, "--task", "i2v-14B"), "needs --image"),
+        (_gen(ckpt, "--image", str(tmp_path / "notes.png")), "--image is not used by task t2v-1.3B"),
+        (_gen(ckpt, "--task", "i2v-14B", "--image", str(tmp_path / "missing.png")), "missing.png does not exist"),
+        (_gen(ckpt, "--frame_num", "0"), "--frame_num 0 must be at least 1"),
+        (_gen(partial), "umT5"),
+        (_gen(ckpt, "--save_file", str(existing)), "already exists"),
+        (["info", str(tmp_path / "nothing.mp4")], "does not exist"),
+    ]
+    for args, message in cases:
+        code, err = _err(args, capsys)
+        assert code == 2, (args, err)
+        assert err.startswith("kinema: error:") and message in err, (message, err)
+    assert existing.read_bytes() == b"keep me"
+
+
+def test_unreadable_image_is_a_clear_error(ckpt, tmp_path, capsys):
+    (tmp_path / "bad.png").write_text("not an image")
+    code, err = _err(_gen(ckpt, "--task", "i2v-14B", "--image", str(tmp_path / "bad.png")), capsys)
+    assert code == 2 and "bad.png" in err
+
+
+def test_help_documents_every_flag():
+    out = subprocess.run([sys.executable, "-m", "kinema.cli.main", "generate", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for flag in ["--task", "--size", "--frame_num", "--ckpt_dir", "--offload_model", "--t5_cpu", "--sample_solver",
+                 "--sample_steps", "--sample_shift", "--sample_guide_scale", "--base_seed", "--image", "--first_frame",
+                 "--last_frame", "--prompt", "--save_file", "--negative_prompt", "--video", "--denoise", "--fps",
+                 "--format", "--output_dir", "--filename_prefix", "--dit", "--vae", "--t5", "--tokenizer", "--clip"]:
+        assert flag in text, flag
+    assert "(default: t2v-14B)" in text and "(default: 1280*720)" in text and "(default: unipc)" in text
+
+
+def test_bad_flag_value_exits_2():
+    out = subprocess.run([sys.executable, "-m", "kinema.cli.main", "generate", "--sample_steps", "many"], capture_output=True, text=True)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
