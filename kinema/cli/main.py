@@ -164,6 +164,8 @@ def cmd_generate(args) -> None:
         if getattr(args, name):
             images[name] = to_model_range(read_image(getattr(args, name)))[:, 0]  # [3, H, W]
     video = to_model_range(read_video(args.video).frames) if args.video else None
+    if args.offload_model and device == "cuda":
+        log.warning("--offload_model is not implemented yet: every model stays on the GPU")
     t0 = time.perf_counter()
     log.info("Loading models from %s", args.ckpt_dir or "the given files")
     te = kinema.load_text_encoder(args.t5 or args.ckpt_dir, tokenizer=args.tokenizer, device="cpu" if args.t5_cpu else device)
