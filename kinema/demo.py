@@ -22,8 +22,8 @@ import torch
 PROMPT = "a red circle moving right on a black background"
 
 
-def write_random_checkpoint(folder: Path, seed: int = 0) -> None:
-    """A tiny random Wan2.1 t2v set in the official layout."""
+def write_random_checkpoint(folder: Path, seed: int = 0, model_type: str = "t2v") -> None:
+    """A tiny random Wan2.1 set in the official layout: t2v, or i2v / flf2v with a CLIP file."""
     import sentencepiece as spm
     from safetensors.torch import save_file
 
@@ -44,9 +44,21 @@ def write_random_checkpoint(folder: Path, seed: int = 0) -> None:
 
     t5 = UMT5Encoder(vocab_size=64, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2)
     torch.save(t5.state_dict(), folder / "models_t5_umt5-xxl-enc-bf16.pth")
-    cfg = DiTConfig("t2v", dim=128, ffn_dim=256, text_dim=64, num_heads=2, num_layers=2)
+    image = model_type != "t2v"
+    cfg = DiTConfig(model_type, in_dim=36 if image else 16, dim=128, ffn_dim=256, text_dim=64, num_heads=2, num_layers=2, image_dim=64)
     save_file({k: v.contiguous() for k, v in WanDiT(cfg).state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": "t2v", "dim": cfg.dim, "num_heads": cfg.num_heads}))
+    (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": model_type, "dim": cfg.dim, "num_heads": cfg.num_heads}))
+    if image:
+        from kinema.loading.clip import WAN_CLIP_FILE
+        from kinema.models.clip import ClipVisionConfig, CLIPVisionTower
+
+        layers = 3
+        tower = CLIPVisionTower(ClipVisionConfig(dim=64, mlp_dim=128, num_heads=1, num_layers=layers))
+        state = {f"visual.{k}": v for k, v in tower.state_dict().items()}
+        # The module omits the last block (Wan uses the penultimate output); a real file has it.
+        state.update({k.replace("visual.transformer.0.", f"visual.transformer.{layers - 1}."): v.clone()
+                      for k, v in state.items() if k.startswith("visual.transformer.0.")})
+        torch.save(state, folder / WAN_CLIP_FILE)
     torch.save(WanVAE(dim=16, dim_mult=(1, 2, 2, 2)).state_dict(), folder / "Wan2.1_VAE.pth")
 
 

@@ -116,3 +116,42 @@ def test_help_documents_every_flag():
 def test_bad_flag_value_exits_2():
     out = subprocess.run([sys.executable, "-m", "kinema.cli.main", "generate", "--sample_steps", "many"], capture_output=True, text=True)
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+@pytest.fixture(scope="module")
+def image_ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgckpt")
+    for model_type in ("i2v", "flf2v"):
+        write_random_checkpoint(root / model_type, model_type=model_type)
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (60, 90, 3), dtype=np.uint8)).save(root / "first.png")
+    Image.fromarray(rng.integers(0, 255, (70, 70, 3), dtype=np.uint8)).save(root / "last.png")
+    return root
+
+
+@pytest.mark.parametrize("task,frames", [("i2v-14B", 9), ("flf2v-14B", 13)])
+def test_image_tasks_end_to_end(image_ckpts, tmp_path, task, frames):
+    kind = task.split("-")[0]
+    images = ["--image", str(image_ckpts / "first.png")] if kind == "i2v" else [
+        "--first_frame", str(image_ckpts / "first.png"), "--last_frame", str(image_ckpts / "last.png")]
+    out = tmp_path / f"{kind}.mp4"
+    args = _gen(image_ckpts / kind, "--frame_num", str(frames), "--save_file", str(out), *images, task=task)
+    assert main(args) == 0
+    decoded, fps = _decode(out)
+    # Official rule: the 60x90 image's aspect at <= 64*48 pixels, in whole 16-pixel patches:
+    # lat_h = sqrt(3072 * 2/3) // 8 // 2 * 2 = 4, lat_w = sqrt(3072 * 3/2) // 8 // 2 * 2 = 8.
+    assert decoded.shape == (frames, 32, 64, 3) and fps == 16
+
+
+def test_v2v_end_to_end(ckpt, tmp_path):
+    src = tmp_path / "src.mp4"
+    assert main(_gen(ckpt, "--save_file", str(src), "--frame_num", "9")) == 0
+    out = tmp_path / "v2v.webm"
+    assert main(_gen(ckpt, "--video", str(src), "--denoise", "0.5", "--frame_num", "9", "--save_file", str(out), task="v2v")) == 0
+    decoded, _ = _decode(out)
+    assert decoded.shape == (9, 48, 64, 3)
+    from kinema.media import read_metadata
+
+    assert read_metadata(out)["denoise"] == 0.5 and read_metadata(out)["task"] == "v2v"
