@@ -53,8 +53,13 @@ def test_default_name_and_prefix_counter(ckpt, tmp_path):
     (name,) = [p.name for p in tmp_path.iterdir()]
     assert name.startswith("t2v-1.3B_64*48_1_1_a_red_circle_moving_right_on_a_black_bac") and name.endswith(".mp4")
     for _ in range(2):
-        assert main(_gen(ckpt, "--output_dir", str(tmp_path), "--filename_prefix", "run", "--format", "webp")) == 0
+        assert main(_gen(ckpt, "--output_dir", str(tmp_path), "--filename_prefix", "run", "--format", "webp", "--lossless")) == 0
     assert (tmp_path / "run_00001.webp").exists() and (tmp_path / "run_00002.webp").exists()
+    assert main(_gen(ckpt, "--save_file", str(tmp_path / "pp.gif"), "--pingpong", "--loop_count", "3")) == 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "pp.gif") as im:
+        assert im.info["loop"] == 3 and im.n_frames == 8  # 5 frames pingponged: 2 * 5 - 2
 
 
 def test_t2i_writes_png(ckpt, tmp_path):
@@ -108,7 +113,7 @@ def test_help_documents_every_flag():
     for flag in ["--task", "--size", "--frame_num", "--ckpt_dir", "--offload_model", "--t5_cpu", "--sample_solver",
                  "--sample_steps", "--sample_shift", "--sample_guide_scale", "--base_seed", "--image", "--first_frame",
                  "--last_frame", "--prompt", "--save_file", "--negative_prompt", "--video", "--denoise", "--fps",
-                 "--format", "--output_dir", "--filename_prefix", "--dit", "--vae", "--t5", "--tokenizer", "--clip"]:
+                 "--format", "--output_dir", "--filename_prefix", "--crf", "--pix_fmt", "--loop_count", "--pingpong", "--dit", "--vae", "--t5", "--tokenizer", "--clip"]:
         assert flag in text, flag
     assert "(default: t2v-14B)" in text and "(default: 1280*720)" in text and "(default: unipc)" in text
 

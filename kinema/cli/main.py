@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--denoise", type=float, default=0.7, help="v2v: how much of the input to re-noise, in (0, 1]")
     g.add_argument("--fps", type=int, default=16, help="frame rate of the output")
     g.add_argument("--format", default=None, choices=list(FORMATS), help="output format (default: from --save_file, else h264-mp4; png for t2i)")
+    g.add_argument("--crf", type=int, default=19, help="quality of h264 / h265 / webm (lower is better)")
+    g.add_argument("--pix_fmt", default=None, help="pixel format, e.g. yuv420p or yuv420p10le (default: the format's own)")
+    g.add_argument("--lossless", action="store_true", help="lossless webp / video where the codec allows")
+    g.add_argument("--loop_count", type=int, default=0, help="gif / webp: times to loop (0 = forever)")
+    g.add_argument("--pingpong", action="store_true", help="play forward then backward")
     g.add_argument("--save_file", default=None, help="output file (default: the official name in --output_dir)")
     g.add_argument("--output_dir", default=".", help="folder for outputs without --save_file")
     g.add_argument("--filename_prefix", default=None, help="name outputs PREFIX_00001.ext, ... instead of the official name")
@@ -184,7 +189,8 @@ def cmd_generate(args) -> None:
     metadata = {**s, "size": f"{s['width']}*{s['height']}", "fps": args.fps, "format": fmt,
                 "model": str(Path(args.dit or args.ckpt_dir).resolve()), "kinema_version": kinema.__version__}
     log.info("Saving generated %s to %s", "image" if task.name == "t2i" else "video", target if prefix is None else f"{target}/{prefix}_NNNNN")
-    path = save_video(out["video"], target, format=fmt, frame_rate=args.fps, filename_prefix=prefix or "kinema", metadata=metadata)
+    path = save_video(out["video"], target, format=fmt, frame_rate=args.fps, loop_count=args.loop_count, pingpong=args.pingpong,
+                      crf=args.crf, pix_fmt=args.pix_fmt, lossless=args.lossless, filename_prefix=prefix or "kinema", metadata=metadata)
     log.info("Saved %s", path)
     log.info("Finished.")
 
