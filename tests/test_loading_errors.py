@@ -104,3 +104,34 @@ def test_bad_config_json(good, tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON"):
         kinema.load_dit(tmp_path)
+
+
+def test_folder_of_single_files_picks_each_component(tmp_path):
+    """ComfyUI keeps one file per component in one folder; each loader picks its own by its keys."""
+    import kinema.demo
+    from kinema.loading.files import TensorSource
+
+    src = tmp_path / "official"
+    kinema.demo.write_random_checkpoint(src, model_type="i2v")
+    comfy = tmp_path / "comfy"
+    comfy.mkdir()
+    names = {
+        "diffusion_pytorch_model.safetensors": "wan2.1_i2v_tiny.safetensors",
+        "Wan2.1_VAE.pth": "wan_vae_custom.safetensors",
+        "models_t5_umt5-xxl-enc-bf16.pth": "umt5_tiny.safetensors",
+        "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth": "clip_vision_tiny.safetensors",
+    }
+    for official, comfy_name in names.items():
+        source = TensorSource([src / official])
+        save_file({k: source.get(k).contiguous() for k in source.keys()}, comfy / comfy_name)
+    dit = kinema.load_dit(comfy, num_heads=2)
+    assert dit.config.model_type == "i2v"
+    assert kinema.load_vae(comfy).z_dim == 16
+    assert kinema.load_clip_vision(comfy).model is not None
+    assert kinema.load_text_encoder(comfy, tokenizer=src / "google" / "umt5-xxl").model is not None
+    save_file({"unrelated.weight": torch.zeros(2)}, comfy / "other.safetensors")
+    assert kinema.load_vae(comfy).z_dim == 16  # a file of no component does not confuse the choice
+    # Two DiTs in one folder: which one is meant cannot be told, so the user must name the file.
+    (comfy / "wan2.1_i2v_copy.safetensors").write_bytes((comfy / "wan2.1_i2v_tiny.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match=r"several checkpoint files .*pass the file itself"):
+        kinema.load_dit(comfy, num_heads=2)

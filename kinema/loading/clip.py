@@ -39,9 +39,6 @@ WAN_CLIP_FILE = "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth"
 # Folder layouts, most specific first: official Wan2.1 folder, diffusers pipeline, component folders.
 CANDIDATES = (
     WAN_CLIP_FILE,
-    "image_encoder/model.safetensors",
-    "image_encoder/model.safetensors.index.json",
-    "image_encoder/pytorch_model.bin",
     "model.safetensors",
     "model.safetensors.index.json",
     "pytorch_model.bin",
@@ -233,7 +230,7 @@ def load_clip_vision(
         raise CheckpointError(f"num_heads must be a positive integer, got {num_heads!r}.")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise CheckpointError(f"unsupported dtype {dtype} for the {COMPONENT}; use torch.float32, bfloat16 or float16.")
-    files = checkpoint_files(path, COMPONENT, CANDIDATES)
+    files = checkpoint_files(path, COMPONENT, CANDIDATES, subfolder="image_encoder", kind="clip")
     source = TensorSource(files)
     keys = source.keys()
     fmt = detect_format(keys)

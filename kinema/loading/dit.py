@@ -12,7 +12,6 @@ comes from config.json when there is one, else dim / 128 as in every released mo
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 
@@ -73,12 +72,6 @@ def dtype_policy(dtype: torch.dtype):
     return lambda key: torch.float32 if _FP32_ISLANDS.fullmatch(key) else dtype
 
 
-def _resolve(path: Path) -> list[Path]:
-    if path.is_dir() and (path / "transformer").is_dir() and not any(path.glob("diffusion_pytorch_model*")):
-        path = path / "transformer"  # a diffusers pipeline folder
-    return checkpoint_files(path, "DiT", _CANDIDATES)
-
-
 def infer_config(shape, keys: set[str], folder_config: dict, num_heads: int | None) -> DiTConfig:
     """The architecture from canonical key names and shapes (`shape(key)` gives a tensor's shape)."""
     patch = shape("patch_embedding.weight")  # [dim, in_dim, pt, ph, pw]
@@ -129,7 +122,7 @@ def load_dit(
     `dtype` is the dtype of the big matrices; norms, modulation, time embedding and
     head stay float32 (the reference's fp32 islands).
     """
-    files = _resolve(Path(path).expanduser())
+    files = checkpoint_files(path, "DiT", _CANDIDATES, subfolder="transformer", kind="dit")
     source = TensorSource(files)
     found = identify(source.keys())
     if found != "dit":

@@ -213,11 +213,20 @@ def read_config(folder: Path) -> dict:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def checkpoint_files(path: str | os.PathLike, component: str, candidates: tuple[str, ...] = ()) -> list[Path]:
+def checkpoint_files(
+    path: str | os.PathLike,
+    component: str,
+    candidates: tuple[str, ...] = (),
+    subfolder: str | None = None,
+    kind: str | None = None,
+) -> list[Path]:
     """Resolve a user-given path (a file, an index file, or a folder) to the files holding one component.
 
-    In a folder, the first existing name of `candidates` wins (a file, or an index
-    that lists shards); failing that, a single checkpoint file in the folder.
+    In a folder: the first existing name of `candidates` wins (a file, or an index
+    that lists shards); a diffusers pipeline folder is entered at `subfolder`
+    (e.g. "transformer"); failing that, the one checkpoint file in the folder, or,
+    in a folder of single files (ComfyUI's models/ layout), the one whose keys
+    belong to component `kind` ('dit', 'vae', 't5', 'clip').
     """
     p = Path(path).expanduser()
     if not p.exists():
@@ -226,6 +235,8 @@ def checkpoint_files(path: str | os.PathLike, component: str, candidates: tuple[
         if p.name.endswith(".index.json"):
             return _read_index(p)
         return [p]
+    if subfolder and (p / subfolder).is_dir() and not any((p / name).is_file() for name in candidates):
+        p = p / subfolder
     for name in candidates:
         cand = p / name
         if cand.is_file():
@@ -238,6 +249,12 @@ def checkpoint_files(path: str | os.PathLike, component: str, candidates: tuple[
         return files
     if not files:
         raise CheckpointError(f"no {component} checkpoint file in folder {p}; expected one of: {', '.join(candidates)}.")
+    if kind is not None:
+        from kinema.loading.identify import identify
+
+        matching = [f for f in files if identify(TensorSource([f]).keys()) == kind]
+        if len(matching) == 1:
+            return matching
     raise CheckpointError(
         f"folder {p} holds several checkpoint files ({', '.join(f.name for f in files)}) and none is a known "
         f"{component} file name; pass the file itself."

@@ -135,12 +135,6 @@ def _infer_config(plan: Plan, source: TensorSource) -> dict:
     )
 
 
-def _resolve_files(path: Path) -> list[Path]:
-    if path.is_dir() and not any((path / c).is_file() for c in CANDIDATES) and (path / "text_encoder").is_dir():
-        path = path / "text_encoder"  # a diffusers pipeline folder
-    return checkpoint_files(path, WHAT, CANDIDATES)
-
-
 def _tokenizer_places(user_path: Path, files: list[Path]) -> list[Path]:
     """Where the standard layouts keep the tokenizer, relative to the checkpoint."""
     base = files[0].parent
@@ -193,7 +187,7 @@ def load_text_encoder(
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise KinemaError(f"unsupported dtype {dtype} for the {WHAT}; use torch.float32, torch.bfloat16 or torch.float16.")
     user_path = Path(path).expanduser()
-    files = _resolve_files(user_path)
+    files = checkpoint_files(user_path, WHAT, CANDIDATES, subfolder="text_encoder", kind="t5")
     source = TensorSource(files)
     keymap = _detect_format(source)
     plan = keymap.plan(source)

@@ -23,13 +23,10 @@ from kinema.models.vae import WanVAE
 
 __all__ = ["load_vae", "WanVAE", "OFFICIAL_MAP", "diffusers_map", "infer_config"]
 
-# Tried in order inside a folder: official release, ComfyUI, diffusers pipeline, diffusers component.
+# Tried in order inside a folder: official release, ComfyUI, diffusers component (a pipeline's vae/).
 CANDIDATES = (
     "Wan2.1_VAE.pth",
     "wan_2.1_vae.safetensors",
-    "vae/diffusion_pytorch_model.safetensors",
-    "vae/diffusion_pytorch_model.safetensors.index.json",
-    "vae/diffusion_pytorch_model.bin",
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.safetensors.index.json",
     "diffusion_pytorch_model.bin",
@@ -162,7 +159,7 @@ def load_vae(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
 
     Weights are cast to `dtype` and the model computes in it (fp32 or bf16).
     """
-    files = checkpoint_files(path, "VAE", CANDIDATES)
+    files = checkpoint_files(path, "VAE", CANDIDATES, subfolder="vae", kind="vae")
     source = TensorSource(files)
     keys = source.keys()
     found = identify(keys)
