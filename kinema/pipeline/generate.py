@@ -66,17 +66,14 @@ def _fit_last_frame(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
 def guided_model(dit, cond: dict, uncond: dict | None, guide_scale: float, batched: bool):
     """model_fn(x, t) for the sampler: uncond + g * (cond - uncond), as two passes or one batch of two."""
 
-    def run(x, t, kw):
-        return dit(x, t, **kw)
-
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if uncond is None:
-            return run(x, t, cond)
+            return dit(x, t, **cond)
         if batched:
             both = {k: None if v is None else torch.cat([v, uncond[k]]) for k, v in cond.items()}
-            v_cond, v_uncond = run(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+            v_cond, v_uncond = dit(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
         else:
-            v_cond, v_uncond = run(x, t, cond), run(x, t, uncond)
+            v_cond, v_uncond = dit(x, t, **cond), dit(x, t, **uncond)
         return v_uncond + guide_scale * (v_cond - v_uncond)
 
     return model_fn
