@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--t5", default=None, help="umT5 checkpoint, overrides --ckpt_dir")
     g.add_argument("--tokenizer", default=None, help="umT5 tokenizer folder or file (default: found next to the umT5 weights)")
     g.add_argument("--clip", default=None, help="CLIP vision checkpoint for i2v/flf2v, overrides --ckpt_dir")
+    g.add_argument("--lora", action="append", default=None, metavar="FILE[:STRENGTH]",
+                   help="merge a LoRA .safetensors into the DiT at STRENGTH (1.0 if not given); repeatable, applied in order")
     g.add_argument("--offload_model", type=_bool, default=None, help="move each model to the GPU only while it runs")
     g.add_argument("--t5_cpu", action="store_true", help="keep the text encoder on the CPU")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="DiT weights (auto: bf16 on GPU, fp32 on CPU)")
@@ -149,11 +151,13 @@ def cmd_generate(args) -> None:
     import torch
 
     import kinema
+    from kinema.lora import apply_loras, parse_lora_spec
     from kinema.media import read_image, read_video, save_video, to_model_range
     from kinema.pipeline.generate import Models, generate
     from kinema.pipeline.tasks import get_task
 
     _check(args)
+    loras = [parse_lora_spec(spec) for spec in args.lora or []]
     task = get_task(args.task)
     size = _parse_size(args.size)
     fmt, target, prefix = _output(args, task.name)
@@ -175,6 +179,8 @@ def cmd_generate(args) -> None:
     log.info("Loading models from %s", args.ckpt_dir or "the given files")
     te = kinema.load_text_encoder(args.t5 or args.ckpt_dir, tokenizer=args.tokenizer, device="cpu" if args.t5_cpu else device)
     dit = kinema.load_dit(args.dit or args.ckpt_dir, dtype=dtype, device=device)
+    if loras:
+        apply_loras(dit, loras)
     vae = kinema.load_vae(args.vae or args.ckpt_dir, device=device)
     clip = kinema.load_clip_vision(args.clip or args.ckpt_dir, device=device) if task.model_type != "t2v" else None
     log.info("Models loaded in %.1fs: %s DiT, %d layers, width %d", time.perf_counter() - t0, dit.config.model_type, dit.config.num_layers, dit.config.dim)
@@ -188,6 +194,8 @@ def cmd_generate(args) -> None:
     s = out["settings"]
     metadata = {**s, "size": f"{s['width']}*{s['height']}", "fps": args.fps, "format": fmt,
                 "model": str(Path(args.dit or args.ckpt_dir).resolve()), "kinema_version": kinema.__version__}
+    if loras:
+        metadata["loras"] = [[str(Path(p).resolve()), strength] for p, strength in loras]
     log.info("Saving generated %s to %s", "image" if task.name == "t2i" else "video", target if prefix is None else f"{target}/{prefix}_NNNNN")
     path = save_video(out["video"], target, format=fmt, frame_rate=args.fps, loop_count=args.loop_count, pingpong=args.pingpong,
                       crf=args.crf, pix_fmt=args.pix_fmt, lossless=args.lossless, filename_prefix=prefix or "kinema", metadata=metadata)

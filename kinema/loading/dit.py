@@ -108,6 +108,8 @@ def infer_config(shape, keys: set[str], folder_config: dict, num_heads: int | No
         cross_attn_norm="blocks.0.norm3.weight" in keys,
         eps=float(folder_config.get("eps", 1e-6)),
         image_dim=shape("img_emb.proj.0.weight")[0] if model_type != "t2v" else 1280,
+        text_len=int(folder_config.get("text_len", 512)),
+        flf2v_tokens=shape("img_emb.emb_pos")[1] if model_type == "flf2v" else 514,
     )
 
 
@@ -137,7 +139,13 @@ def load_dit(
             raise CheckpointError(f"{source.name}: missing '{key}', needed to tell the DiT architecture; the file is incomplete.")
         return source.shape(plan.sources[key][0])
 
-    cfg = infer_config(shape, set(plan.keys()), read_config(files[0].parent), num_heads)
+    folder_config = read_config(files[0].parent)
+    cfg = infer_config(shape, set(plan.keys()), folder_config, num_heads)
     with torch.device("meta"):
         model = WanDiT(cfg)
-    return materialize(model, plan, source, dtype_policy(dtype), device, what=f"Wan2.1 {cfg.model_type} DiT")
+    model = materialize(model, plan, source, dtype_policy(dtype), device, what=f"Wan2.1 {cfg.model_type} DiT")
+    # What the checkpoint says about its use (Kinema-trained models write these): the tasks it was
+    # trained for and its sampling defaults. Official checkpoints have neither.
+    model.tasks = tuple(folder_config.get("tasks", ()))
+    model.sample_defaults = dict(folder_config.get("sample_defaults", {}))
+    return model

@@ -39,14 +39,12 @@ class DiTConfig:
     cross_attn_norm: bool = True
     eps: float = 1e-6
     image_dim: int = 1280  # CLIP token width (i2v / flf2v)
+    text_len: int = 512  # the text context is zero-padded to this many tokens (the official `text_len`)
+    flf2v_tokens: int = 514  # CLIP tokens of the two frames flf2v's position embedding covers (2 x 257)
 
     @property
     def head_dim(self) -> int:
         return self.dim // self.num_heads
-
-    @property
-    def image_tokens(self) -> int:
-        return 514 if self.model_type == "flf2v" else 257
 
 
 WAN_DIT = {
@@ -146,7 +144,7 @@ class ImageEmbedding(nn.Module):
         d = cfg.image_dim
         self.proj = nn.Sequential(LayerNorm32(d), Linear(d, d), nn.GELU(), Linear(d, cfg.dim), LayerNorm32(cfg.dim))
         if cfg.model_type == "flf2v":
-            self.emb_pos = nn.Parameter(torch.zeros(1, cfg.image_tokens, d))
+            self.emb_pos = nn.Parameter(torch.zeros(1, cfg.flf2v_tokens, d))
 
     def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "emb_pos"):
@@ -192,15 +190,17 @@ class WanDiT(nn.Module):
         return e, self.time_projection(e).float().unflatten(1, (6, self.config.dim))
 
     def embed_context(self, context: torch.Tensor, clip_fea: torch.Tensor | None = None):
-        """Text [B, L, text_dim] -> [B, L, dim]; CLIP tokens [B, 257|514, 1280] -> [B, 257|514, dim] or None."""
+        """Text [B, L, text_dim] -> [B, L, dim]; CLIP tokens [B, N, image_dim] -> [B, N, dim] or None.
+
+        i2v takes any number of CLIP tokens (257 per image for ViT-H/14); flf2v exactly
+        `flf2v_tokens`, the length of its position embedding."""
         image_context = None
-        if self.config.model_type != "t2v":
+        cfg = self.config
+        if cfg.model_type != "t2v":
             if clip_fea is None:
-                raise ValueError(f"a {self.config.model_type} DiT needs clip_fea [B, {self.config.image_tokens}, 1280]")
-            if clip_fea.shape[1] != self.config.image_tokens:
-                raise ValueError(
-                    f"a {self.config.model_type} DiT takes {self.config.image_tokens} CLIP tokens, got {clip_fea.shape[1]}"
-                )
+                raise ValueError(f"a {cfg.model_type} DiT needs clip_fea [B, N, {cfg.image_dim}] (CLIP image tokens)")
+            if cfg.model_type == "flf2v" and clip_fea.shape[1] != cfg.flf2v_tokens:
+                raise ValueError(f"a flf2v DiT takes {cfg.flf2v_tokens} CLIP tokens, got {clip_fea.shape[1]}")
             image_context = self.img_emb(clip_fea)
         return self.text_embedding(context), image_context
 

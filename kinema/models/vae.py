@@ -303,11 +303,19 @@ class WanVAE(nn.Module):
         r = self.temporal_ratio
         return [slice(0, 1)] + [slice(s, s + r) for s in range(1, num_frames, r)]
 
-    def encode_chunk(self, frames: torch.Tensor, cache: FrameCache) -> torch.Tensor:
-        """One temporal chunk [B, 3, t, H, W] -> its normalised latent mean [B, z, t', H/8, W/8] (fp32)."""
-        mu = self.conv1(self.encoder(frames.to(self.device, self.dtype), cache))[:, : self.z_dim]  # [B, z, t', h, w]
+    def moments_chunk(self, frames: torch.Tensor, cache: FrameCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """One temporal chunk [B, 3, t, H, W] -> raw (un-normalised) latent mean and log-variance [B, z, t', h, w]."""
+        mu, logvar = self.conv1(self.encoder(frames.to(self.device, self.dtype), cache)).chunk(2, dim=1)
+        return mu, logvar
+
+    def normalize(self, mu: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> the DiT's latent space (mu - mean) / std, fp32."""
         mean, std = self._stats(mu)
         return (mu.float() - mean) / std
+
+    def encode_chunk(self, frames: torch.Tensor, cache: FrameCache) -> torch.Tensor:
+        """One temporal chunk [B, 3, t, H, W] -> its normalised latent mean [B, z, t', H/8, W/8] (fp32)."""
+        return self.normalize(self.moments_chunk(frames, cache)[0])
 
     def decode_chunk(self, z: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         """One latent frame [B, z, 1, h, w] (normalised) -> its pixel frames [B, 3, t, 8h, 8w], not clamped (fp32)."""

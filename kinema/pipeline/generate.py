@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from kinema.errors import KinemaError
 from kinema.pipeline.conditioning import build_condition, target_size
-from kinema.pipeline.tasks import TEXT_LEN, get_task
+from kinema.pipeline.tasks import TEXT_LEN, Task, get_task
 from kinema.sampling import add_noise, initial_noise, sample, schedule, start_step_for_denoise
 
 log = logging.getLogger("kinema")
@@ -63,6 +63,23 @@ def _fit_last_frame(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
     return last[:, top : top + h1, left : left + w1]
 
 
+def check_task(dit, spec: Task) -> None:
+    """Can this DiT run this task? Kinema-trained models list their tasks; official ones follow their variant."""
+    tasks = getattr(dit, "tasks", ())
+    if tasks:
+        if spec.name not in tasks:
+            raise KinemaError(f"this model was trained for {', '.join(tasks)}, not {spec.name}.")
+    elif dit.config.model_type != spec.model_type:
+        raise KinemaError(f"task {spec.name} needs a {spec.model_type} DiT, but the checkpoint is a {dit.config.model_type} model.")
+
+
+def empty_condition(dit, vae, frame_num: int, height: int, width: int) -> dict:
+    """The image inputs of an i2v-type DiT when no frame is given (mask 0, the latent of a blank video,
+    CLIP tokens of zeros): how a model trained with condition dropout (Wan-Fun / Kinema) runs t2v."""
+    y = build_condition(vae, {}, frame_num, height, width)
+    return {"clip_fea": y.new_zeros(1, 1, dit.config.image_dim), "y": y}
+
+
 def guided_model(dit, cond: dict, uncond: dict | None, guide_scale: float, batched: bool):
     """model_fn(x, t) for the sampler: uncond + g * (cond - uncond), as two passes or one batch of two."""
 
@@ -85,7 +102,7 @@ def generate(
     task: str = "t2v",
     prompt: str = "",
     negative_prompt: str | None = None,
-    size: tuple[int, int] = (1280, 720),
+    size: tuple[int, int] | None = None,
     frame_num: int | None = None,
     steps: int | None = None,
     shift: float | None = None,
@@ -111,14 +128,20 @@ def generate(
     """
     spec = get_task(task)
     dit, vae, device = models.dit, models.vae, next(models.dit.parameters()).device
-    if dit.config.model_type != spec.model_type:
-        raise KinemaError(f"task {spec.name} needs a {spec.model_type} DiT, but the checkpoint is a {dit.config.model_type} model.")
+    check_task(dit, spec)
+    # Unset values: the model's own defaults (Kinema-trained models carry them), then the task's.
+    model_defaults = getattr(dit, "sample_defaults", {})
+    if size is None:
+        size = tuple(int(v) for v in model_defaults.get("size", spec.size).split("*"))
     width, height = round_size(*size)
-    frame_num = 1 if spec.name == "t2i" else round_frames(frame_num or spec.frame_num)
-    steps = steps or spec.steps
-    shift = shift if shift is not None else spec.default_shift(f"{width}*{height}")
-    guide_scale = spec.guide_scale if guide_scale is None else guide_scale
-    negative_prompt = spec.negative_prompt if negative_prompt is None else negative_prompt
+    frame_num = 1 if spec.name == "t2i" else round_frames(frame_num or model_defaults.get("frame_num", spec.frame_num))
+    steps = steps or model_defaults.get("steps", spec.steps)
+    if shift is None:
+        shift = model_defaults.get("shift", spec.default_shift(f"{width}*{height}"))
+    if guide_scale is None:
+        guide_scale = model_defaults.get("guide_scale", spec.guide_scale)
+    if negative_prompt is None:
+        negative_prompt = model_defaults.get("negative_prompt", spec.negative_prompt)
 
     cond: dict = {"clip_fea": None, "y": None}
     uncond: dict = {"clip_fea": None, "y": None}
@@ -137,10 +160,12 @@ def generate(
         clip = torch.cat([models.clip.encode(f[None].to(models.clip.device)) for f in known.values()], dim=1)
         y = build_condition(vae, known, frame_num, height, width)
         cond = uncond = {"clip_fea": clip.to(device), "y": y.to(device)}  # the image condition is not guided
+    elif dit.config.in_dim > vae.z_dim:
+        cond = uncond = {k: v.to(device) for k, v in empty_condition(dit, vae, frame_num, height, width).items()}
     lat_shape = (1, vae.z_dim, (frame_num - 1) // vae.temporal_ratio + 1, height // vae.spatial_ratio, width // vae.spatial_ratio)
 
     embs = models.text_encoder.encode([prompt] + ([negative_prompt] if guide_scale != 1.0 else []))
-    context = pad_context([e.to(device) for e in embs])
+    context = pad_context([e.to(device) for e in embs], dit.config.text_len)
     cond = {"context": context[:1], **cond}
     uncond = {"context": context[1:], **uncond} if guide_scale != 1.0 else None
 

@@ -1,0 +1,387 @@
+"""`kinema train dit`: the Wan2.1 DiT trained by flow matching, jointly with a small umT5 text
+encoder and a small CLIP vision tower, the Wan-Fun / EasyAnimate way.
+
+- Loss: flow matching, x_t = (1 - s) x0 + s eps, target v = eps - x0, with s drawn
+  logit-normal (sigmoid of a normal); the DiT sees t = 1000 s as in Wan2.1.
+- One set of weights for t2v, t2i, i2v and flf2v: the DiT takes the i2v input (noise +
+  4-channel frame mask + the latent of the masked video, and CLIP tokens of the known
+  frames). Each step trains one mode: first frame known (i2v), first and last (flf2v),
+  a random span of frames, or none at all (the condition dropped: t2v, and t2i on
+  single frames). Known frames are noised with sigma = exp(N(-3, 0.5)) before encoding.
+- Captions are dropped for a share of samples so classifier-free guidance works.
+- The VAE is frozen and loaded through `kinema.load_vae`, like any checkpoint. Clips
+  are encoded once into a latent pool (`pool.pt` in the run folder), which the steps
+  sample from; the pool is rebuilt only when its recipe changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kinema.encoders.image import ClipVisionEncoder
+from kinema.encoders.text import TextEncoder
+from kinema.errors import KinemaError
+from kinema.models.clip import ClipVisionConfig, CLIPVisionTower
+from kinema.models.dit import DiTConfig, WanDiT
+from kinema.models.t5 import UMT5Encoder
+from kinema.pipeline.conditioning import frame_mask
+from kinema.text.tokenizer import UMT5Tokenizer
+from kinema.toy import world
+from kinema.train import config as configs
+from kinema.train.loop import TrainTask
+from kinema.train.world_data import clip_batch
+
+log = logging.getLogger("kinema")
+
+MODES = ("t2v", "i2v", "flf2v", "span")  # what is known: nothing, the first frame, first + last, a span
+TASKS = ("t2v", "t2i", "i2v", "flf2v", "v2v")
+
+
+@dataclasses.dataclass
+class DiTTrainConfig(configs.TrainConfig):
+    output_dir: str = "runs/dit"
+    vae: str = "runs/vae/model"  # a VAE checkpoint (any format load_vae reads)
+    # DiT
+    dim: int = 256
+    ffn_dim: int = 1024
+    num_heads: int = 4
+    num_layers: int = 8
+    text_len: int = 32
+    # umT5
+    text_dim: int = 128
+    text_ffn_dim: int = 256
+    text_heads: int = 4
+    text_layers: int = 2
+    text_buckets: int = 32
+    tokenizer_vocab: int = 64
+    text_lr_scale: float = 1.0  # lr multiplier for the text encoder (0 = frozen after init)
+    # CLIP
+    clip_image_size: int = 64
+    clip_patch: int = 16
+    clip_dim: int = 64
+    clip_heads: int = 2
+    clip_layers: int = 3
+    # data
+    pool_size: int = 4000
+    pool_frames: tuple[int, ...] = (17, 33, 9)
+    pool_frame_shares: tuple[float, ...] = (0.8, 0.1, 0.1)
+    mode_shares: tuple[float, ...] = (0.35, 0.3, 0.25, 0.1)  # t2v / i2v / flf2v / span steps
+    image_share: float = 0.05  # t2i steps (single frames, no condition)
+    caption_dropout: float = 0.1
+    ref_noise_mean: float = -3.0  # log sigma of the noise added to known frames
+    ref_noise_std: float = 0.5
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    colors: tuple[str, ...] = tuple(world.COLORS)
+    # sampling defaults written into the exported model
+    sample_steps: int = 20
+    sample_shift: float = 3.0
+    sample_guide_scale: float = 4.0
+    lr: float = 3e-4
+    ema: float = 0.998
+    batch_size: int = 32
+
+    def check(self) -> None:
+        if len(self.pool_frames) != len(self.pool_frame_shares) or len(self.mode_shares) != len(MODES):
+            raise KinemaError("pool_frame_shares needs one value per pool_frames entry, and mode_shares one per mode "
+                              f"({', '.join(MODES)}).")
+        for f in self.pool_frames:
+            if (f - 1) % 4:
+                raise KinemaError(f"pool_frames: {f} is not 1 + 4k.")
+        unknown = [c for c in self.colors if c not in world.COLORS and c not in world.EXTRA_COLORS]
+        if unknown:
+            raise KinemaError(f"colors: unknown {unknown}; choose from {', '.join([*world.COLORS, *world.EXTRA_COLORS])}.")
+
+
+def train_tokenizer(folder: Path, vocab_size: int) -> UMT5Tokenizer:
+    """A sentencepiece model for the world's words (orange included, so a LoRA can teach it), written
+    as `tokenizer/spiece.model`, the place the loaders look for it."""
+    import sentencepiece as spm
+
+    captions = world.all_captions(tuple(world.COLORS) + tuple(world.EXTRA_COLORS))
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(  # a word-level model: one token per word, case-folded
+        sentence_iterator=iter(captions), model_writer=buf, vocab_size=vocab_size, model_type="word",
+        normalization_rule_name="nmt_nfkc_cf", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+        minloglevel=2,
+    )  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(buf.getvalue())
+    return UMT5Tokenizer.from_path(folder)
+
+
+def encode_text(t5: UMT5Encoder, tokenizer: UMT5Tokenizer, captions: list[str], text_len: int, device) -> torch.Tensor:
+    """Differentiable version of the pipeline's prompt encoding: [B, text_len, dim], zeros after each prompt."""
+    ids, mask = tokenizer(captions)
+    ids, mask = ids[:, :text_len].to(device), mask[:, :text_len].to(device)
+    out = t5(ids, mask) * mask[..., None]
+    return F.pad(out, (0, 0, 0, text_len - out.shape[1]))
+
+
+class LatentPool:
+    """World clips encoded once: latents, condition inputs and the known frames for CLIP."""
+
+    def __init__(self, data: dict):
+        self.data = data  # {frames: {"x0", "y", "images", "mode", "captions"}}
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, cfg: DiTTrainConfig, vae, colors, seed_offset: int = 0, progress: bool = True) -> "LatentPool":
+        from tqdm import tqdm
+
+        rng = np.random.default_rng([cfg.seed + seed_offset, 77])
+        counts = np.round(np.array(cfg.pool_frame_shares) / sum(cfg.pool_frame_shares) * cfg.pool_size).astype(int)
+        data, batch = {}, 16
+        bar = tqdm(total=int(counts.sum()), desc="encoding the latent pool", disable=not progress, unit="clip")
+        for frames, count in zip(cfg.pool_frames, counts):
+            entry = {k: [] for k in ("x0", "y", "images", "mode", "captions")}
+            for start in range(0, count, batch):
+                n = min(batch, count - start)
+                video, specs = clip_batch(cfg.seed + seed_offset + 1000 * frames, start // batch, n, cfg.width, cfg.height,
+                                          frames, colors=colors)
+                mode = [1 + int(rng.choice(3, p=np.array(cfg.mode_shares[1:]) / sum(cfg.mode_shares[1:]))) for _ in range(n)]
+                known = [_known_frames(MODES[m], frames, rng) for m in mode]
+                sigma = np.exp(rng.normal(cfg.ref_noise_mean, cfg.ref_noise_std, n))
+                masked = torch.zeros_like(video)
+                gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+                for i, ks in enumerate(known):
+                    for k in ks:
+                        masked[i, :, k] = video[i, :, k] + sigma[i] * torch.randn(video[i, :, k].shape, generator=gen)
+                both = vae.encode(torch.cat([video, masked]).to(vae.device)).cpu()  # one batch: clips and masked clips
+                entry["x0"].append(both[:n])
+                lat = both[n:]
+                h, w = lat.shape[-2:]
+                masks = torch.stack([frame_mask(frames, ks, h, w, vae.temporal_ratio) for ks in known])
+                entry["y"].append(torch.cat([masks, lat], dim=1).half())
+                ends = torch.stack([torch.stack([video[i, :, ks[0]], video[i, :, ks[-1]]]) for i, ks in enumerate(known)])
+                entry["images"].append(((ends + 1) * 127.5).round().byte())  # [n, 2, 3, H, W]: first and last known frame
+                entry["mode"] += mode
+                entry["captions"] += [s.caption for s in specs]
+                bar.update(n)
+            data[frames] = {k: (torch.cat(v) if k in ("x0", "y", "images") else v) for k, v in entry.items()}
+            data[frames]["mode"] = torch.tensor(data[frames]["mode"])
+        bar.close()
+        return cls(data)
+
+
+def _known_frames(mode: str, frames: int, rng: np.random.Generator) -> list[int]:
+    if mode == "i2v":
+        return [0]
+    if mode == "flf2v":
+        return [0, frames - 1]
+    length = int(rng.integers(1, max(2, frames // 2)))
+    start = int(rng.integers(0, frames - length + 1))
+    return list(range(start, start + length))
+
+
+class DiTTask(TrainTask):
+    name = "dit"
+
+    def __init__(self, cfg: DiTTrainConfig, device: torch.device, pool: LatentPool | None = None):
+        import kinema
+
+        self.cfg, self.device = cfg, device
+        out = Path(cfg.output_dir)
+        self.vae = kinema.load_vae(cfg.vae, device=device)
+        self.vae.requires_grad_(False)
+        tok_dir = out / "tokenizer"
+        self.tokenizer = UMT5Tokenizer.from_path(tok_dir) if (tok_dir / "spiece.model").exists() else train_tokenizer(tok_dir, cfg.tokenizer_vocab)
+        torch.manual_seed(cfg.seed)
+        self.t5 = UMT5Encoder(vocab_size=max(self.tokenizer.vocab_size, cfg.tokenizer_vocab), dim=cfg.text_dim, dim_attn=cfg.text_dim,
+                              dim_ffn=cfg.text_ffn_dim, num_heads=cfg.text_heads, num_layers=cfg.text_layers,
+                              num_buckets=cfg.text_buckets).to(device)
+        self.clip = CLIPVisionTower(ClipVisionConfig(image_size=cfg.clip_image_size, patch_size=cfg.clip_patch, dim=cfg.clip_dim,
+                                                     mlp_dim=4 * cfg.clip_dim, num_heads=cfg.clip_heads,
+                                                     num_layers=cfg.clip_layers)).to(device)
+        nn_init_clip(self.clip)
+        self.dit = WanDiT(DiTConfig("i2v", in_dim=36, dim=cfg.dim, ffn_dim=cfg.ffn_dim, text_dim=cfg.text_dim,
+                                    num_heads=cfg.num_heads, num_layers=cfg.num_layers, image_dim=cfg.clip_dim,
+                                    text_len=cfg.text_len)).init_weights().to(device)
+        self.dit.tasks, self.dit.sample_defaults = TASKS, self.sample_defaults()
+        self.pool = pool or self._pool(out)
+        self._empty = {}
+
+    # -- setup ------------------------------------------------------------------------------------
+    def sample_defaults(self) -> dict:
+        c = self.cfg
+        return {"size": f"{c.width}*{c.height}", "frame_num": c.frames, "steps": c.sample_steps, "shift": c.sample_shift,
+                "guide_scale": c.sample_guide_scale, "negative_prompt": "", "fps": c.fps}
+
+    def _pool(self, out: Path) -> LatentPool:
+        c = self.cfg
+        recipe = {k: getattr(c, k) for k in ("seed", "vae", "pool_size", "pool_frames", "pool_frame_shares", "mode_shares",
+                                             "ref_noise_mean", "ref_noise_std", "colors", "width", "height", "data")}
+        recipe = json.loads(json.dumps(recipe))
+        path = out / "pool.pt"
+        if path.exists():
+            saved = torch.load(path, weights_only=False)
+            if saved.get("recipe") == recipe:
+                return LatentPool(saved["data"])
+            log.info("the latent pool recipe changed; re-encoding")
+        if c.data != "world":
+            raise KinemaError("DiT training from a video folder is not supported yet; use data = \"world\".")
+        pool = LatentPool.build(c, self.vae, tuple(c.colors))
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"recipe": recipe, "data": pool.data}, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        return pool
+
+    def modules(self):
+        return {"dit": self.dit, "t5": self.t5, "clip": self.clip}
+
+    def trainable(self):
+        params = [*self.dit.parameters(), *self.clip.parameters()]
+        if self.cfg.text_lr_scale > 0:
+            params += list(self.t5.parameters())
+        else:
+            self.t5.requires_grad_(False)
+        return params
+
+    # -- one step ----------------------------------------------------------------------------------
+    def empty_condition(self, frames: int) -> torch.Tensor:
+        if frames not in self._empty:
+            from kinema.pipeline.conditioning import build_condition
+
+            self._empty[frames] = build_condition(self.vae, {}, frames, self.cfg.height, self.cfg.width).to(self.device)
+        return self._empty[frames]
+
+    def clip_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images [B, 3, H, W] -> CLIP tokens [B, N, clip_dim], with the pipeline's preprocessing."""
+        x = images.to(self.device).float() / 127.5 - 1
+        return self.clip(ClipVisionEncoder(self.clip).preprocess(x))
+
+    def batch(self, step: int, g: torch.Generator) -> dict:
+        c = self.cfg
+        rng = np.random.default_rng([c.seed, step, 5])
+        frames = int(rng.choice(c.pool_frames, p=np.array(c.pool_frame_shares) / sum(c.pool_frame_shares)))
+        entry = self.pool.data[frames]
+        image_step = rng.random() < c.image_share
+        mode = "t2v" if image_step else MODES[int(rng.choice(len(MODES), p=np.array(c.mode_shares) / sum(c.mode_shares)))]
+        candidates = np.flatnonzero(entry["mode"].numpy() == MODES.index(mode))
+        if mode == "t2v" or len(candidates) == 0:
+            mode, candidates = "t2v", np.arange(len(entry["captions"]))
+        idx = torch.from_numpy(rng.choice(candidates, size=c.batch_size, replace=len(candidates) < c.batch_size))
+        x0 = entry["x0"][idx].to(self.device)
+        captions = ["" if rng.random() < c.caption_dropout else entry["captions"][i] for i in idx.tolist()]
+        if image_step:
+            x0 = x0[:, :, :1]
+            frames = 1
+        if mode == "t2v":
+            y = self.empty_condition(frames).expand(len(idx), -1, -1, -1, -1)
+            clip = None
+        else:
+            y = entry["y"][idx].to(self.device).float()
+            images = entry["images"][idx]
+            clip = images[:, :2] if mode == "flf2v" else images[:, :1]
+        return {"x0": x0, "y": y, "clip_images": clip, "captions": captions, "mode": mode}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor, y: torch.Tensor):
+        """The DiT forward pass, with optional gradient checkpointing of each block."""
+        dit = self.dit
+        tokens, grid = dit.embed(x, y)
+        e, e0 = dit.time_embed(t, x.shape[0])
+        ctx, img = dit.embed_context(context, clip_fea)
+        rope = dit.rope(grid, tokens.device)
+        for block in dit.blocks:
+            if self.cfg.gradient_checkpointing and torch.is_grad_enabled():
+                tokens = torch.utils.checkpoint.checkpoint(block, tokens, e0, rope, ctx, img, use_reentrant=False)
+            else:
+                tokens = block(tokens, e0, rope, ctx, img)
+        return dit.unpatchify(dit.head(tokens, e), grid)
+
+    def loss(self, step, generator):
+        c, b = self.cfg, self.batch(step, generator)
+        x0 = b["x0"]
+        n = x0.shape[0]
+        sigma = torch.sigmoid(c.logit_mean + c.logit_std * torch.randn(n, generator=generator, device=self.device))
+        noise = torch.randn(x0.shape, generator=generator, device=self.device)
+        s = sigma.view(-1, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        context = encode_text(self.t5, self.tokenizer, b["captions"], c.text_len, self.device)
+        if b["clip_images"] is None:
+            clip_fea = torch.zeros(n, 1, c.clip_dim, device=self.device)
+        else:
+            k = b["clip_images"].shape[1]
+            clip_fea = self.clip_tokens(b["clip_images"].flatten(0, 1)).unflatten(0, (n, k)).flatten(1, 2)
+        pred = self.forward(xt, sigma * 1000, context, clip_fea, b["y"])
+        loss = F.mse_loss(pred, noise - x0)
+        return loss, {"mode": MODES.index(b["mode"]), "frames": x0.shape[2]}
+
+    # -- samples and export -------------------------------------------------------------------------
+    def pipeline_models(self):
+        from kinema.pipeline.generate import Models
+
+        return Models(self.dit, self.vae, TextEncoder(self.t5, self.tokenizer), ClipVisionEncoder(self.clip))
+
+    @torch.no_grad()
+    def sample(self, folder: Path, step: int) -> None:
+        from kinema.pipeline.generate import generate
+        from kinema.toy.analyse import analyse
+
+        folder.mkdir(parents=True, exist_ok=True)
+        modules = self.modules().values()
+        for m in modules:
+            m.eval()
+        rng = np.random.default_rng(12345)
+        rows, report = [], []
+        for i in range(4):
+            spec = world.random_spec(rng, self.cfg.width, self.cfg.height, colors=tuple(self.cfg.colors))
+            video = generate(self.pipeline_models(), "t2v", prompt=spec.caption, seed=i, progress=False)["video"]
+            frames = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+            report.append({"prompt": spec.caption, "analysis": analyse(frames).caption()})
+            rows.append(np.concatenate(list(frames[::4]), axis=1))
+        for m in modules:
+            m.train()
+        from PIL import Image
+
+        Image.fromarray(np.concatenate(rows, axis=0)).save(folder / f"dit-step{step:07d}.png")
+        (folder / f"dit-step{step:07d}.json").write_text(json.dumps(report, indent=1))
+        log.info("dit step %d samples: %s", step, "; ".join(f"{r['prompt']} -> {r['analysis']}" for r in report))
+
+    def export(self, folder: Path) -> None:
+        export_model(folder, self.dit, self.t5, self.tokenizer, self.clip, self.cfg.vae, self.sample_defaults())
+
+
+def nn_init_clip(tower: CLIPVisionTower) -> None:
+    torch.nn.init.normal_(tower.pos_embedding, std=0.02)
+    torch.nn.init.normal_(tower.cls_embedding, std=0.02)
+
+
+def export_model(folder: Path, dit: WanDiT, t5: UMT5Encoder, tokenizer: UMT5Tokenizer, clip: CLIPVisionTower, vae_path,
+                 sample_defaults: dict, dtype: torch.dtype = torch.float16) -> None:
+    """A complete model folder in the diffusers pipeline layout, each component in the official key names."""
+    import shutil
+
+    from kinema.loading.dit import dtype_policy
+    from kinema.train.export import save_component
+
+    cfg = dit.config
+    keep = lambda k: dtype_policy(torch.float16)(k) == torch.float32  # noqa: E731  fp32 islands stay fp32
+    save_component(folder / "transformer", "diffusion_pytorch_model.safetensors", dit.state_dict(), {
+        "_class_name": "WanModel", "model_type": cfg.model_type, "dim": cfg.dim, "num_heads": cfg.num_heads,
+        "num_layers": cfg.num_layers, "text_len": cfg.text_len, "tasks": list(getattr(dit, "tasks", TASKS)),
+        "sample_defaults": sample_defaults, "producer": "kinema train dit",
+    }, dtype=dtype, keep_fp32=keep)
+    save_component(folder / "text_encoder", "model.safetensors", t5.state_dict(), dtype=dtype)
+    (folder / "tokenizer").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(tokenizer.source) if Path(tokenizer.source).is_file() else Path(tokenizer.source) / "spiece.model",
+                    folder / "tokenizer" / "spiece.model")
+    # The Wan CLIP file holds every block, though only the penultimate output is used: the last block
+    # is written as a copy of the one before so the file has the standard structure.
+    state = {f"visual.{k}": v for k, v in clip.state_dict().items()}
+    last = clip.config.num_layers - 1
+    state.update({k.replace(f"visual.transformer.{last - 1}.", f"visual.transformer.{last}."): v.clone()
+                  for k, v in state.items() if k.startswith(f"visual.transformer.{last - 1}.")})
+    save_component(folder / "image_encoder", "model.safetensors", state, dtype=dtype, keep_fp32=lambda k: "norm" in k)
+    vae_src = Path(vae_path)
+    vae_src = vae_src / "vae" if (vae_src / "vae").is_dir() else vae_src
+    if vae_src.resolve() != (folder / "vae").resolve():
+        shutil.copytree(vae_src, folder / "vae", dirs_exist_ok=True)

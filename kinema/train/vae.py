@@ -1,0 +1,168 @@
+"""`kinema train vae`: the Wan2.1 VAE architecture trained on reconstruction + KL.
+
+The clip goes through the same causal chunking as inference (first frame alone,
+then 4 at a time with the frame cache), so the causal first frame is trained
+exactly as it is used. Loss: L1 + MSE on pixels in [-1, 1] plus a small KL
+term on the posterior; held-out PSNR is measured at every sample point. The
+export writes `vae/` with the per-channel latent mean / std measured on
+held-out clips, so the DiT sees normalised latents as with the official VAE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kinema.models.vae import FrameCache, WanVAE
+from kinema.toy import world
+from kinema.train import config as configs
+from kinema.train.loop import TrainTask
+from kinema.train.world_data import clip_batch
+
+log = logging.getLogger("kinema")
+HOLDOUT_SEED_OFFSET = 1_000_003  # held-out clips come from a different world seed
+
+
+@dataclasses.dataclass
+class VAEConfig(configs.TrainConfig):
+    output_dir: str = "runs/vae"
+    dim: int = 12
+    dim_mult: tuple[int, ...] = (1, 2, 4, 4)
+    z_dim: int = 16
+    num_res_blocks: int = 2
+    train_frames: int = 5  # frames per training clip (1 + 4k); the causal path is the same at any length
+    crop: int = 32  # random square crops of this size (0 = whole frames)
+    kl_weight: float = 1e-6
+    l1_weight: float = 1.0
+    mse_weight: float = 1.0
+    random_colors: float = 0.3  # share of clips with arbitrary colours, so the VAE is not tied to the palette
+    holdout_clips: int = 16
+    lr: float = 3e-4
+    batch_size: int = 8
+    warmup_steps: int = 50
+
+    def check(self) -> None:
+        if (self.train_frames - 1) % 4 or (self.frames - 1) % 4:
+            raise configs.KinemaError("train_frames and frames must be 1 + 4k (1, 5, 9, 13, 17, ...).")
+        if self.crop and (self.crop % 8 or self.crop > min(self.width, self.height)):
+            raise configs.KinemaError(f"crop={self.crop} must be a multiple of 8 and fit in {self.width}x{self.height}.")
+
+
+def reconstruct(vae: WanVAE, video: torch.Tensor, generator: torch.Generator | None = None):
+    """Differentiable encode -> sample -> decode along the inference chunking. Returns (recon, mu, logvar)."""
+    cache = FrameCache()
+    moments = [vae.moments_chunk(video[:, :, c], cache) for c in vae.temporal_chunks(video.shape[2])]
+    mu = torch.cat([m for m, _ in moments], dim=2)
+    logvar = torch.cat([v for _, v in moments], dim=2).clamp(-30.0, 20.0)
+    z = mu
+    if generator is not None:
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=mu.device)
+    cache = FrameCache()
+    x = vae.conv2(z)
+    frames = [vae.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]
+    return torch.cat(frames, dim=2), mu, logvar
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of two videos in [-1, 1], measured on 8-bit pixels."""
+    qa, qb = (((t.clamp(-1, 1) + 1) * 127.5).round() for t in (a, b))
+    mse = F.mse_loss(qa, qb).item()
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+
+
+def holdout(cfg: VAEConfig, n: int, frames: int | None = None) -> torch.Tensor:
+    video, _ = clip_batch(cfg.seed + HOLDOUT_SEED_OFFSET, 0, n, cfg.width, cfg.height, frames or cfg.frames,
+                          colors=tuple(world.COLORS) + tuple(world.EXTRA_COLORS))
+    return video
+
+
+class VAETask(TrainTask):
+    name = "vae"
+
+    def __init__(self, cfg: VAEConfig, device: torch.device):
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(cfg.seed)
+        self.vae = WanVAE(dim=cfg.dim, z_dim=cfg.z_dim, dim_mult=cfg.dim_mult, num_res_blocks=cfg.num_res_blocks).to(device)
+        self.vae.train()
+        self.data = None if cfg.data == "world" else _folder_batches(cfg)
+
+    def modules(self):
+        return {"vae": self.vae}
+
+    def batch(self, step: int) -> torch.Tensor:
+        cfg = self.cfg
+        if self.data is not None:
+            return self.data(step).to(self.device)
+        colors = tuple(world.COLORS) + tuple(world.EXTRA_COLORS)
+        video, _ = clip_batch(cfg.seed, step, cfg.batch_size, cfg.width, cfg.height, cfg.train_frames,
+                              colors=colors, random_colors=cfg.random_colors, crop=cfg.crop)
+        return video.to(self.device)
+
+    def loss(self, step, generator):
+        cfg, video = self.cfg, self.batch(step)
+        recon, mu, logvar = reconstruct(self.vae, video, generator)
+        l1 = (recon - video).abs().mean()
+        mse = F.mse_loss(recon, video)
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
+        loss = cfg.l1_weight * l1 + cfg.mse_weight * mse + cfg.kl_weight * kl
+        return loss, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+
+    @torch.no_grad()
+    def evaluate(self, n: int | None = None) -> float:
+        self.vae.eval()
+        video = holdout(self.cfg, n or self.cfg.holdout_clips).to(self.device)
+        out = torch.cat([self.vae.decode(self.vae.encode(v[None])) for v in video])
+        self.vae.train()
+        return psnr(out, video)
+
+    def sample(self, folder: Path, step: int) -> None:
+        from PIL import Image
+
+        folder.mkdir(parents=True, exist_ok=True)
+        value = self.evaluate()
+        log.info("vae step %d: held-out PSNR %.2f dB", step, value)
+        with torch.no_grad():
+            self.vae.eval()
+            video = holdout(self.cfg, 4).to(self.device)
+            out = self.vae.decode(self.vae.encode(video))
+            self.vae.train()
+        rows = [torch.cat([v[:, ::4], o[:, ::4]], dim=2) for v, o in zip(video, out)]  # [3, 5, 2H, W] per clip
+        grid = torch.cat([r.permute(0, 2, 1, 3).flatten(2) for r in rows], dim=1)  # [3, 4*2H, 5W]
+        Image.fromarray(((grid.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()).save(
+            folder / f"vae-step{step:07d}.png")
+        (folder / f"vae-step{step:07d}.json").write_text(json.dumps({"step": step, "holdout_psnr": value}))
+
+    @torch.no_grad()
+    def latent_stats(self, n: int = 64) -> tuple[list[float], list[float]]:
+        self.vae.eval()
+        video = holdout(self.cfg, n).to(self.device)
+        mus = []
+        for v in video:
+            cache = FrameCache()
+            mus.append(torch.cat([self.vae.moments_chunk(v[None, :, c], cache)[0]
+                                  for c in self.vae.temporal_chunks(v.shape[1])], dim=2))
+        mu = torch.cat(mus).transpose(0, 1).flatten(1)  # [z, N]
+        self.vae.train()
+        return mu.mean(1).tolist(), mu.std(1).clamp_min(1e-3).tolist()
+
+    def export(self, folder: Path) -> None:
+        from kinema.train.export import save_component
+
+        mean, std = self.latent_stats()
+        cfg = self.cfg
+        save_component(folder / "vae", "diffusion_pytorch_model.safetensors", self.vae.state_dict(), {
+            "_class_name": "AutoencoderKLWan", "base_dim": cfg.dim, "z_dim": cfg.z_dim, "dim_mult": list(cfg.dim_mult),
+            "num_res_blocks": cfg.num_res_blocks, "latents_mean": mean, "latents_std": std,
+        })
+
+
+def _folder_batches(cfg: VAEConfig):
+    from kinema.train.data import folder_batches
+
+    return folder_batches(cfg, frames=cfg.train_frames)
