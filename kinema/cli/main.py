@@ -46,9 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate a video or image", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     g.add_argument("--task", default="t2v-14B", choices=[*OFFICIAL_TASKS, *TASKS], help="what to generate")
-    g.add_argument("--size", default="1280*720", help="W*H of the output (for i2v/flf2v: the area; the image sets the aspect)")
+    g.add_argument("--size", default=None, help="W*H of the output (for i2v/flf2v: the area; the image sets the aspect); "
+                   "default: the model's own, else 1280*720")
     g.add_argument("--frame_num", type=int, default=None, help="frames, 4n+1 (default 81; 1 for t2i)")
-    g.add_argument("--ckpt_dir", default=None, help="checkpoint folder (official, diffusers or a folder of single files)")
+    g.add_argument("--ckpt_dir", default=None, help="checkpoint folder (official, diffusers or a folder of single files); "
+                   "default: the built-in model")
     g.add_argument("--dit", default=None, help="DiT checkpoint (file or folder), overrides --ckpt_dir")
     g.add_argument("--vae", default=None, help="VAE checkpoint, overrides --ckpt_dir")
     g.add_argument("--t5", default=None, help="umT5 checkpoint, overrides --ckpt_dir")
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample_solver", default="unipc", choices=SOLVERS, help="sampler")
     g.add_argument("--sample_steps", type=int, default=None, help="sampling steps (default 50; 40 for i2v)")
     g.add_argument("--sample_shift", type=float, default=None, help="flow shift (default 5.0; 3.0 for i2v at 480p; 16 for flf2v)")
-    g.add_argument("--sample_guide_scale", type=float, default=5.0, help="classifier-free guidance scale")
+    g.add_argument("--sample_guide_scale", type=float, default=None, help="classifier-free guidance scale (default 5.0, or the model's)")
     g.add_argument("--batched_cfg", action="store_true", help="run cond and uncond as one batch (same result, more memory)")
     g.add_argument("--base_seed", type=int, default=-1, help="seed; -1 picks one at random")
     g.add_argument("--prompt", default=None, help="what to generate")
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--last_frame", default=None, help="flf2v: the last frame")
     g.add_argument("--video", default=None, help="v2v: the input video")
     g.add_argument("--denoise", type=float, default=0.7, help="v2v: how much of the input to re-noise, in (0, 1]")
-    g.add_argument("--fps", type=int, default=16, help="frame rate of the output")
+    g.add_argument("--fps", type=int, default=None, help="frame rate of the output (default 16, or the model's)")
     g.add_argument("--format", default=None, choices=list(FORMATS), help="output format (default: from --save_file, else h264-mp4; png for t2i)")
     g.add_argument("--crf", type=int, default=19, help="quality of h264 / h265 / webm (lower is better)")
     g.add_argument("--pix_fmt", default=None, help="pixel format, e.g. yuv420p or yuv420p10le (default: the format's own)")
@@ -84,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--filename_prefix", default=None, help="name outputs PREFIX_00001.ext, ... instead of the official name")
     g.add_argument("--from", dest="from_file", default=None, help="repeat the run recorded in a Kinema output file's metadata")
     p.generate = g  # `--from` sets its defaults
+    from kinema.cli import evaluate, train
+
+    train.add_parser(sub)
+    evaluate.add_parser(sub)
     i = sub.add_parser("info", help="print the generation settings stored in a file")
     i.add_argument("--debug", action="store_true", help="show tracebacks")
     i.add_argument("file")
@@ -108,8 +114,9 @@ def _check(args) -> None:
         raise KinemaError("--prompt is missing; say what to generate.")
     if args.frame_num is not None and args.frame_num < 1:
         raise KinemaError(f"--frame_num {args.frame_num} must be at least 1 (4n+1: 1, 5, ..., 81).")
-    if not args.ckpt_dir and not (args.dit and args.vae and args.t5):
-        raise KinemaError("no checkpoint: pass --ckpt_dir, or all of --dit, --vae and --t5.")
+    if not args.ckpt_dir and (args.dit or args.vae or args.t5) and not (args.dit and args.vae and args.t5):
+        raise KinemaError("incomplete checkpoint: pass --ckpt_dir, or all of --dit, --vae and --t5 "
+                          "(or none of them to use the built-in model).")
     if args.ckpt_dir and not Path(args.ckpt_dir).is_dir():
         raise KinemaError(f"--ckpt_dir {args.ckpt_dir} is not a folder.")
     needs = {"i2v": ["image"], "flf2v": ["first_frame", "last_frame"], "v2v": ["video"]}.get(task, [])
@@ -143,7 +150,7 @@ def _output(args, task: str) -> tuple[str, Path, str | None]:
 
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
     prompt = args.prompt.replace(" ", "_").replace("/", "_")[:50]
-    name = f"{args.task}_{args.size}_1_1_{prompt}_{stamp}.{FORMATS[fmt].ext}"  # the official default name
+    name = f"{args.task}_{args.size or 'default'}_1_1_{prompt}_{stamp}.{FORMATS[fmt].ext}"  # the official default name
     return fmt, Path(args.output_dir) / name, None
 
 
@@ -159,7 +166,12 @@ def cmd_generate(args) -> None:
     _check(args)
     loras = [parse_lora_spec(spec) for spec in args.lora or []]
     task = get_task(args.task)
-    size = _parse_size(args.size)
+    size = _parse_size(args.size) if args.size else None
+    if not (args.ckpt_dir or args.dit):
+        from kinema.builtin import builtin_path
+
+        args.ckpt_dir = str(builtin_path())
+        log.info("No checkpoint given: using the built-in model (%s)", args.ckpt_dir)
     fmt, target, prefix = _output(args, task.name)
     if args.save_file and target.exists():
         raise KinemaError(f"--save_file {target} already exists; Kinema never overwrites. Choose another name.")
@@ -192,12 +204,13 @@ def cmd_generate(args) -> None:
         last_frame=images.get("last_frame"), video=video, denoise=args.denoise, batched_cfg=args.batched_cfg,
     )
     s = out["settings"]
-    metadata = {**s, "size": f"{s['width']}*{s['height']}", "fps": args.fps, "format": fmt,
+    fps = args.fps or int(getattr(dit, "sample_defaults", {}).get("fps", 16))
+    metadata = {**s, "size": f"{s['width']}*{s['height']}", "fps": fps, "format": fmt,
                 "model": str(Path(args.dit or args.ckpt_dir).resolve()), "kinema_version": kinema.__version__}
     if loras:
         metadata["loras"] = [[str(Path(p).resolve()), strength] for p, strength in loras]
     log.info("Saving generated %s to %s", "image" if task.name == "t2i" else "video", target if prefix is None else f"{target}/{prefix}_NNNNN")
-    path = save_video(out["video"], target, format=fmt, frame_rate=args.fps, loop_count=args.loop_count, pingpong=args.pingpong,
+    path = save_video(out["video"], target, format=fmt, frame_rate=fps, loop_count=args.loop_count, pingpong=args.pingpong,
                       crf=args.crf, pix_fmt=args.pix_fmt, lossless=args.lossless, filename_prefix=prefix or "kinema", metadata=metadata)
     log.info("Saved %s", path)
     log.info("Finished.")
@@ -240,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv = _apply_from(parser, argv)
         args = parser.parse_args(argv)
-        {"generate": cmd_generate, "info": cmd_info}[args.command](args)
+        from kinema.cli import evaluate, train
+
+        {"generate": cmd_generate, "info": cmd_info, "train": train.run, "eval": evaluate.run}[args.command](args)
     except KinemaError as exc:
         if debug:
             raise

@@ -127,49 +127,84 @@ def encode_text(t5: UMT5Encoder, tokenizer: UMT5Tokenizer, captions: list[str], 
 
 
 class LatentPool:
-    """World clips encoded once: latents, condition inputs and the known frames for CLIP."""
+    """Clips encoded once: latents, condition inputs and the known frames for CLIP, per bucket
+    key (frames, width, height)."""
 
     def __init__(self, data: dict):
-        self.data = data  # {frames: {"x0", "y", "images", "mode", "captions"}}
+        self.data = data  # {(frames, w, h): {"x0", "y", "images", "mode", "captions"}}
 
     @classmethod
     @torch.no_grad()
-    def build(cls, cfg: DiTTrainConfig, vae, colors, seed_offset: int = 0, progress: bool = True) -> "LatentPool":
+    def build(cls, cfg: DiTTrainConfig, vae, colors, progress: bool = True) -> "LatentPool":
         from tqdm import tqdm
 
-        rng = np.random.default_rng([cfg.seed + seed_offset, 77])
-        counts = np.round(np.array(cfg.pool_frame_shares) / sum(cfg.pool_frame_shares) * cfg.pool_size).astype(int)
-        data, batch = {}, 16
-        bar = tqdm(total=int(counts.sum()), desc="encoding the latent pool", disable=not progress, unit="clip")
-        for frames, count in zip(cfg.pool_frames, counts):
+        rng = np.random.default_rng([cfg.seed, 77])
+        groups = _world_groups(cfg, colors) if cfg.data == "world" else _folder_groups(cfg)
+        total = sum(n for _, n, _ in groups)
+        data = {}
+        bar = tqdm(total=total, desc="encoding the latent pool", disable=not progress, unit="clip")
+        for key, _count, batches in groups:
             entry = {k: [] for k in ("x0", "y", "images", "mode", "captions")}
-            for start in range(0, count, batch):
-                n = min(batch, count - start)
-                video, specs = clip_batch(cfg.seed + seed_offset + 1000 * frames, start // batch, n, cfg.width, cfg.height,
-                                          frames, colors=colors)
-                mode = [1 + int(rng.choice(3, p=np.array(cfg.mode_shares[1:]) / sum(cfg.mode_shares[1:]))) for _ in range(n)]
-                known = [_known_frames(MODES[m], frames, rng) for m in mode]
-                sigma = np.exp(rng.normal(cfg.ref_noise_mean, cfg.ref_noise_std, n))
-                masked = torch.zeros_like(video)
-                gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-                for i, ks in enumerate(known):
-                    for k in ks:
-                        masked[i, :, k] = video[i, :, k] + sigma[i] * torch.randn(video[i, :, k].shape, generator=gen)
-                both = vae.encode(torch.cat([video, masked]).to(vae.device)).cpu()  # one batch: clips and masked clips
-                entry["x0"].append(both[:n])
-                lat = both[n:]
-                h, w = lat.shape[-2:]
-                masks = torch.stack([frame_mask(frames, ks, h, w, vae.temporal_ratio) for ks in known])
-                entry["y"].append(torch.cat([masks, lat], dim=1).half())
-                ends = torch.stack([torch.stack([video[i, :, ks[0]], video[i, :, ks[-1]]]) for i, ks in enumerate(known)])
-                entry["images"].append(((ends + 1) * 127.5).round().byte())  # [n, 2, 3, H, W]: first and last known frame
-                entry["mode"] += mode
-                entry["captions"] += [s.caption for s in specs]
-                bar.update(n)
-            data[frames] = {k: (torch.cat(v) if k in ("x0", "y", "images") else v) for k, v in entry.items()}
-            data[frames]["mode"] = torch.tensor(data[frames]["mode"])
+            for video, captions in batches:
+                _encode(cfg, vae, video, captions, rng, entry)
+                bar.update(len(captions))
+            data[key] = {k: (torch.cat(v) if k in ("x0", "y", "images") else v) for k, v in entry.items()}
+            data[key]["mode"] = torch.tensor(data[key]["mode"])
         bar.close()
         return cls(data)
+
+
+def _world_groups(cfg: DiTTrainConfig, colors):
+    counts = np.round(np.array(cfg.pool_frame_shares) / sum(cfg.pool_frame_shares) * cfg.pool_size).astype(int)
+    groups = []
+    for frames, count in zip(cfg.pool_frames, counts):
+        def batches(frames=frames, count=int(count), n=16):
+            for start in range(0, count, n):
+                video, specs = clip_batch(cfg.seed + 1000 * frames, start // n, min(n, count - start), cfg.width,
+                                          cfg.height, frames, colors=colors)
+                yield video, [s.caption for s in specs]
+        groups.append(((frames, cfg.width, cfg.height), int(count), batches()))
+    return groups
+
+
+def _folder_groups(cfg: DiTTrainConfig):
+    from kinema.train.data import folder_dataset
+
+    dataset, _ = folder_dataset(cfg, cfg.frames)
+    by_key: dict = {}
+    for i, key in enumerate(dataset.bucket_keys()):
+        by_key.setdefault(key, []).append(i)
+
+    def batches(indices, n=16):
+        for start in range(0, len(indices), n):
+            items = [dataset[i] for i in indices[start : start + n]]
+            yield torch.stack([it["video"] for it in items]), [it["caption"] for it in items]
+
+    return [(key, len(idx), batches(idx)) for key, idx in by_key.items()]
+
+
+def _encode(cfg: DiTTrainConfig, vae, video: torch.Tensor, captions: list[str], rng: np.random.Generator, entry: dict) -> None:
+    """Encode a batch of clips and one random conditioning (i2v / flf2v / span) of each into `entry`."""
+    n, frames = video.shape[0], video.shape[2]
+    shares = np.array(cfg.mode_shares[1:]) / sum(cfg.mode_shares[1:])
+    mode = [1 + int(rng.choice(3, p=shares)) for _ in range(n)]
+    known = [_known_frames(MODES[m], frames, rng) for m in mode]
+    sigma = np.exp(rng.normal(cfg.ref_noise_mean, cfg.ref_noise_std, n))
+    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    masked = torch.zeros_like(video)
+    for i, ks in enumerate(known):
+        for k in ks:
+            masked[i, :, k] = video[i, :, k] + sigma[i] * torch.randn(video[i, :, k].shape, generator=gen)
+    both = vae.encode(torch.cat([video, masked]).to(vae.device)).cpu()  # one batch: clips and masked clips
+    lat = both[n:]
+    h, w = lat.shape[-2:]
+    masks = torch.stack([frame_mask(frames, ks, h, w, vae.temporal_ratio) for ks in known])
+    ends = torch.stack([torch.stack([video[i, :, ks[0]], video[i, :, ks[-1]]]) for i, ks in enumerate(known)])
+    entry["x0"].append(both[:n])
+    entry["y"].append(torch.cat([masks, lat], dim=1).half())
+    entry["images"].append(((ends.clamp(-1, 1) + 1) * 127.5).round().byte())  # [n, 2, 3, H, W]: first and last known
+    entry["mode"] += mode
+    entry["captions"] += captions
 
 
 def _known_frames(mode: str, frames: int, rng: np.random.Generator) -> list[int]:
@@ -186,10 +221,18 @@ class DiTTask(TrainTask):
     name = "dit"
 
     def __init__(self, cfg: DiTTrainConfig, device: torch.device, pool: LatentPool | None = None):
-        import kinema
-
         self.cfg, self.device = cfg, device
         out = Path(cfg.output_dir)
+        self.build_models(out)
+        self.pool = pool or self._pool(out)
+        self._empty = {}
+
+    # -- setup ------------------------------------------------------------------------------------
+    def build_models(self, out: Path) -> None:
+        """A fresh DiT, umT5 and CLIP tower (the VAE is loaded, frozen)."""
+        import kinema
+
+        cfg, device = self.cfg, self.device
         self.vae = kinema.load_vae(cfg.vae, device=device)
         self.vae.requires_grad_(False)
         tok_dir = out / "tokenizer"
@@ -206,10 +249,7 @@ class DiTTask(TrainTask):
                                     num_heads=cfg.num_heads, num_layers=cfg.num_layers, image_dim=cfg.clip_dim,
                                     text_len=cfg.text_len)).init_weights().to(device)
         self.dit.tasks, self.dit.sample_defaults = TASKS, self.sample_defaults()
-        self.pool = pool or self._pool(out)
-        self._empty = {}
 
-    # -- setup ------------------------------------------------------------------------------------
     def sample_defaults(self) -> dict:
         c = self.cfg
         return {"size": f"{c.width}*{c.height}", "frame_num": c.frames, "steps": c.sample_steps, "shift": c.sample_shift,
@@ -219,6 +259,7 @@ class DiTTask(TrainTask):
         c = self.cfg
         recipe = {k: getattr(c, k) for k in ("seed", "vae", "pool_size", "pool_frames", "pool_frame_shares", "mode_shares",
                                              "ref_noise_mean", "ref_noise_std", "colors", "width", "height", "data")}
+        recipe["base"] = getattr(c, "base", None)
         recipe = json.loads(json.dumps(recipe))
         path = out / "pool.pt"
         if path.exists():
@@ -226,8 +267,6 @@ class DiTTask(TrainTask):
             if saved.get("recipe") == recipe:
                 return LatentPool(saved["data"])
             log.info("the latent pool recipe changed; re-encoding")
-        if c.data != "world":
-            raise KinemaError("DiT training from a video folder is not supported yet; use data = \"world\".")
         pool = LatentPool.build(c, self.vae, tuple(c.colors))
         out.mkdir(parents=True, exist_ok=True)
         torch.save({"recipe": recipe, "data": pool.data}, path.with_suffix(".tmp"))
@@ -246,12 +285,13 @@ class DiTTask(TrainTask):
         return params
 
     # -- one step ----------------------------------------------------------------------------------
-    def empty_condition(self, frames: int) -> torch.Tensor:
-        if frames not in self._empty:
+    def empty_condition(self, key: tuple[int, int, int]) -> torch.Tensor:
+        """The condition input of a step without known frames, for (frames, height, width)."""
+        if key not in self._empty:
             from kinema.pipeline.conditioning import build_condition
 
-            self._empty[frames] = build_condition(self.vae, {}, frames, self.cfg.height, self.cfg.width).to(self.device)
-        return self._empty[frames]
+            self._empty[key] = build_condition(self.vae, {}, *key).to(self.device)
+        return self._empty[key]
 
     def clip_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, 3, H, W] -> CLIP tokens [B, N, clip_dim], with the pipeline's preprocessing."""
@@ -261,8 +301,10 @@ class DiTTask(TrainTask):
     def batch(self, step: int, g: torch.Generator) -> dict:
         c = self.cfg
         rng = np.random.default_rng([c.seed, step, 5])
-        frames = int(rng.choice(c.pool_frames, p=np.array(c.pool_frame_shares) / sum(c.pool_frame_shares)))
-        entry = self.pool.data[frames]
+        keys = list(self.pool.data)
+        counts = np.array([len(self.pool.data[k]["captions"]) for k in keys], dtype=float)
+        key = keys[int(rng.choice(len(keys), p=counts / counts.sum()))]
+        entry, frames = self.pool.data[key], key[0]
         image_step = rng.random() < c.image_share
         mode = "t2v" if image_step else MODES[int(rng.choice(len(MODES), p=np.array(c.mode_shares) / sum(c.mode_shares)))]
         candidates = np.flatnonzero(entry["mode"].numpy() == MODES.index(mode))
@@ -275,7 +317,8 @@ class DiTTask(TrainTask):
             x0 = x0[:, :, :1]
             frames = 1
         if mode == "t2v":
-            y = self.empty_condition(frames).expand(len(idx), -1, -1, -1, -1)
+            y = self.empty_condition((frames, x0.shape[3] * self.vae.spatial_ratio, x0.shape[4] * self.vae.spatial_ratio))
+            y = y.expand(len(idx), -1, -1, -1, -1)
             clip = None
         else:
             y = entry["y"][idx].to(self.device).float()
@@ -305,9 +348,9 @@ class DiTTask(TrainTask):
         noise = torch.randn(x0.shape, generator=generator, device=self.device)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
-        context = encode_text(self.t5, self.tokenizer, b["captions"], c.text_len, self.device)
+        context = encode_text(self.t5, self.tokenizer, b["captions"], self.dit.config.text_len, self.device)
         if b["clip_images"] is None:
-            clip_fea = torch.zeros(n, 1, c.clip_dim, device=self.device)
+            clip_fea = torch.zeros(n, 1, self.dit.config.image_dim, device=self.device)
         else:
             k = b["clip_images"].shape[1]
             clip_fea = self.clip_tokens(b["clip_images"].flatten(0, 1)).unflatten(0, (n, k)).flatten(1, 2)
@@ -380,7 +423,12 @@ def export_model(folder: Path, dit: WanDiT, t5: UMT5Encoder, tokenizer: UMT5Toke
     last = clip.config.num_layers - 1
     state.update({k.replace(f"visual.transformer.{last - 1}.", f"visual.transformer.{last}."): v.clone()
                   for k, v in state.items() if k.startswith(f"visual.transformer.{last - 1}.")})
-    save_component(folder / "image_encoder", "model.safetensors", state, dtype=dtype, keep_fp32=lambda k: "norm" in k)
+    c = clip.config
+    save_component(folder / "image_encoder", "model.safetensors", state, {
+        "model_type": "clip_vision_model", "hidden_size": c.dim, "intermediate_size": c.mlp_dim,
+        "num_attention_heads": c.num_heads, "num_hidden_layers": c.num_layers, "image_size": c.image_size,
+        "patch_size": c.patch_size, "hidden_act": c.activation, "layer_norm_eps": c.norm_eps,
+    }, dtype=dtype, keep_fp32=lambda k: "norm" in k)
     vae_src = Path(vae_path)
     vae_src = vae_src / "vae" if (vae_src / "vae").is_dir() else vae_src
     if vae_src.resolve() != (folder / "vae").resolve():

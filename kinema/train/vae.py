@@ -39,13 +39,15 @@ class VAEConfig(configs.TrainConfig):
     train_frames: int = 5  # frames per training clip (1 + 4k); the causal path is the same at any length
     crop: int = 32  # random square crops of this size (0 = whole frames)
     kl_weight: float = 1e-6
+    init_logvar: float = -6.0
     l1_weight: float = 1.0
     mse_weight: float = 1.0
     random_colors: float = 0.3  # share of clips with arbitrary colours, so the VAE is not tied to the palette
     holdout_clips: int = 16
-    lr: float = 3e-4
+    stats_clips: int = 64  # held-out clips the exported latent mean / std are measured on
+    lr: float = 1.2e-4
     batch_size: int = 8
-    warmup_steps: int = 50
+    warmup_steps: int = 200
 
     def check(self) -> None:
         if (self.train_frames - 1) % 4 or (self.frames - 1) % 4:
@@ -71,9 +73,9 @@ def reconstruct(vae: WanVAE, video: torch.Tensor, generator: torch.Generator | N
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """PSNR in dB of two videos in [-1, 1], measured on 8-bit pixels."""
-    qa, qb = (((t.clamp(-1, 1) + 1) * 127.5).round() for t in (a, b))
-    mse = F.mse_loss(qa, qb).item()
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+    from kinema.toy.analyse import psnr as psnr_uint8
+
+    return psnr_uint8(*(((t.clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy() for t in (a, b)))
 
 
 def holdout(cfg: VAEConfig, n: int, frames: int | None = None) -> torch.Tensor:
@@ -89,6 +91,8 @@ class VAETask(TrainTask):
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.seed)
         self.vae = WanVAE(dim=cfg.dim, z_dim=cfg.z_dim, dim_mult=cfg.dim_mult, num_res_blocks=cfg.num_res_blocks).to(device)
+        with torch.no_grad():  # start with a narrow posterior, or the decoder first learns to ignore its noisy input
+            self.vae.conv1.bias[cfg.z_dim :].fill_(cfg.init_logvar)
         self.vae.train()
         self.data = None if cfg.data == "world" else _folder_batches(cfg)
 
@@ -154,7 +158,7 @@ class VAETask(TrainTask):
     def export(self, folder: Path) -> None:
         from kinema.train.export import save_component
 
-        mean, std = self.latent_stats()
+        mean, std = self.latent_stats(self.cfg.stats_clips)
         cfg = self.cfg
         save_component(folder / "vae", "diffusion_pytorch_model.safetensors", self.vae.state_dict(), {
             "_class_name": "AutoencoderKLWan", "base_dim": cfg.dim, "z_dim": cfg.z_dim, "dim_mult": list(cfg.dim_mult),

@@ -1,0 +1,22 @@
+"""The built-in model: a small Wan2.1-architecture model trained by Kinema on its synthetic world
+(kinema.toy), shipped inside the package and used whenever no checkpoint is given.
+
+The folder `model/` is a diffusers-style pipeline folder (transformer/, vae/,
+text_encoder/ + tokenizer/, image_encoder/) in the official key names, so it goes
+through the same loaders as any real checkpoint. docs/training.md records how it
+was trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kinema.errors import KinemaError
+
+MODEL = Path(__file__).with_name("model")
+
+
+def builtin_path() -> Path:
+    if not (MODEL / "transformer").is_dir():
+        raise KinemaError(f"the built-in model is missing from {MODEL}; reinstall Kinema, or pass --ckpt_dir.")
+    return MODEL

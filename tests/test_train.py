@@ -1,0 +1,180 @@
+"""Training smoke runs of each trainer (VAE, DiT, LoRA): the loss on a fixed batch goes down, an
+interrupted run resumes bit for bit, the exports load through the public loaders, and bad input
+fails before training starts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import kinema
+from kinema.errors import KinemaError
+from kinema.train import config as configs
+from kinema.train.loop import TrainTask, step_generator, train
+
+TINY_VAE = dict(dim=4, dim_mult=[1, 2, 2, 2], width=32, height=32, frames=5, train_frames=5, crop=16, batch_size=2,
+                holdout_clips=2, stats_clips=4, lr=2e-3, warmup_steps=1, log_every=1, threads=1)
+TINY_DIT = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=1, text_len=16, text_dim=16, text_ffn_dim=32, text_heads=2,
+                text_layers=1, clip_image_size=32, clip_patch=16, clip_dim=16, clip_heads=1, clip_layers=2,
+                pool_size=16, pool_frames=[5], pool_frame_shares=[1.0], width=32, height=32, frames=5, batch_size=4,
+                lr=2e-3, warmup_steps=1, log_every=1, sample_steps=2, threads=1, ema=0.9)
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAt(TrainTask):
+    """Wraps a task and dies (without any saving) when asked for step `stop` - like a killed process."""
+
+    def __init__(self, task, stop):
+        self.task, self.stop, self.name = task, stop, task.name
+
+    def modules(self):
+        return self.task.modules()
+
+    def trainable(self):
+        return self.task.trainable()
+
+    def loss(self, step, generator):
+        if step == self.stop:
+            raise Interrupt
+        return self.task.loss(step, generator)
+
+
+def _fixed_loss(task, step=10_000) -> float:
+    with torch.no_grad():
+        return float(task.loss(step, step_generator(1, step))[0])
+
+
+def _states(task) -> dict:
+    return {f"{n}.{k}": v.clone() for n, m in task.modules().items() for k, v in m.state_dict().items()}
+
+
+def _check_trainer(make_task, cfg_cls, values, tmp_path, steps=8):
+    straight = configs.build(cfg_cls, {**values, "output_dir": str(tmp_path / "a"), "steps": steps, "checkpoint_every": 3})
+    task = make_task(straight)
+    before = _fixed_loss(task)
+    result = train(task, straight, progress=False)
+    after = _fixed_loss(task)
+    assert result["finished"] and after < before, (before, after)
+    expected = _states(task)
+
+    resumed = configs.build(cfg_cls, {**values, "output_dir": str(tmp_path / "b"), "steps": steps, "checkpoint_every": 3})
+    with pytest.raises(Interrupt):
+        train(StopAt(make_task(resumed), 5), resumed, progress=False)  # dies at step 5: the step-3 checkpoint is kept
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-0000003.pt"]
+    task_b = make_task(resumed)
+    train(task_b, resumed, progress=False)
+    got = _states(task_b)
+    assert got.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(got[k], expected[k]), f"{k} differs after resuming"
+    rows = (tmp_path / "b" / "metrics.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, steps + 1))
+    return tmp_path / "a" / "model"
+
+
+@pytest.fixture(scope="module")
+def vae_model(tmp_path_factory):
+    from kinema.train.vae import VAEConfig, VAETask
+
+    tmp = tmp_path_factory.mktemp("vae")
+    return _check_trainer(lambda c: VAETask(c, torch.device("cpu")), VAEConfig, TINY_VAE, tmp)
+
+
+@pytest.fixture(scope="module")
+def dit_model(tmp_path_factory, vae_model):
+    from kinema.train.dit import DiTTask, DiTTrainConfig
+
+    tmp = tmp_path_factory.mktemp("dit")
+    return _check_trainer(lambda c: DiTTask(c, torch.device("cpu")), DiTTrainConfig, {**TINY_DIT, "vae": str(vae_model)}, tmp)
+
+
+def test_vae_trainer_learns_resumes_and_exports(vae_model):
+    vae = kinema.load_vae(vae_model)
+    cfg = json.loads((vae_model / "vae" / "config.json").read_text())
+    assert vae.latents_mean == pytest.approx(cfg["latents_mean"]) and len(vae.latents_std) == 16
+    out = vae.decode(vae.encode(torch.zeros(1, 3, 5, 32, 32)))
+    assert out.shape == (1, 3, 5, 32, 32)
+
+
+def test_dit_trainer_learns_resumes_and_exports(dit_model):
+    from kinema.pipeline.generate import Models, generate
+
+    dit = kinema.load_dit(dit_model)
+    assert dit.config.model_type == "i2v" and dit.config.text_len == 16 and "t2v" in dit.tasks
+    te = kinema.load_text_encoder(dit_model)
+    assert te.tokenizer.token_ids("a red circle moving right on a black background")[:-1] == te.tokenizer.token_ids(
+        "A Red circle moving right on a black background")[:-1]  # word-level, case-folded
+    models = Models(dit, kinema.load_vae(dit_model), te, kinema.load_clip_vision(dit_model))
+    for task, extra in (("t2v", {}), ("t2i", {}), ("i2v", {"image": torch.zeros(3, 32, 32)}),
+                        ("flf2v", {"first_frame": torch.zeros(3, 32, 32), "last_frame": torch.zeros(3, 32, 32)})):
+        out = generate(models, task, prompt="a red circle moving right on a black background", steps=2, progress=False, **extra)
+        assert out["video"].shape == (3, 1 if task == "t2i" else 5, 32, 32), task
+        assert out["settings"]["width"] == 32  # the model's own default size
+
+
+def test_lora_trainer_learns_resumes_and_exports(dit_model, tmp_path):
+    from kinema.lora import load_lora
+    from kinema.train.lora import LoRATask, LoRATrainConfig
+
+    values = {**TINY_DIT, "base": str(dit_model), "rank": 2, "alpha": 2.0, "pool_size": 8, "lr": 1e-2, "ema": 0.0}
+    model = _check_trainer(lambda c: LoRATask(c, torch.device("cpu")), LoRATrainConfig, values, tmp_path, steps=6)
+    weights = load_lora(model / "lora.safetensors", kinema.load_dit(dit_model))
+    assert "blocks.0.self_attn.q" in weights and weights["blocks.0.self_attn.q"][0].shape[0] == 2
+
+
+def _kinema(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "kinema.cli.main", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("problem", ["unknown_key", "missing_video", "unreadable_video", "empty_folder", "bad_json"])
+def test_train_bad_input_fails_before_training(tmp_path, problem):
+    cfg = {"output_dir": str(tmp_path / "run"), "steps": 2}
+    data = tmp_path / "data"
+    data.mkdir()
+    if problem == "unknown_key":
+        cfg["learning_rate"] = 1e-4
+    elif problem == "missing_video":
+        (data / "captions.json").write_text(json.dumps([{"file": "nope.mp4", "text": "a clip"}]))
+        cfg["data"] = str(data)
+    elif problem == "unreadable_video":
+        (data / "clip.mp4").write_bytes(b"not a video at all" * 100)
+        (data / "captions.json").write_text(json.dumps([{"file": "clip.mp4", "text": "a clip"}]))
+        cfg["data"] = str(data)
+    elif problem == "empty_folder":
+        cfg["data"] = str(data)
+    path = tmp_path / "cfg.json"
+    path.write_text("{not json" if problem == "bad_json" else json.dumps(cfg))
+    r = _kinema("train", "vae", str(path))
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip()
+    assert err.startswith("kinema: error:") and "Traceback" not in err
+    expect = {"unknown_key": "learning_rate", "missing_video": "nope.mp4", "unreadable_video": "clip.mp4",
+              "empty_folder": str(data.name), "bad_json": "not valid JSON"}[problem]
+    assert expect in err, err
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_config_type_errors():
+    from kinema.train.vae import VAEConfig
+
+    with pytest.raises(KinemaError, match="'steps' must be an integer"):
+        configs.build(VAEConfig, {"steps": "many"})
+    with pytest.raises(KinemaError, match="train_frames"):
+        configs.build(VAEConfig, {"train_frames": 4})
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    from kinema.train.vae import VAEConfig, VAETask
+
+    cfg = configs.build(VAEConfig, {**TINY_VAE, "output_dir": str(tmp_path), "steps": 2, "checkpoint_every": 1})
+    train(VAETask(cfg, torch.device("cpu")), cfg, progress=False)
+    other = configs.build(VAEConfig, {**TINY_VAE, "output_dir": str(tmp_path), "steps": 4, "lr": 1e-3})
+    with pytest.raises(KinemaError, match="different config"):
+        train(VAETask(other, torch.device("cpu")), other, progress=False)
