@@ -45,6 +45,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     bf16: bool = True  # bf16 autocast when training on a GPU (CPU runs in fp32)
     device: str = "auto"
+    init_from: str = ""  # start from these weights: a training checkpoint (.pt) or an exported model folder
 
 
 def _coerce(name: str, value, kind):

@@ -51,6 +51,22 @@ class TrainTask:
         pass
 
 
+def init_state(path: str, module: str, load_exported) -> dict:
+    """Weights to start a new run from: module `module` of a training checkpoint (.pt, or the latest in a
+    run folder), or the model `load_exported(path)` reads from an exported folder / file."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise KinemaError(f"init_from {p} does not exist; give a training checkpoint (.pt), a run folder or a model folder.")
+    if p.is_dir() and checkpoints(p):
+        p = checkpoints(p)[-1]
+    if p.suffix == ".pt":
+        state = torch.load(p, map_location="cpu", weights_only=False)
+        if module not in state.get("modules", {}):
+            raise KinemaError(f"init_from {p} holds no '{module}' weights (it is a {state.get('task', '?')} checkpoint).")
+        return state["modules"][module]
+    return load_exported(p).state_dict()
+
+
 def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + step * 7919) % (2**63 - 1))
