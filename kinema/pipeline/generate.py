@@ -47,8 +47,9 @@ def round_size(width: int, height: int, multiple: int = 16) -> tuple[int, int]:
 
 
 def pad_context(embs: list[torch.Tensor], length: int = TEXT_LEN) -> torch.Tensor:
-    """Text embeddings [L_i, D] -> [B, length, D], zero-padded as the reference pads before the DiT."""
-    return torch.stack([torch.cat([e, e.new_zeros(length - e.shape[0], e.shape[1])]) for e in embs])
+    """Text embeddings [L_i, D] -> [B, length, D], zero-padded as the reference pads before the DiT,
+    and cut to `length` tokens (the reference's tokenizer never gives more than text_len)."""
+    return torch.stack([torch.cat([e[:length], e.new_zeros(max(0, length - e.shape[0]), e.shape[1])]) for e in embs])
 
 
 def _fit_last_frame(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
