@@ -117,6 +117,8 @@ def test_dit_trainer_learns_resumes_and_exports(dit_model):
         out = generate(models, task, prompt="a red circle moving right on a black background", steps=2, progress=False, **extra)
         assert out["video"].shape == (3, 1 if task == "t2i" else 5, 32, 32), task
         assert out["settings"]["width"] == 32  # the model's own default size
+    long = " ".join(["a red circle moving right on a black background"] * 3)  # more tokens than text_len = 16
+    assert generate(models, "t2v", prompt=long, steps=1, progress=False)["video"].shape == (3, 5, 32, 32)
 
 
 def test_lora_trainer_learns_resumes_and_exports(dit_model, tmp_path):

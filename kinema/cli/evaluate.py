@@ -21,6 +21,7 @@ def add_parser(sub) -> None:
     e.add_argument("--sample_steps", type=int, default=None, help="sampling steps (default: the model's)")
     e.add_argument("--only", default="t2v,i2v,flf2v,vae,lora", help="comma-separated parts to run")
     e.add_argument("--json", default=None, help="also write the results to this JSON file (never overwritten)")
+    e.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:

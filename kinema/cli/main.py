@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output_dir", default=".", help="folder for outputs without --save_file")
     g.add_argument("--filename_prefix", default=None, help="name outputs PREFIX_00001.ext, ... instead of the official name")
     g.add_argument("--from", dest="from_file", default=None, help="repeat the run recorded in a Kinema output file's metadata")
+    g.set_defaults(run=cmd_generate)
     p.generate = g  # `--from` sets its defaults
     from kinema.cli import evaluate, train
 
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print the generation settings stored in a file")
     i.add_argument("--debug", action="store_true", help="show tracebacks")
     i.add_argument("file")
+    i.set_defaults(run=cmd_info)
     return p
 
 
@@ -253,9 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv = _apply_from(parser, argv)
         args = parser.parse_args(argv)
-        from kinema.cli import evaluate, train
-
-        {"generate": cmd_generate, "info": cmd_info, "train": train.run, "eval": evaluate.run}[args.command](args)
+        args.run(args)
     except KinemaError as exc:
         if debug:
             raise

@@ -18,6 +18,7 @@ def add_parser(sub) -> None:
                    help="override a config key (VALUE is JSON, or a plain string); repeatable")
     t.add_argument("--max_minutes", type=float, default=None, help="stop with a checkpoint after this long (a stage)")
     t.add_argument("--no_progress", action="store_true", help="no progress bar (logs only)")
+    t.set_defaults(run=run)
 
 
 def _overrides(pairs: list[str]) -> dict:

@@ -119,11 +119,12 @@ def train_tokenizer(folder: Path, vocab_size: int) -> UMT5Tokenizer:
 
 
 def encode_text(t5: UMT5Encoder, tokenizer: UMT5Tokenizer, captions: list[str], text_len: int, device) -> torch.Tensor:
-    """Differentiable version of the pipeline's prompt encoding: [B, text_len, dim], zeros after each prompt."""
+    """The pipeline's prompt encoding (TextEncoder.encode + pad_context), with gradients: [B, text_len, dim]."""
+    from kinema.pipeline.generate import pad_context
+
     ids, mask = tokenizer(captions)
-    ids, mask = ids[:, :text_len].to(device), mask[:, :text_len].to(device)
-    out = t5(ids, mask) * mask[..., None]
-    return F.pad(out, (0, 0, 0, text_len - out.shape[1]))
+    out = t5(ids.to(device), mask.to(device))
+    return pad_context([u[:n] for u, n in zip(out, mask.sum(dim=1).tolist())], text_len)
 
 
 class LatentPool:
@@ -233,7 +234,7 @@ class DiTTask(TrainTask):
         import kinema
 
         cfg, device = self.cfg, self.device
-        self.vae = kinema.load_vae(cfg.vae, device=device)
+        self.vae = kinema.load_vae(self.vae_source(), device=device)
         self.vae.requires_grad_(False)
         tok_dir = out / "tokenizer"
         self.tokenizer = UMT5Tokenizer.from_path(tok_dir) if (tok_dir / "spiece.model").exists() else train_tokenizer(tok_dir, cfg.tokenizer_vocab)
@@ -250,6 +251,10 @@ class DiTTask(TrainTask):
                                     text_len=cfg.text_len)).init_weights().to(device)
         self.dit.tasks, self.dit.sample_defaults = TASKS, self.sample_defaults()
 
+    def vae_source(self) -> str:
+        """Where the (frozen) VAE comes from."""
+        return self.cfg.vae
+
     def sample_defaults(self) -> dict:
         c = self.cfg
         return {"size": f"{c.width}*{c.height}", "frame_num": c.frames, "steps": c.sample_steps, "shift": c.sample_shift,
@@ -257,9 +262,9 @@ class DiTTask(TrainTask):
 
     def _pool(self, out: Path) -> LatentPool:
         c = self.cfg
-        recipe = {k: getattr(c, k) for k in ("seed", "vae", "pool_size", "pool_frames", "pool_frame_shares", "mode_shares",
+        recipe = {k: getattr(c, k) for k in ("seed", "pool_size", "pool_frames", "pool_frame_shares", "mode_shares",
                                              "ref_noise_mean", "ref_noise_std", "colors", "width", "height", "data")}
-        recipe["base"] = getattr(c, "base", None)
+        recipe["vae"] = self.vae_source()
         recipe = json.loads(json.dumps(recipe))
         path = out / "pool.pt"
         if path.exists():
@@ -285,12 +290,12 @@ class DiTTask(TrainTask):
         return params
 
     # -- one step ----------------------------------------------------------------------------------
-    def empty_condition(self, key: tuple[int, int, int]) -> torch.Tensor:
-        """The condition input of a step without known frames, for (frames, height, width)."""
+    def empty_condition(self, key: tuple[int, int, int]) -> dict:
+        """The pipeline's inputs for a step without known frames (y and clip_fea), for (frames, height, width)."""
         if key not in self._empty:
-            from kinema.pipeline.conditioning import build_condition
+            from kinema.pipeline.generate import empty_condition
 
-            self._empty[key] = build_condition(self.vae, {}, *key).to(self.device)
+            self._empty[key] = {k: v.to(self.device) for k, v in empty_condition(self.dit, self.vae, *key).items()}
         return self._empty[key]
 
     def clip_tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -317,14 +322,14 @@ class DiTTask(TrainTask):
             x0 = x0[:, :, :1]
             frames = 1
         if mode == "t2v":
-            y = self.empty_condition((frames, x0.shape[3] * self.vae.spatial_ratio, x0.shape[4] * self.vae.spatial_ratio))
-            y = y.expand(len(idx), -1, -1, -1, -1)
-            clip = None
-        else:
-            y = entry["y"][idx].to(self.device).float()
-            images = entry["images"][idx]
-            clip = images[:, :2] if mode == "flf2v" else images[:, :1]
-        return {"x0": x0, "y": y, "clip_images": clip, "captions": captions, "mode": mode}
+            empty = self.empty_condition((frames, x0.shape[3] * self.vae.spatial_ratio, x0.shape[4] * self.vae.spatial_ratio))
+            n = len(idx)
+            return {"x0": x0, "y": empty["y"].expand(n, -1, -1, -1, -1), "clip_fea": empty["clip_fea"].expand(n, -1, -1),
+                    "clip_images": None, "captions": captions, "mode": mode}
+        y = entry["y"][idx].to(self.device).float()
+        images = entry["images"][idx]
+        clip = images[:, :2] if mode == "flf2v" else images[:, :1]
+        return {"x0": x0, "y": y, "clip_fea": None, "clip_images": clip, "captions": captions, "mode": mode}
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clip_fea: torch.Tensor, y: torch.Tensor):
         """The DiT forward pass, with optional gradient checkpointing of each block."""
@@ -349,9 +354,8 @@ class DiTTask(TrainTask):
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         context = encode_text(self.t5, self.tokenizer, b["captions"], self.dit.config.text_len, self.device)
-        if b["clip_images"] is None:
-            clip_fea = torch.zeros(n, 1, self.dit.config.image_dim, device=self.device)
-        else:
+        clip_fea = b["clip_fea"]
+        if clip_fea is None:
             k = b["clip_images"].shape[1]
             clip_fea = self.clip_tokens(b["clip_images"].flatten(0, 1)).unflatten(0, (n, k)).flatten(1, 2)
         pred = self.forward(xt, sigma * 1000, context, clip_fea, b["y"])

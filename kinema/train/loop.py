@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import logging
 import math
 import os
@@ -189,7 +190,7 @@ def train(task: TrainTask, cfg: configs.TrainConfig, progress: bool = True) -> d
                 s.copy_(v)
         step = state["step"]
         log.info("resumed %s from %s (step %d)", task.name, path, step)
-    (out / "config.json").write_text(__import__("json").dumps({"task": task.name, **current}, indent=2))
+    (out / "config.json").write_text(json.dumps({"task": task.name, **current}, indent=2))
 
     def save() -> None:
         target = out / "checkpoints" / f"step-{step:07d}.pt"

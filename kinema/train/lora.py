@@ -52,8 +52,7 @@ class LoRATask(DiTTask):
         import kinema
 
         cfg, device = self.cfg, self.device
-        base = resolve_base(cfg.base)
-        self.cfg.vae = base
+        base = self.vae_source()
         self.vae = kinema.load_vae(base, device=device)
         te = kinema.load_text_encoder(base, device=device)
         self.t5, self.tokenizer = te.model, te.tokenizer
@@ -64,6 +63,9 @@ class LoRATask(DiTTask):
         torch.manual_seed(cfg.seed)
         self.adapters = nn.ModuleDict({name.replace(".", "__"): a for name, a in
                                        inject_lora(self.dit, cfg.rank, cfg.alpha, cfg.targets).items()})
+
+    def vae_source(self) -> str:
+        return resolve_base(self.cfg.base)  # the LoRA trains on the base model's own latents
 
     def sample_defaults(self) -> dict:
         return dict(self.dit.sample_defaults)

@@ -15,7 +15,6 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -57,12 +56,17 @@ class VAEConfig(configs.TrainConfig):
             raise configs.KinemaError(f"crop={self.crop} must be a multiple of 8 and fit in {self.width}x{self.height}.")
 
 
+def moments(vae: WanVAE, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw posterior mean and log-variance of a video, along the inference chunking (differentiable)."""
+    cache = FrameCache()
+    parts = [vae.moments_chunk(video[:, :, c], cache) for c in vae.temporal_chunks(video.shape[2])]
+    return torch.cat([m for m, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
+
+
 def reconstruct(vae: WanVAE, video: torch.Tensor, generator: torch.Generator | None = None):
     """Differentiable encode -> sample -> decode along the inference chunking. Returns (recon, mu, logvar)."""
-    cache = FrameCache()
-    moments = [vae.moments_chunk(video[:, :, c], cache) for c in vae.temporal_chunks(video.shape[2])]
-    mu = torch.cat([m for m, _ in moments], dim=2)
-    logvar = torch.cat([v for _, v in moments], dim=2).clamp(-30.0, 20.0)
+    mu, logvar = moments(vae, video)
+    logvar = logvar.clamp(-30.0, 20.0)
     z = mu
     if generator is not None:
         z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, device=mu.device)
@@ -99,7 +103,9 @@ class VAETask(TrainTask):
             self.vae.conv1.bias[cfg.z_dim :].fill_(cfg.init_logvar)
             self.vae.conv1.weight[: cfg.z_dim] *= cfg.init_mu_scale
         if cfg.init_from:
-            self.vae.load_state_dict(init_state(cfg.init_from, "vae", lambda path: __import__("kinema").load_vae(path)))
+            from kinema.loading.vae import load_vae
+
+            self.vae.load_state_dict(init_state(cfg.init_from, "vae", load_vae))
         self.vae.train()
         self.data = None if cfg.data == "world" else _folder_batches(cfg)
 
@@ -153,12 +159,7 @@ class VAETask(TrainTask):
     def latent_stats(self, n: int = 64) -> tuple[list[float], list[float]]:
         self.vae.eval()
         video = holdout(self.cfg, n).to(self.device)
-        mus = []
-        for v in video:
-            cache = FrameCache()
-            mus.append(torch.cat([self.vae.moments_chunk(v[None, :, c], cache)[0]
-                                  for c in self.vae.temporal_chunks(v.shape[1])], dim=2))
-        mu = torch.cat(mus).transpose(0, 1).flatten(1)  # [z, N]
+        mu = torch.cat([moments(self.vae, v[None])[0] for v in video]).transpose(0, 1).flatten(1)  # [z, N]
         self.vae.train()
         return mu.mean(1).tolist(), mu.std(1).clamp_min(1e-3).tolist()
 
