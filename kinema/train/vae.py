@@ -40,7 +40,9 @@ class VAEConfig(configs.TrainConfig):
     kl_weight: float = 1e-6
     init_logvar: float = -6.0
     init_mu_scale: float = 10.0
+    init: str = "kaiming"  # conv weight init: "kaiming" (fan-in, gain sqrt 2, zero bias) or "default" (PyTorch's)
     l1_weight: float = 1.0
+    object_weight: float = 0.0  # extra loss weight on pixels away from the clip's median colour (its background)
     mse_weight: float = 1.0
     random_colors: float = 0.3  # share of clips with arbitrary colours, so the VAE is not tied to the palette
     holdout_clips: int = 16
@@ -54,6 +56,8 @@ class VAEConfig(configs.TrainConfig):
             raise configs.KinemaError("train_frames and frames must be 1 + 4k (1, 5, 9, 13, 17, ...).")
         if self.crop and (self.crop % 8 or self.crop > min(self.width, self.height)):
             raise configs.KinemaError(f"crop={self.crop} must be a multiple of 8 and fit in {self.width}x{self.height}.")
+        if self.init not in ("kaiming", "default"):
+            raise configs.KinemaError(f"init={self.init!r}: use 'kaiming' or 'default'.")
 
 
 def moments(vae: WanVAE, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,6 +78,19 @@ def reconstruct(vae: WanVAE, video: torch.Tensor, generator: torch.Generator | N
     x = vae.conv2(z)
     frames = [vae.decoder(x[:, :, i : i + 1], cache) for i in range(x.shape[2])]
     return torch.cat(frames, dim=2), mu, logvar
+
+
+def pixel_weights(video: torch.Tensor, object_weight: float) -> torch.Tensor:
+    """Loss weights [B, 1, T, H, W]: 1 + object_weight where a pixel is > 0.1 away from its clip's median colour.
+
+    Small objects on a plain background are a few % of the pixels, and an autoencoder first learns a grey blur
+    of them; weighting them breaks that plateau (measured, images at 64x64 after 200 steps: colourless blobs
+    unweighted, the right colours with object_weight 20).
+    """
+    if not object_weight:
+        return torch.ones_like(video[:, :1])
+    median = video.flatten(2).median(dim=2).values[:, :, None, None, None]
+    return 1.0 + object_weight * ((video - median).abs().amax(1, keepdim=True) > 0.1).to(video.dtype)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,6 +114,14 @@ class VAETask(TrainTask):
         torch.manual_seed(cfg.seed)
         self.vae = WanVAE(dim=cfg.dim, z_dim=cfg.z_dim, dim_mult=cfg.dim_mult, num_res_blocks=cfg.num_res_blocks).to(device)
         with torch.no_grad():
+            if cfg.init == "kaiming":
+                # PyTorch's default conv init shrinks the signal by ~0.58 per layer; with the channel RMS norms this
+                # small network then learns only a grey blur (measured, images at 64x64 after 200 steps: 14.4 dB
+                # with the default init, 22.7 dB with this one).
+                for m in self.vae.modules():
+                    if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d)):
+                        torch.nn.init.normal_(m.weight, 0.0, (2.0 / m.weight[0].numel()) ** 0.5)
+                        torch.nn.init.zeros_(m.bias)
             # Start with a narrow posterior, or the decoder first learns to ignore its noisy input; and with
             # latents large enough to outweigh the biases after the decoder's channel RMS norms, or training
             # stalls at a constant output (measured: 12 dB after 150 steps with the default init, 20 dB with this).
@@ -124,8 +149,9 @@ class VAETask(TrainTask):
     def loss(self, step, generator):
         cfg, video = self.cfg, self.batch(step)
         recon, mu, logvar = reconstruct(self.vae, video, generator)
-        l1 = (recon - video).abs().mean()
-        mse = F.mse_loss(recon, video)
+        w = pixel_weights(video, cfg.object_weight)
+        l1 = ((recon - video).abs() * w).mean() / w.mean()
+        mse = ((recon - video).pow(2) * w).mean() / w.mean()
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
         loss = cfg.l1_weight * l1 + cfg.mse_weight * mse + cfg.kl_weight * kl
         return loss, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
