@@ -17,9 +17,11 @@ import torch
 
 from kinema.errors import CheckpointError
 from kinema.loading.files import TensorSource, checkpoint_files, read_config
+from kinema.loading.fp8 import resolve_quantization
 from kinema.loading.identify import identify, wrong_component_message
 from kinema.loading.keymap import KeyMap, identity_map
 from kinema.loading.materialize import materialize
+from kinema.memory.fp8 import check_mode, quantize_fp8, set_fp8_fast
 from kinema.models.dit import DiTConfig, WanDiT
 
 OFFICIAL = identity_map("official Wan2.1 / ComfyUI DiT", strip_prefixes=("model.diffusion_model.", "diffusion_model."))
@@ -118,12 +120,21 @@ def load_dit(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     num_heads: int | None = None,
+    quantization: str | None = None,
+    fp8_fast: bool = False,
 ) -> WanDiT:
     """Load a Wan2.1 DiT from a file, a folder or a sharded folder in any supported format.
 
     `dtype` is the dtype of the big matrices; norms, modulation, time embedding and
     head stay float32 (the reference's fp32 islands).
+
+    `quantization` ('fp8_e4m3fn', 'fp8_e5m2', 'fp8_e4m3fn_scaled') stores the blocks'
+    Linear weights in fp8 and computes in `dtype` (kinema.memory.fp8); a file already
+    in that fp8 format is kept as stored. 'auto' keeps a file's own fp8 layout and
+    leaves a bf16 / fp32 file as it is. `fp8_fast` uses the fp8 matmul on GPUs that have it.
     """
+    if quantization is not None:
+        check_mode(quantization, allow_auto=True)  # before any file is opened
     files = checkpoint_files(path, "DiT", _CANDIDATES, subfolder="transformer", kind="dit")
     source = TensorSource(files)
     found = identify(source.keys())
@@ -143,7 +154,12 @@ def load_dit(
     cfg = infer_config(shape, set(plan.keys()), folder_config, num_heads)
     with torch.device("meta"):
         model = WanDiT(cfg)
+    mode = resolve_quantization(quantization, model, plan, source)
+    if mode is not None:
+        quantize_fp8(model, mode, compute_dtype=dtype)
     model = materialize(model, plan, source, dtype_policy(dtype), device, what=f"Wan2.1 {cfg.model_type} DiT")
+    if fp8_fast:
+        set_fp8_fast(model)
     # What the checkpoint says about its use (Kinema-trained models write these): the tasks it was
     # trained for and its sampling defaults. Official checkpoints have neither.
     model.tasks = tuple(folder_config.get("tasks", ()))

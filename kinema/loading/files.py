@@ -8,7 +8,8 @@ bytes are only touched when the loader asks for it.
 
 ComfyUI's "scaled fp8" convention (a `scaled_fp8` marker and a per-layer
 `<name>.scale_weight`) is undone here: callers see dequantised tensors under
-the plain names and never the scale keys.
+the plain names and never the scale keys; a loader asked to keep fp8 storage
+reads the stored fp8 tensor and its scale with `get_fp8` instead.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # Keys that only carry the fp8 scaling convention, never model weights.
 _FP8_MARKERS = ("scaled_fp8",)  # also under a wrapper prefix, e.g. "model.diffusion_model.scaled_fp8"
 _FP8_SCALE_SUFFIXES = (".scale_weight", ".scale_input")
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+# ComfyUI's later per-layer quantization format: a different scale name and a JSON `comfy_quant` tensor.
+_NEWER_QUANT_SUFFIXES = (".comfy_quant", ".weight_scale")
 
 
 _ST_DTYPES = {
@@ -154,6 +158,13 @@ class TensorSource:
                 self._files[key] = file
                 self.origin[key] = path
         self._scales = {k[: -len(".scale_weight")]: k for k in self._files if k.endswith(".scale_weight")}
+        newer = [k for k in self._files if k.endswith(_NEWER_QUANT_SUFFIXES)]
+        if newer:
+            raise CheckpointError(
+                f"{self.name}: key '{newer[0]}' belongs to ComfyUI's newer quantized layout (`weight_scale` / "
+                "`comfy_quant`: fp8, int8, nvfp4 or mxfp8 per layer), which Kinema does not read. Use a bf16 / fp16 "
+                "file or a scaled-fp8 one (`scale_weight` keys), e.g. the *_fp8_e4m3fn_scaled.safetensors releases."
+            )
 
     @property
     def name(self) -> str:
@@ -180,16 +191,50 @@ class TensorSource:
         """The stored dtype (before any dequantisation)."""
         return self._files[key].dtype(key)
 
+    def _scale(self, key: str) -> torch.Tensor | None:
+        """The float32 `scale_weight` stored for weight `key`: one per tensor, or one per output row."""
+        scale_key = self._scales.get(key[: -len(".weight")]) if key.endswith(".weight") else None
+        if scale_key is None:
+            return None
+        scale = self._files[scale_key].get(scale_key, convert=True).to(torch.float32)
+        shape = self.shape(key)
+        if scale.numel() != 1 and tuple(scale.shape) != (shape[0],) + (1,) * (len(shape) - 1):
+            raise CheckpointError(
+                f"{self.origin[scale_key]}: '{scale_key}' has shape {list(scale.shape)}, which is neither one scale "
+                f"for '{key}' {list(shape)} nor one per output row; Kinema does not know this fp8 layout."
+            )
+        return scale
+
+    def has_scale(self, key: str) -> bool:
+        """Whether weight `key` comes with a ComfyUI `scale_weight`."""
+        return key.endswith(".weight") and key[: -len(".weight")] in self._scales
+
+    def get_fp8(self, key: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`key` as stored, in fp8, with its per-tensor scale (None for a plain fp8 cast): for loaders that keep fp8."""
+        file = self._files[key]
+        stored = file.dtype(key)
+        if stored not in _FP8_DTYPES:
+            raise CheckpointError(
+                f"{self.origin[key]}: '{key}' is stored as {stored or 'a dtype Kinema does not know'}, "
+                "not as fp8 (float8_e4m3fn / float8_e5m2)."
+            )
+        scale = self._scale(key)
+        if scale is not None and scale.numel() != 1:
+            raise CheckpointError(
+                f"{self.origin[key]}: '{key}' has one fp8 scale per output row; Kinema keeps fp8 storage only with one "
+                "scale per tensor (ComfyUI's scaled fp8). Load it without quantization to dequantise it instead."
+            )
+        return file.get(key, convert=False), None if scale is None else scale.reshape(())
+
     def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The tensor for `key`, dequantised if it is scaled fp8, cast to `dtype` if given."""
         file = self._files[key]
         stored = file.dtype(key)
-        scale_key = self._scales.get(key[: -len(".weight")]) if key.endswith(".weight") else None
-        fp8 = stored in (torch.float8_e4m3fn, torch.float8_e5m2)
-        tensor = file.get(key, convert=scale_key is not None or fp8 or (dtype is not None and stored != dtype))
-        if scale_key is not None:
-            scale = self._files[scale_key].get(scale_key, convert=True)
-            tensor = tensor.to(torch.float32) * scale.to(torch.float32)
+        scale = self._scale(key)
+        fp8 = stored in _FP8_DTYPES
+        tensor = file.get(key, convert=scale is not None or fp8 or (dtype is not None and stored != dtype))
+        if scale is not None:
+            tensor = tensor.to(torch.float32) * scale
         elif fp8:
             tensor = tensor.to(torch.float32)
         if dtype is not None and tensor.dtype != dtype:

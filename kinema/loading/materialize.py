@@ -4,7 +4,9 @@ Models are built on the meta device (no memory), every shape is checked
 against the checkpoint before a byte of weights is read, and then each tensor
 is read, cast and moved to its device and assigned in place of its meta
 placeholder. At no point do two copies of the weights exist, and a model is
-either loaded whole or not at all.
+either loaded whole or not at all. The weights of fp8 layers (`FP8Linear`, put
+in place by a loader asked for a quantization) are read by kinema.loading.fp8:
+kept as stored when the file is fp8, quantised as they are read otherwise.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from torch import nn
 
 from kinema.errors import CheckpointError
 from kinema.loading.files import TensorSource
+from kinema.loading.fp8 import read_fp8_weight
 from kinema.loading.keymap import Plan
+from kinema.memory.fp8 import FP8Linear
 
 
 def _fmt(shape) -> str:
@@ -30,9 +34,10 @@ def _fits(have: tuple[int, ...], want: tuple[int, ...]) -> bool:
     return [s for s in have if s != 1] == [s for s in want if s != 1]
 
 
-def check_plan(model: nn.Module, plan: Plan, source: TensorSource, what: str) -> None:
+def check_plan(model: nn.Module, plan: Plan, source: TensorSource, what: str, derived: frozenset[str] = frozenset()) -> None:
+    """`derived`: model tensors that are not read under their own name (fp8 scales come with their weight)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in plan.sources]
+    missing = [k for k in expected if k not in plan.sources and k not in derived]
     if missing:
         shown = ", ".join(f"'{k}' {_fmt(expected[k])}" for k in missing[:5])
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
@@ -75,16 +80,20 @@ def materialize(
     progress: Callable[[int, int], None] | None = None,
 ) -> nn.Module:
     """Check `plan` against `model` (on the meta device), then load every tensor in place."""
-    check_plan(model, plan, source, what)
+    fp8 = {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}
+    check_plan(model, plan, source, what, frozenset(f"{name}.scale_weight" for name in fp8))
     expected = {k: v for k, v in model.state_dict().items()}
     device = torch.device(device)
     total = len(plan.sources)
     for i, (key, srcs) in enumerate(plan.sources.items()):
-        dtype = dtype_for(key)
-        if len(srcs) == 1:
-            tensor = source.get(srcs[0], dtype)
+        owner, _, leaf = key.rpartition(".")
+        if leaf == "weight" and owner in fp8:
+            tensor, scale = read_fp8_weight(source, srcs, fp8[owner].mode)
+            _assign(model, f"{owner}.scale_weight", scale.to(device))
+        elif len(srcs) == 1:
+            tensor = source.get(srcs[0], dtype_for(key))
         else:
-            tensor = torch.cat([source.get(s, dtype) for s in srcs], dim=0)
+            tensor = torch.cat([source.get(s, dtype_for(key)) for s in srcs], dim=0)
         tensor = tensor.reshape(expected[key].shape).to(device)
         _assign(model, key, tensor)
         if progress is not None:

@@ -4,11 +4,11 @@ Accepted: the official Wan2.1 folder (`models_t5_umt5-xxl-enc-bf16.pth`, with
 the tokenizer in `google/umt5-xxl/`), a diffusers pipeline folder
 (`text_encoder/` plus `tokenizer/`), a component folder, or a single file:
 official names, or Hugging Face T5 names as written by transformers, diffusers
-and ComfyUI (ComfyUI's scaled fp8 included; TensorSource dequantises it). The
-format is told from the key names and the architecture from the tensor shapes,
-so nothing is configured by hand; every shape is checked before any weight is
-read, so a load either succeeds whole or fails with a message naming the file
-and the key.
+and ComfyUI (ComfyUI's scaled fp8 included: dequantised, or kept in fp8 with
+`quantization`). The format is told from the key names and the architecture
+from the tensor shapes, so nothing is configured by hand; every shape is checked
+before any weight is read, so a load either succeeds whole or fails with a
+message naming the file and the key.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import torch
 from kinema.encoders.text import TextEncoder
 from kinema.errors import CheckpointError, KinemaError
 from kinema.loading.files import TensorSource, checkpoint_files
+from kinema.loading.fp8 import resolve_quantization
 from kinema.loading.identify import identify, wrong_component_message
 from kinema.loading.keymap import KeyMap, Plan, identity_map
 from kinema.loading.materialize import materialize
+from kinema.memory.fp8 import check_mode, quantize_fp8, set_fp8_fast
 from kinema.models.t5 import UMT5Encoder
 from kinema.text.tokenizer import UMT5Tokenizer, find_tokenizer_file
 
@@ -177,15 +179,21 @@ def load_text_encoder(
     tokenizer: str | os.PathLike | UMT5Tokenizer | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
+    quantization: str | None = None,
+    fp8_fast: bool = False,
 ) -> TextEncoder:
     """Load the umT5 encoder at `path` (folder or file) and its tokenizer into a `TextEncoder`.
 
     `tokenizer=None` looks in the standard places next to the checkpoint (and in
     the checkpoint itself for ComfyUI files); otherwise pass a folder, a
     tokenizer.json / spiece.model file, or a `UMT5Tokenizer`.
+    `quantization` / `fp8_fast` are those of `load_dit`: every Linear layer goes to
+    fp8 (the embeddings and norms stay in `dtype`), a file already in fp8 is kept.
     """
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise KinemaError(f"unsupported dtype {dtype} for the {WHAT}; use torch.float32, torch.bfloat16 or torch.float16.")
+    if quantization is not None:
+        check_mode(quantization, allow_auto=True)  # before any file is opened
     user_path = Path(path).expanduser()
     files = checkpoint_files(user_path, WHAT, CANDIDATES, subfolder="text_encoder", kind="t5")
     source = TensorSource(files)
@@ -201,5 +209,10 @@ def load_text_encoder(
         )
     with torch.device("meta"):
         model = UMT5Encoder(**config)
+    mode = resolve_quantization(quantization, model, plan, source)
+    if mode is not None:
+        quantize_fp8(model, mode, compute_dtype=dtype)
     materialize(model, plan, source, lambda _: dtype, device, WHAT)
+    if fp8_fast:
+        set_fp8_fast(model)
     return TextEncoder(model, tok)

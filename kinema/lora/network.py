@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kinema.errors import CheckpointError, KinemaError
+from kinema.memory.fp8 import FP8Linear
 
 # The Linear layers of a Wan2.1 DiT block, by the official module names.
 SELF_ATTN = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o")
@@ -188,7 +189,7 @@ def _model_name(model: nn.Module) -> str:
 @torch.no_grad()
 def merge_lora(model: nn.Module, lora_weights: LoRAWeights, strength: float = 1.0) -> list[str]:
     """Add strength * alpha / rank * B @ A to each matching Linear weight in place (computed in float32,
-    cast back to the weight's dtype). Everything is checked before any weight changes.
+    cast back to the weight's dtype; an fp8 layer is quantised again with its scale). Everything is checked before any weight changes.
     Returns the names of the modules changed (none for strength 0)."""
     if not math.isfinite(strength):
         raise KinemaError(f"LoRA strength {strength} must be a finite number.")
@@ -197,9 +198,13 @@ def merge_lora(model: nn.Module, lora_weights: LoRAWeights, strength: float = 1.
         return []
     changed = []
     for name, (A, B, alpha) in lora_weights.items():
-        w = model.get_submodule(name).weight
+        module = model.get_submodule(name)
+        w = module.weight
         scale = strength * float(alpha) / A.shape[0]
         delta = B.to(w.device, torch.float32) @ A.to(w.device, torch.float32)
-        w.copy_((w.float() + delta * scale).to(w.dtype))
+        if isinstance(module, FP8Linear):  # fp8 storage with a scale: the layer re-quantises itself
+            module.add_to_weight(delta * scale)
+        else:
+            w.copy_((w.float() + delta * scale).to(w.dtype))
         changed.append(name)
     return changed
