@@ -24,7 +24,8 @@ FORMAT_BY_SUFFIX = {".mp4": "h264-mp4", ".webm": "webm", ".mov": "prores-mov", "
 FROM_KEYS = {
     "task": "task", "prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "base_seed", "steps": "sample_steps",
     "shift": "sample_shift", "guide_scale": "sample_guide_scale", "solver": "sample_solver", "frame_num": "frame_num",
-    "size": "size", "fps": "fps", "format": "format", "denoise": "denoise",
+    "size": "size", "fps": "fps", "format": "format", "denoise": "denoise", "cache": "cache",
+    "quantization": "quantization", "t5_quantization": "t5_quantization",
 }
 
 
@@ -61,11 +62,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--offload_model", type=_bool, default=None, help="move each model to the GPU only while it runs")
     g.add_argument("--t5_cpu", action="store_true", help="keep the text encoder on the CPU")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="DiT weights (auto: bf16 on GPU, fp32 on CPU)")
+    g.add_argument("--quantization", default=None, metavar="MODE",
+                   help="store the DiT's block weights in fp8, upcast to --dtype per layer: fp8_e4m3fn, fp8_e5m2, "
+                        "fp8_e4m3fn_scaled (per-tensor scales), or auto (keep an fp8 checkpoint's own layout)")
+    g.add_argument("--t5_quantization", default=None, metavar="MODE", help="the same for the umT5 text encoder's weights")
+    g.add_argument("--fp8_fast", action="store_true",
+                   help="run the fp8 layers' matmuls in fp8 (torch._scaled_mm); needs a CUDA GPU of compute capability >= 8.9")
     g.add_argument("--sample_solver", default="unipc", choices=SOLVERS, help="sampler")
     g.add_argument("--sample_steps", type=int, default=None, help="sampling steps (default 50; 40 for i2v)")
     g.add_argument("--sample_shift", type=float, default=None, help="flow shift (default 5.0; 3.0 for i2v at 480p; 16 for flf2v)")
     g.add_argument("--sample_guide_scale", type=float, default=None, help="classifier-free guidance scale (default 5.0, or the model's)")
     g.add_argument("--batched_cfg", action="store_true", help="run cond and uncond as one batch (same result, more memory)")
+    g.add_argument("--cache", default=None, metavar="SPEC",
+                   help="step caching: teacache:THRESH (e.g. teacache:0.2) or magcache:THRESH:K (e.g. magcache:0.12:2) "
+                        "reuses the DiT blocks' last output on steps that barely change; off computes every step (docs/caching.md)")
+    g.add_argument("--vae_tile", default="auto", metavar="auto|off|WxH",
+                   help="VAE encode/decode on overlapping spatial tiles of WxH pixels (e.g. 512x512) to bound its memory; "
+                        "auto tiles only when the estimated peak exceeds the free memory")
     g.add_argument("--base_seed", type=int, default=-1, help="seed; -1 picks one at random")
     g.add_argument("--prompt", default=None, help="what to generate")
     g.add_argument("--negative_prompt", default=None, help="what to avoid (default: the official one for the task)")
@@ -132,8 +145,40 @@ def _check(args) -> None:
             raise KinemaError(f"--{name} {getattr(args, name)} does not exist.")
     if not 0 < args.denoise <= 1:
         raise KinemaError(f"--denoise {args.denoise} must be in (0, 1].")
+    from kinema.sampling.cache import parse_cache
+
+    parse_cache(args.cache, "--cache")
+    from kinema.memory.vae_tiling import parse_vae_tile
+
+    parse_vae_tile(args.vae_tile)
     if args.sample_steps is not None and args.sample_steps < 1:
         raise KinemaError(f"--sample_steps {args.sample_steps} must be at least 1.")
+
+
+def _fp8_modes(args, device: str) -> tuple[str | None, str | None]:
+    """--quantization and --t5_quantization (None: keep the dtype), and --fp8_fast, checked before anything loads."""
+    from kinema.memory.fp8 import check_mode, fp8_fast_unavailable
+
+    modes = tuple(None if getattr(args, flag) in (None, "none") else check_mode(getattr(args, flag), True, f"--{flag}")
+                  for flag in ("quantization", "t5_quantization"))
+    if args.fp8_fast:
+        if modes == (None, None):
+            raise KinemaError("--fp8_fast runs fp8 layers' matmuls in fp8; add --quantization and/or --t5_quantization.")
+        reason = fp8_fast_unavailable(device)
+        if reason:
+            raise KinemaError(f"--fp8_fast: {reason}. Leave it out: the fp8 weights are then upcast per layer.")
+    return modes
+
+
+def _cache_spec(args):
+    """--cache, with the calibration written beside the checkpoint when there is one (bench/calibrate_cache.py)."""
+    from dataclasses import replace
+
+    from kinema.sampling.cache import calibration_beside, parse_cache
+
+    spec = parse_cache(args.cache, "--cache")
+    found = calibration_beside(args.dit or args.ckpt_dir) if spec else None
+    return replace(spec, calibration=str(found)) if found else spec
 
 
 def _output(args, task: str) -> tuple[str, Path, str | None]:
@@ -166,6 +211,7 @@ def cmd_generate(args) -> None:
     from kinema.pipeline.tasks import get_task
 
     _check(args)
+    dit_fp8, t5_fp8 = _fp8_modes(args, "cuda" if torch.cuda.is_available() else "cpu")
     loras = [parse_lora_spec(spec) for spec in args.lora or []]
     task = get_task(args.task)
     size = _parse_size(args.size) if args.size else None
@@ -191,8 +237,9 @@ def cmd_generate(args) -> None:
         log.warning("--offload_model is not implemented yet: every model stays on the GPU")
     t0 = time.perf_counter()
     log.info("Loading models from %s", args.ckpt_dir or "the given files")
-    te = kinema.load_text_encoder(args.t5 or args.ckpt_dir, tokenizer=args.tokenizer, device="cpu" if args.t5_cpu else device)
-    dit = kinema.load_dit(args.dit or args.ckpt_dir, dtype=dtype, device=device)
+    te = kinema.load_text_encoder(args.t5 or args.ckpt_dir, tokenizer=args.tokenizer, device="cpu" if args.t5_cpu else device,
+                                  quantization=t5_fp8, fp8_fast=args.fp8_fast)
+    dit = kinema.load_dit(args.dit or args.ckpt_dir, dtype=dtype, device=device, quantization=dit_fp8, fp8_fast=args.fp8_fast)
     if loras:
         apply_loras(dit, loras)
     vae = kinema.load_vae(args.vae or args.ckpt_dir, device=device)
@@ -204,6 +251,7 @@ def cmd_generate(args) -> None:
         frame_num=args.frame_num, steps=args.sample_steps, shift=args.sample_shift, guide_scale=args.sample_guide_scale,
         seed=seed, solver=args.sample_solver, image=images.get("image"), first_frame=images.get("first_frame"),
         last_frame=images.get("last_frame"), video=video, denoise=args.denoise, batched_cfg=args.batched_cfg,
+        cache=_cache_spec(args), vae_tile=args.vae_tile,
     )
     s = out["settings"]
     fps = args.fps or int(getattr(dit, "sample_defaults", {}).get("fps", 16))
@@ -211,6 +259,7 @@ def cmd_generate(args) -> None:
                 "model": str(Path(args.dit or args.ckpt_dir).resolve()), "kinema_version": kinema.__version__}
     if loras:
         metadata["loras"] = [[str(Path(p).resolve()), strength] for p, strength in loras]
+    metadata.update({k: v for k, v in (("quantization", dit_fp8), ("t5_quantization", t5_fp8)) if v})
     log.info("Saving generated %s to %s", "image" if task.name == "t2i" else "video", target if prefix is None else f"{target}/{prefix}_NNNNN")
     path = save_video(out["video"], target, format=fmt, frame_rate=fps, loop_count=args.loop_count, pingpong=args.pingpong,
                       crf=args.crf, pix_fmt=args.pix_fmt, lossless=args.lossless, filename_prefix=prefix or "kinema", metadata=metadata)

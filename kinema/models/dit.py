@@ -93,7 +93,7 @@ class CrossAttention(nn.Module):
             self.norm_k_img = norm()
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.v.weight.dtype).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
+        return x.to(self.v.compute_dtype).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, image_context: torch.Tensor | None) -> torch.Tensor:
         q = self._heads(self.norm_q(self.q(x)))
@@ -216,14 +216,27 @@ class WanDiT(nn.Module):
         return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw)
 
     # -- the whole pass -----------------------------------------------------------------------------
-    def forward(self, x, t, context, clip_fea=None, y=None) -> torch.Tensor:
-        """Flow prediction [B, 16, F, H, W] float32 for noisy latents x at timesteps t given the text context."""
+    def run_blocks(self, tokens, e0, rope, context, image_context=None) -> torch.Tensor:
+        """The transformer blocks alone: tokens [B, L, dim] -> [B, L, dim], float32 residual stream."""
+        for block in self.blocks:
+            tokens = block(tokens, e0, rope, context, image_context)
+        return tokens
+
+    def forward(self, x, t, context, clip_fea=None, y=None, block_hook=None) -> torch.Tensor:
+        """Flow prediction [B, 16, F, H, W] float32 for noisy latents x at timesteps t given the text context.
+
+        block_hook(dit, tokens, e, e0, rope, context, image_context) -> tokens, when given, stands in
+        for `run_blocks`: step caching (kinema/sampling/cache.py) uses it to reuse a cached residual
+        instead of running the blocks, keeping its state outside the model.
+        """
         tokens, grid = self.embed(x, y)
         e, e0 = self.time_embed(t, x.shape[0])
         context, image_context = self.embed_context(context, clip_fea)
         rope = self.rope(grid, tokens.device)
-        for block in self.blocks:
-            tokens = block(tokens, e0, rope, context, image_context)
+        if block_hook is None:
+            tokens = self.run_blocks(tokens, e0, rope, context, image_context)
+        else:
+            tokens = block_hook(self, tokens, e, e0, rope, context, image_context)
         return self.unpatchify(self.head(tokens, e), grid)
 
     @torch.no_grad()

@@ -7,7 +7,10 @@ length be processed in short temporal chunks (encode: the first frame alone,
 then 4 frames at a time; decode: one latent frame at a time) with each causal
 layer remembering the last frames it saw in a `FrameCache`, so memory does not
 grow with the number of frames. `encode_chunk`/`decode_chunk` are the per-chunk
-steps; a spatial tiler calls them on each tile with one cache per tile.
+steps. Each is split at the latent-resolution middle (whose attention sees the
+whole frame) from the full-resolution convolutional stages, so a spatial tiler
+(kinema/memory/vae_tiling.py) can run the middle on whole frames and only the
+local stages on tiles, each tile with its own cache.
 
 Parameter names are those of the official code (wan/modules/vae.py), so
 official checkpoints load one to one; the model does no file I/O.
@@ -211,8 +214,18 @@ class Encoder3d(nn.Module):
         self.head = _head(out_dim, z_dim)
 
     def forward(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
+        return self.bottleneck(self.features(x, cache), cache)
+
+    def features(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
+        """conv1 and the downsampling stages; without attn_scales (Wan2.1) only convolutions, so each output is local."""
         x = self.conv1(x, cache)
-        for block in (*self.downsamples, *self.middle):
+        for block in self.downsamples:
+            x = block(x, cache)
+        return x
+
+    def bottleneck(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
+        """The middle blocks and head at latent resolution; the middle attention sees the whole frame."""
+        for block in self.middle:
             x = block(x, cache)
         return _run_head(self.head, x, cache)
 
@@ -240,8 +253,18 @@ class Decoder3d(nn.Module):
         self.head = _head(out_dim, 3)
 
     def forward(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
+        return self.upsample(self.bottleneck(x, cache), cache)
+
+    def bottleneck(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
+        """conv1 and the middle blocks at latent resolution; the middle attention sees the whole frame."""
         x = self.conv1(x, cache)
-        for block in (*self.middle, *self.upsamples):
+        for block in self.middle:
+            x = block(x, cache)
+        return x
+
+    def upsample(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
+        """The upsampling stages and head; without attn_scales (Wan2.1) only convolutions, so each pixel is local."""
+        for block in self.upsamples:
             x = block(x, cache)
         return _run_head(self.head, x, cache)
 
@@ -305,7 +328,11 @@ class WanVAE(nn.Module):
 
     def moments_chunk(self, frames: torch.Tensor, cache: FrameCache) -> tuple[torch.Tensor, torch.Tensor]:
         """One temporal chunk [B, 3, t, H, W] -> raw (un-normalised) latent mean and log-variance [B, z, t', h, w]."""
-        mu, logvar = self.conv1(self.encoder(frames.to(self.device, self.dtype), cache)).chunk(2, dim=1)
+        return self.moments_from_features(self.encoder.features(frames.to(self.device, self.dtype), cache), cache)
+
+    def moments_from_features(self, features: torch.Tensor, cache: FrameCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoder's latent-resolution end: its full-resolution features [B, C, t', h, w] -> raw mean, log-variance."""
+        mu, logvar = self.conv1(self.encoder.bottleneck(features, cache)).chunk(2, dim=1)
         return mu, logvar
 
     def normalize(self, mu: torch.Tensor) -> torch.Tensor:
@@ -319,10 +346,13 @@ class WanVAE(nn.Module):
 
     def decode_chunk(self, z: torch.Tensor, cache: FrameCache) -> torch.Tensor:
         """One latent frame [B, z, 1, h, w] (normalised) -> its pixel frames [B, 3, t, 8h, 8w], not clamped (fp32)."""
+        return self.decoder.upsample(self.decode_bottleneck(z, cache), cache).float()
+
+    def decode_bottleneck(self, z: torch.Tensor, cache: FrameCache) -> torch.Tensor:
+        """The decoder's latent-resolution start: one latent frame (normalised) -> middle features [B, C, 1, h, w]."""
         z = z.to(self.device, torch.float32)
         mean, std = self._stats(z)
-        x = self.conv2((z * std + mean).to(self.dtype))
-        return self.decoder(x, cache).float()
+        return self.decoder.bottleneck(self.conv2((z * std + mean).to(self.dtype)), cache)
 
     def check_video(self, video: torch.Tensor) -> None:
         if video.dim() != 5 or video.shape[1] != 3:

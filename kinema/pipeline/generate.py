@@ -15,9 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from kinema.errors import KinemaError
+from kinema.memory.vae_tiling import TiledVAE
 from kinema.pipeline.conditioning import build_condition, target_size
 from kinema.pipeline.tasks import TEXT_LEN, Task, get_task
 from kinema.sampling import add_noise, initial_noise, sample, schedule, start_step_for_denoise
+from kinema.sampling.cache import make_cache
 
 log = logging.getLogger("kinema")
 
@@ -81,17 +83,23 @@ def empty_condition(dit, vae, frame_num: int, height: int, width: int) -> dict:
     return {"clip_fea": y.new_zeros(1, 1, dit.config.image_dim), "y": y}
 
 
-def guided_model(dit, cond: dict, uncond: dict | None, guide_scale: float, batched: bool):
-    """model_fn(x, t) for the sampler: uncond + g * (cond - uncond), as two passes or one batch of two."""
+def guided_model(dit, cond: dict, uncond: dict | None, guide_scale: float, batched: bool, cache=None):
+    """model_fn(x, t) for the sampler: uncond + g * (cond - uncond), as two passes or one batch of two.
+
+    cache: a StepCache (kinema/sampling/cache.py); each DiT call tells it which guidance
+    branch each batch row is, so cond and uncond keep separate cached residuals."""
+
+    def run(x, t, args, branches):
+        return dit(x, t, **args) if cache is None else dit(x, t, **args, block_hook=cache.hook(branches))
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if uncond is None:
-            return dit(x, t, **cond)
+            return run(x, t, cond, ("cond",))
         if batched:
             both = {k: None if v is None else torch.cat([v, uncond[k]]) for k, v in cond.items()}
-            v_cond, v_uncond = dit(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
+            v_cond, v_uncond = run(torch.cat([x, x]), torch.cat([t, t]), both, ("cond", "uncond")).chunk(2)
         else:
-            v_cond, v_uncond = dit(x, t, **cond), dit(x, t, **uncond)
+            v_cond, v_uncond = run(x, t, cond, ("cond",)), run(x, t, uncond, ("uncond",))
         return v_uncond + guide_scale * (v_cond - v_uncond)
 
     return model_fn
@@ -117,18 +125,27 @@ def generate(
     latents: torch.Tensor | None = None,
     denoise: float = 1.0,
     batched_cfg: bool = False,
+    cache=None,
+    vae_tile="auto",
     decode: bool = True,
     progress=True,
 ) -> dict:
     """Generate one video. Images are [3, H, W] and videos [3, F, H, W], in [-1, 1].
 
     Returns {"video": [3, F, H, W] in [-1, 1] (None when decode=False), "latents":
-    [16, T, h, w], "settings": the values actually used}.
+    [16, T, h, w], "settings": the values actually used, "cache": the StepCache or None}.
     `latents` (a first stage's output) or `video` (v2v) start sampling part-way,
     at the noise level `denoise` in (0, 1].
+    `cache`: step caching, "teacache:THRESH" / "magcache:THRESH:K", a CacheSpec or a
+    StepCache (kinema/sampling/cache.py); None computes every step.
+    `vae_tile`: VAE encode/decode on spatial tiles: "auto" (only when the estimated
+    memory exceeds what is free), "off", or (width, height) / "WxH" in pixels
+    (kinema/memory/vae_tiling.py); a TiledVAE in `models.vae` is used as given.
     """
     spec = get_task(task)
     dit, vae, device = models.dit, models.vae, next(models.dit.parameters()).device
+    if not isinstance(vae, TiledVAE):
+        vae = TiledVAE(vae, vae_tile)
     check_task(dit, spec)
     # Unset values: the model's own defaults (Kinema-trained models carry them), then the task's.
     model_defaults = getattr(dit, "sample_defaults", {})
@@ -184,9 +201,16 @@ def generate(
         noise = add_noise(latents[None].to(device).float(), noise, sigmas[start].item())
     log.info("Generating %s %dx%d, %d frames, %d steps (%s, shift %g, guidance %g, seed %d)",
              spec.name, width, height, frame_num, steps - start, solver, shift, guide_scale, seed)
-    x0 = sample(guided_model(dit, cond, uncond, guide_scale, batched_cfg), noise, sigmas, timesteps, solver, start, progress)
+    step_cache = make_cache(cache, dit, width * height)
+    if step_cache is not None:
+        step_cache.begin(steps, start)
+    x0 = sample(guided_model(dit, cond, uncond, guide_scale, batched_cfg, step_cache), noise, sigmas, timesteps, solver, start, progress)
+    if step_cache is not None:
+        log.info("%s", step_cache.summary())
     out = vae.decode(x0.to(vae.device))[0] if decode else None
     settings = dict(task=spec.name, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                     frame_num=frame_num, steps=steps, shift=shift, guide_scale=guide_scale, seed=seed, solver=solver,
                     denoise=denoise if start else 1.0)
-    return {"video": out, "latents": x0[0], "settings": settings}
+    if step_cache is not None:
+        settings["cache"] = str(step_cache)
+    return {"video": out, "latents": x0[0], "settings": settings, "cache": step_cache}
