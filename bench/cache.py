@@ -33,15 +33,11 @@ TARGET_FEWER, TARGET_DROP = 1.8, 2.0
 
 
 @contextlib.contextmanager
-def counting(setting: str | None, counts: dict):
-    """Every generate() call inside runs with this cache setting and adds its DiT block passes to `counts`.
-
-    evaluate() calls generate() without a cache argument (EvalSettings.cache is
-    not passed through yet), so the setting is put in as a default here."""
+def counting(counts: dict):
+    """Every generate() call inside adds its DiT block passes to `counts` (evaluate() passes the cache setting)."""
     original = gen.generate
 
     def generate(*args, **kwargs):
-        kwargs.setdefault("cache", setting)
         out = original(*args, **kwargs)
         if out["cache"] is not None:
             counts["computed"] += out["cache"].computed
@@ -107,7 +103,7 @@ def main(argv=None) -> int:
         s = EvalSettings(t2v=args.t2v, i2v=args.i2v, flf2v=args.flf2v, vae=0, lora=0, seed=EVAL_SEED,
                          cache=None if setting == "off" else setting, only=("t2v", "i2v", "flf2v"))
         t0 = time.perf_counter()
-        with counting(s.cache, counts):
+        with counting(counts):
             metrics = evaluate(models, s, show_progress=False)
         rows[setting] = {**counts, "metrics": metrics}
         print(f"{setting}: {counts['computed']} computed, {counts['skipped']} skipped ({time.perf_counter() - t0:.0f} s)",

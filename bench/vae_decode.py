@@ -39,19 +39,13 @@ def write_checkpoint(folder: Path, dim: int) -> None:
     import torch
     from diffusers import AutoencoderKLWan
 
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import randomise_vae  # the same random weights as the VAE parity tests
+
     torch.manual_seed(0)
     model = AutoencoderKLWan(base_dim=dim, z_dim=Z_DIM, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                              temperal_downsample=[False, True, True])
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn_like(p)
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.05 * noise)
-            else:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-        model.decoder.conv_out.weight.mul_(0.3)  # pixels mostly inside [-1, 1], so the clamp hides little
+    randomise_vae(model, torch.Generator().manual_seed(0), model.decoder.conv_out)
     model.save_pretrained(folder)
 
 

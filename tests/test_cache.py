@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import StubTextEncoder
 
 from kinema.cli.main import main
 from kinema.errors import KinemaError
@@ -20,11 +21,6 @@ from kinema.sampling.cache import (
 STEPS = 10
 
 
-class _TextEncoder:
-    def encode(self, prompts):
-        return [torch.randn(3 + len(p) % 5, 16, generator=torch.Generator().manual_seed(len(p))) for p in prompts]
-
-
 @pytest.fixture(scope="module")
 def models():
     from kinema.models.vae import WanVAE
@@ -32,7 +28,7 @@ def models():
     torch.manual_seed(0)
     vae = WanVAE(dim=8, dim_mult=(1, 2, 2, 2)).eval().requires_grad_(False)
     dit = WanDiT(DiTConfig("t2v", dim=64, ffn_dim=64, text_dim=16, num_heads=2, num_layers=2)).eval()
-    return Models(dit, vae, _TextEncoder())
+    return Models(dit, vae, StubTextEncoder())
 
 
 def run(models, cache=None, batched=False, **kw):

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from conftest import StubTextEncoder
 
 from kinema.encoders.image import ClipVisionEncoder
 from kinema.errors import KinemaError
@@ -11,13 +12,6 @@ from kinema.models.clip import ClipVisionConfig, CLIPVisionTower
 from kinema.models.dit import DiTConfig, WanDiT
 from kinema.pipeline import generate as gen
 from kinema.pipeline.generate import Models, generate, round_frames, round_size
-
-
-class _TextEncoder:
-    """A deterministic stand-in for umT5 (the text path is covered by its own parity tests)."""
-
-    def encode(self, prompts):
-        return [torch.randn(3 + len(p) % 5, 16, generator=torch.Generator().manual_seed(len(p))) for p in prompts]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +24,7 @@ def models():
     clip = ClipVisionEncoder(CLIPVisionTower(ClipVisionConfig(dim=32, mlp_dim=64, num_heads=2, num_layers=2)).eval())
     i2v = WanDiT(DiTConfig("i2v", in_dim=36, dim=64, ffn_dim=64, text_dim=16, num_heads=2, num_layers=1, image_dim=32)).eval()
     flf2v = WanDiT(DiTConfig("flf2v", in_dim=36, dim=64, ffn_dim=64, text_dim=16, num_heads=2, num_layers=1, image_dim=32)).eval()
-    te = _TextEncoder()
+    te = StubTextEncoder()
     return {
         "t2v": Models(t2v, vae, te), "i2v": Models(i2v, vae, te, clip), "flf2v": Models(flf2v, vae, te, clip),
     }

@@ -10,12 +10,12 @@ folder; each is loaded with `load_vae` and run on the same inputs.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import randomise_vae
 from safetensors.torch import save_file
 
 from kinema.errors import CheckpointError, KinemaError
@@ -31,21 +31,6 @@ H, W = 32, 48  # non-square; latents 4 x 6
 FRAMES = (1, 17)  # 1 and 5 latent frames
 FP32_TOL = 1e-4
 BF16_REL_TOL = 2e-2
-
-
-def _randomise(model: torch.nn.Module, gen: torch.Generator) -> None:
-    """Every weight random and O(1)-scaled, so each path (shortcuts, attention, time convs) shows in the output."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.05 * noise)
-            else:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-        # Keep decoded pixels mostly inside [-1, 1] so the final clamp does not hide differences.
-        model.decoder.conv_out.weight.mul_(0.3)
 
 
 def _stats(mean, std):
@@ -75,7 +60,7 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 def ref(tmp_path_factory):
     gen = torch.Generator().manual_seed(1234)
     model = AutoencoderKLWan(**CONFIG).eval()
-    _randomise(model, gen)
+    randomise_vae(model, gen, model.decoder.conv_out)
     root = tmp_path_factory.mktemp("vae")
     official = _official_state(model, CONFIG["base_dim"])
 
@@ -149,7 +134,7 @@ def test_small_diffusers_file_infers_architecture(tmp_path):
     gen = torch.Generator().manual_seed(1234)
     config = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 3], num_res_blocks=1, temperal_downsample=[False, True])
     model = AutoencoderKLWan(**config).eval()
-    _randomise(model, gen)
+    randomise_vae(model, gen, model.decoder.conv_out)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "small_vae.safetensors")
     vae = load_vae(tmp_path / "small_vae.safetensors")
     assert (vae.z_dim, vae.dim_mult, vae.num_res_blocks, vae.temporal_downsample) == (4, [1, 2, 3], 1, [False, True])

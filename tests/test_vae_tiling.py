@@ -13,10 +13,9 @@ output range. The middle attention runs on whole frames, so it adds no error.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from conftest import StubTextEncoder, randomise_vae
 
 from kinema.cli.main import main
 from kinema.errors import KinemaError
@@ -30,17 +29,7 @@ TILE = (24, 24)  # latent pixels
 
 def _vae() -> WanVAE:
     vae = WanVAE(dim=8, num_res_blocks=1, dim_mult=(1, 2, 2), temporal_downsample=(True, True)).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("gamma"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.05 * noise)
-            else:
-                p.copy_(noise / math.sqrt(p[0].numel()))
-        vae.decoder.head[2].weight.mul_(0.3)  # keep pixels inside [-1, 1], so the clamp hides nothing
+    randomise_vae(vae, torch.Generator().manual_seed(1), vae.decoder.head[2])
     return vae
 
 
@@ -151,11 +140,6 @@ def test_cli_rejects_bad_vae_tile(value, capsys):
     assert len(err) == 1 and err[0].startswith("kinema: error: --vae_tile") and value in err[0]
 
 
-class _TextEncoder:
-    def encode(self, prompts):
-        return [torch.randn(4, 16, generator=torch.Generator().manual_seed(len(p))) for p in prompts]
-
-
 def test_generate_decodes_through_tiles(vae, monkeypatch):
     from kinema.models.dit import DiTConfig, WanDiT
     from kinema.pipeline.generate import Models, generate
@@ -166,8 +150,8 @@ def test_generate_decodes_through_tiles(vae, monkeypatch):
     real = vt.tiled_decode
     monkeypatch.setattr(vt, "tiled_decode", lambda *a: calls.append(a[2]) or real(*a))
     kw = dict(prompt="a red circle", size=(160, 128), frame_num=5, steps=2, progress=False)
-    plain = generate(Models(dit, vae, _TextEncoder()), "t2v", vae_tile="off", **kw)
-    tiled = generate(Models(dit, vt.TiledVAE(vae, "64x64", overlap=4), _TextEncoder()), "t2v", **kw)
+    plain = generate(Models(dit, vae, StubTextEncoder()), "t2v", vae_tile="off", **kw)
+    tiled = generate(Models(dit, vt.TiledVAE(vae, "64x64", overlap=4), StubTextEncoder()), "t2v", **kw)
     assert calls == [(16, 16)] and torch.equal(plain["latents"], tiled["latents"])
     assert _rel(tiled["video"], plain["video"]) < 0.1  # a 4-latent-pixel overlap: wiring, not accuracy
 

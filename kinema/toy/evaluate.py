@@ -47,7 +47,7 @@ class EvalSettings:
     lora: int = 40
     seed: int = EVAL_SEED
     steps: int | None = None  # None: the model's default
-    cache: str | None = None  # reserved for step caching (issue 5)
+    cache: str | None = None  # step caching for every generated sample, e.g. "teacache:0.1" (kinema/sampling/cache.py)
     only: tuple[str, ...] = field(default=("t2v", "i2v", "flf2v", "vae", "lora"))
 
 
@@ -77,7 +77,8 @@ def eval_t2v(models, s: EvalSettings, progress=None, colors=tuple(world.COLORS),
     hits = {k: [] for k in ("background", "color", "direction", "shape")}
     frames_ok, records = [], []
     for i, spec in enumerate(_specs(s.seed + seed_offset, s.t2v, w, h, colors)):
-        video = generate(models, "t2v", prompt=spec.caption, seed=s.seed + i, steps=s.steps, batched_cfg=True, progress=False)["video"]
+        video = generate(models, "t2v", prompt=spec.caption, seed=s.seed + i, steps=s.steps, batched_cfg=True, cache=s.cache,
+                         progress=False)["video"]
         a = analyse(to_uint8(video))
         m = a.matches(spec)
         for k in hits:
@@ -102,7 +103,7 @@ def eval_i2v(models, s: EvalSettings, progress=None) -> dict:
             first, last = (world.to_tensor(clip[j : j + 1])[:, 0] for j in (0, f - 1))
             kwargs = {"image": first} if task == "i2v" else {"first_frame": first, "last_frame": last}
             video = generate(models, task, prompt=spec.caption, seed=s.seed + i, steps=s.steps, batched_cfg=True,
-                             progress=False, **kwargs)["video"]
+                             cache=s.cache, progress=False, **kwargs)["video"]
             frames = to_uint8(video)
             a = analyse(frames)
             if task == "i2v":
