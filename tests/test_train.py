@@ -121,6 +121,30 @@ def test_dit_trainer_learns_resumes_and_exports(dit_model):
     assert generate(models, "t2v", prompt=long, steps=1, progress=False)["video"].shape == (3, 5, 32, 32)
 
 
+@pytest.mark.parametrize("source", ["model", "run"])
+def test_dit_init_from_starts_from_those_weights(dit_model, tmp_path, source):
+    """init_from (an exported model folder or a run folder) sets the DiT, umT5 and CLIP and the tokenizer."""
+    from kinema.train.dit import DiTTask, DiTTrainConfig
+
+    path = dit_model if source == "model" else dit_model.parent
+    cfg = configs.build(DiTTrainConfig, {**TINY_DIT, "vae": str(dit_model), "output_dir": str(tmp_path / "c"),
+                                         "init_from": str(path)})
+    task = DiTTask(cfg, torch.device("cpu"))
+    want = {"dit": kinema.load_dit(dit_model), "t5": kinema.load_text_encoder(dit_model).model,
+            "clip": kinema.load_clip_vision(dit_model).model}
+    if source == "run":  # the run's latest checkpoint
+        want = torch.load(sorted((path / "checkpoints").glob("*.pt"))[-1], weights_only=False)["modules"]
+    for name, module in task.modules().items():
+        ref = want[name] if source == "run" else want[name].state_dict()
+        for k, v in module.state_dict().items():
+            assert torch.equal(v.float(), ref[k].float()), f"{name}.{k}"
+    assert (tmp_path / "c" / "tokenizer" / "spiece.model").read_bytes() == (dit_model / "tokenizer" / "spiece.model").read_bytes()
+    bad = configs.build(DiTTrainConfig, {**TINY_DIT, "dim": 64, "vae": str(dit_model), "output_dir": str(tmp_path / "d"),
+                                         "init_from": str(dit_model)})
+    with pytest.raises(KinemaError, match="does not match this config"):
+        DiTTask(bad, torch.device("cpu"))
+
+
 def test_lora_trainer_learns_resumes_and_exports(dit_model, tmp_path):
     from kinema.lora import load_lora
     from kinema.train.lora import LoRATask, LoRATrainConfig

@@ -36,7 +36,7 @@ from kinema.pipeline.conditioning import frame_mask
 from kinema.text.tokenizer import UMT5Tokenizer
 from kinema.toy import world
 from kinema.train import config as configs
-from kinema.train.loop import TrainTask
+from kinema.train.loop import TrainTask, init_state
 from kinema.train.world_data import clip_batch
 
 log = logging.getLogger("kinema")
@@ -80,6 +80,8 @@ class DiTTrainConfig(configs.TrainConfig):
     ref_noise_std: float = 0.5
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    object_weight: float = 0.0  # extra loss weight on latent pixels that hold the object (see latent_weights)
+    pool_seed: int = -1  # seed of the latent pool's clips (-1 = seed), so a run can reuse another run's pool
     colors: tuple[str, ...] = tuple(world.COLORS)
     # sampling defaults written into the exported model
     sample_steps: int = 20
@@ -139,7 +141,7 @@ class LatentPool:
     def build(cls, cfg: DiTTrainConfig, vae, colors, progress: bool = True) -> "LatentPool":
         from tqdm import tqdm
 
-        rng = np.random.default_rng([cfg.seed, 77])
+        rng = np.random.default_rng([pool_seed(cfg), 77])
         groups = _world_groups(cfg, colors) if cfg.data == "world" else _folder_groups(cfg)
         total = sum(n for _, n, _ in groups)
         data = {}
@@ -155,13 +157,33 @@ class LatentPool:
         return cls(data)
 
 
+def pool_seed(cfg: DiTTrainConfig) -> int:
+    return cfg.seed if cfg.pool_seed < 0 else cfg.pool_seed
+
+
+def latent_weights(x0: torch.Tensor, object_weight: float, threshold: float = 0.4) -> torch.Tensor:
+    """Loss weights [B, 1, T, h, w]: 1 + object_weight on latent pixels that hold the object.
+
+    A latent pixel holds the object when its distance (over channels) from its frame's median latent
+    (the plain background) exceeds `threshold` times the frame's largest such distance. The object is
+    a few of the 64 latent pixels of a 64x64 frame, so unweighted, the loss is mostly background, and
+    what tells the prompts apart (the object's colour, shape, and where it is in each frame: the
+    direction) gets little of the gradient. Computed from the latents, so any latent pool works.
+    """
+    if not object_weight:
+        return torch.ones_like(x0[:, :1])
+    dev = (x0 - x0.flatten(3).median(dim=3).values[..., None, None]).norm(dim=1, keepdim=True)
+    peak = dev.flatten(3).amax(dim=3)[..., None, None]
+    return 1.0 + object_weight * (dev > threshold * peak).to(x0.dtype)
+
+
 def _world_groups(cfg: DiTTrainConfig, colors):
     counts = np.round(np.array(cfg.pool_frame_shares) / sum(cfg.pool_frame_shares) * cfg.pool_size).astype(int)
     groups = []
     for frames, count in zip(cfg.pool_frames, counts):
         def batches(frames=frames, count=int(count), n=16):
             for start in range(0, count, n):
-                video, specs = clip_batch(cfg.seed + 1000 * frames, start // n, min(n, count - start), cfg.width,
+                video, specs = clip_batch(pool_seed(cfg) + 1000 * frames, start // n, min(n, count - start), cfg.width,
                                           cfg.height, frames, colors=colors)
                 yield video, [s.caption for s in specs]
         groups.append(((frames, cfg.width, cfg.height), int(count), batches()))
@@ -208,6 +230,15 @@ def _encode(cfg: DiTTrainConfig, vae, video: torch.Tensor, captions: list[str], 
     entry["captions"] += captions
 
 
+def _init_tokenizer(path: Path) -> Path:
+    """The tokenizer file that goes with init_from weights (a model folder, a run folder or a checkpoint in one)."""
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / "tokenizer" / "spiece.model").is_file():
+            return folder / "tokenizer" / "spiece.model"
+    raise KinemaError(f"init_from {path}: no tokenizer/spiece.model next to it; the weights need the tokenizer they "
+                      "were trained with.")
+
+
 def _known_frames(mode: str, frames: int, rng: np.random.Generator) -> list[int]:
     if mode == "i2v":
         return [0]
@@ -237,6 +268,10 @@ class DiTTask(TrainTask):
         self.vae = kinema.load_vae(self.vae_source(), device=device)
         self.vae.requires_grad_(False)
         tok_dir = out / "tokenizer"
+        if not (tok_dir / "spiece.model").exists() and cfg.init_from:  # the token ids must be those the weights learnt
+            source = _init_tokenizer(Path(cfg.init_from))
+            tok_dir.mkdir(parents=True, exist_ok=True)
+            (tok_dir / "spiece.model").write_bytes(source.read_bytes())
         self.tokenizer = UMT5Tokenizer.from_path(tok_dir) if (tok_dir / "spiece.model").exists() else train_tokenizer(tok_dir, cfg.tokenizer_vocab)
         torch.manual_seed(cfg.seed)
         self.t5 = UMT5Encoder(vocab_size=max(self.tokenizer.vocab_size, cfg.tokenizer_vocab), dim=cfg.text_dim, dim_attn=cfg.text_dim,
@@ -250,6 +285,24 @@ class DiTTask(TrainTask):
                                     num_heads=cfg.num_heads, num_layers=cfg.num_layers, image_dim=cfg.clip_dim,
                                     text_len=cfg.text_len)).init_weights().to(device)
         self.dit.tasks, self.dit.sample_defaults = TASKS, self.sample_defaults()
+        if cfg.init_from:
+            self.load_init(cfg.init_from)
+
+    def load_init(self, path: str) -> None:
+        """Start the DiT, umT5 and CLIP from a training checkpoint, run folder or exported model folder."""
+        import kinema
+
+        loaders = {"dit": kinema.load_dit, "t5": lambda p: kinema.load_text_encoder(p).model,
+                   "clip": lambda p: kinema.load_clip_vision(p).model}
+        for name, module in DiTTask.modules(self).items():
+            state = init_state(path, name, loaders[name])
+            own = module.state_dict()
+            wrong = [k for k, v in own.items() if k not in state or state[k].shape != v.shape]
+            if wrong:
+                raise KinemaError(f"init_from {path}: its {name} does not match this config ({len(wrong)} tensors missing "
+                                  f"or of another shape, e.g. {wrong[0]}); use the same model sizes as the run it came from.")
+            module.load_state_dict({k: state[k] for k in own})
+        log.info("initialised the DiT, umT5 and CLIP from %s", path)
 
     def vae_source(self) -> str:
         """Where the (frozen) VAE comes from."""
@@ -262,9 +315,9 @@ class DiTTask(TrainTask):
 
     def _pool(self, out: Path) -> LatentPool:
         c = self.cfg
-        recipe = {k: getattr(c, k) for k in ("seed", "pool_size", "pool_frames", "pool_frame_shares", "mode_shares",
+        recipe = {k: getattr(c, k) for k in ("pool_size", "pool_frames", "pool_frame_shares", "mode_shares",
                                              "ref_noise_mean", "ref_noise_std", "colors", "width", "height", "data")}
-        recipe["vae"] = self.vae_source()
+        recipe["seed"], recipe["vae"] = pool_seed(c), self.vae_source()
         recipe = json.loads(json.dumps(recipe))
         path = out / "pool.pt"
         if path.exists():
@@ -359,7 +412,8 @@ class DiTTask(TrainTask):
             k = b["clip_images"].shape[1]
             clip_fea = self.clip_tokens(b["clip_images"].flatten(0, 1)).unflatten(0, (n, k)).flatten(1, 2)
         pred = self.forward(xt, sigma * 1000, context, clip_fea, b["y"])
-        loss = F.mse_loss(pred, noise - x0)
+        w = latent_weights(x0, c.object_weight)
+        loss = (w * (pred - (noise - x0)) ** 2).mean() / w.mean()
         return loss, {"mode": MODES.index(b["mode"]), "frames": x0.shape[2]}
 
     # -- samples and export -------------------------------------------------------------------------
