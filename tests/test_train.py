@@ -121,6 +121,24 @@ def test_dit_trainer_learns_resumes_and_exports(dit_model):
     assert generate(models, "t2v", prompt=long, steps=1, progress=False)["video"].shape == (3, 5, 32, 32)
 
 
+def test_vae_decoder_only_keeps_the_latents(vae_model, tmp_path):
+    """train_encoder=False: the encoder (so every latent, and the exported latent statistics) stays as it was."""
+    from kinema.train.vae import VAEConfig, VAETask
+
+    cfg = configs.build(VAEConfig, {**TINY_VAE, "output_dir": str(tmp_path), "steps": 4, "init_from": str(vae_model),
+                                    "train_encoder": False, "data_seed": 9})
+    task = VAETask(cfg, torch.device("cpu"))
+    before = _states(task)
+    train(task, cfg, progress=False)
+    after = _states(task)
+    enc = [k for k in before if k.startswith(("vae.encoder.", "vae.conv1."))]
+    dec = [k for k in before if k.startswith("vae.decoder.")]
+    assert enc and all(torch.equal(before[k], after[k]) for k in enc)
+    assert any(not torch.equal(before[k], after[k]) for k in dec)
+    old, new = (json.loads((p / "vae" / "config.json").read_text()) for p in (vae_model, tmp_path / "model"))
+    assert new["latents_mean"] == old["latents_mean"] and new["latents_std"] == old["latents_std"]
+
+
 @pytest.mark.parametrize("source", ["model", "run"])
 def test_dit_init_from_starts_from_those_weights(dit_model, tmp_path, source):
     """init_from (an exported model folder or a run folder) sets the DiT, umT5 and CLIP and the tokenizer."""

@@ -45,6 +45,8 @@ class VAEConfig(configs.TrainConfig):
     object_weight: float = 0.0  # extra loss weight on pixels away from the clip's median colour (its background)
     mse_weight: float = 1.0
     random_colors: float = 0.3  # share of clips with arbitrary colours, so the VAE is not tied to the palette
+    train_encoder: bool = True  # False: only the decoder learns, so the latents (and a DiT trained on them) stay valid
+    data_seed: int = -1  # seed of the training clips (-1 = seed); the held-out clips always follow seed
     holdout_clips: int = 16
     stats_clips: int = 64  # held-out clips the exported latent mean / std are measured on
     lr: float = 1.2e-4
@@ -67,9 +69,10 @@ def moments(vae: WanVAE, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat([m for m, _ in parts], dim=2), torch.cat([v for _, v in parts], dim=2)
 
 
-def reconstruct(vae: WanVAE, video: torch.Tensor, generator: torch.Generator | None = None):
-    """Differentiable encode -> sample -> decode along the inference chunking. Returns (recon, mu, logvar)."""
-    mu, logvar = moments(vae, video)
+def reconstruct(vae: WanVAE, video: torch.Tensor, generator: torch.Generator | None = None, posterior=None):
+    """Differentiable encode -> sample -> decode along the inference chunking. Returns (recon, mu, logvar).
+    `posterior`: (mu, logvar) already computed (e.g. without gradients, when only the decoder trains)."""
+    mu, logvar = posterior if posterior is not None else moments(vae, video)
     logvar = logvar.clamp(-30.0, 20.0)
     z = mu
     if generator is not None:
@@ -137,18 +140,26 @@ class VAETask(TrainTask):
     def modules(self):
         return {"vae": self.vae}
 
+    def trainable(self):
+        if not self.cfg.train_encoder:
+            for m in (self.vae.encoder, self.vae.conv1):
+                m.requires_grad_(False)
+        return [p for p in self.vae.parameters() if p.requires_grad]
+
     def batch(self, step: int) -> torch.Tensor:
         cfg = self.cfg
         if self.data is not None:
             return self.data(step).to(self.device)
         colors = tuple(world.COLORS) + tuple(world.EXTRA_COLORS)
-        video, _ = clip_batch(cfg.seed, step, cfg.batch_size, cfg.width, cfg.height, cfg.train_frames,
+        video, _ = clip_batch(cfg.seed if cfg.data_seed < 0 else cfg.data_seed, step, cfg.batch_size, cfg.width, cfg.height, cfg.train_frames,
                               colors=colors, random_colors=cfg.random_colors, crop=cfg.crop)
         return video.to(self.device)
 
     def loss(self, step, generator):
         cfg, video = self.cfg, self.batch(step)
-        recon, mu, logvar = reconstruct(self.vae, video, generator)
+        with torch.set_grad_enabled(cfg.train_encoder):
+            mu, logvar = moments(self.vae, video)
+        recon, mu, logvar = reconstruct(self.vae, video, generator, (mu, logvar))
         w = pixel_weights(video, cfg.object_weight)
         l1 = ((recon - video).abs() * w).mean() / w.mean()
         mse = ((recon - video).pow(2) * w).mean() / w.mean()
