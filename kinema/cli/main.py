@@ -59,8 +59,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip", default=None, help="CLIP vision checkpoint for i2v/flf2v, overrides --ckpt_dir")
     g.add_argument("--lora", action="append", default=None, metavar="FILE[:STRENGTH]",
                    help="merge a LoRA .safetensors into the DiT at STRENGTH (1.0 if not given); repeatable, applied in order")
-    g.add_argument("--offload_model", type=_bool, default=None, help="move each model to the GPU only while it runs")
+    g.add_argument("--offload_model", type=_bool, default=None,
+                   help="move each model (umT5, CLIP, DiT, VAE) to the GPU only while it runs and back to the CPU after, "
+                        "as the official code; default: True with a GPU (the official single-GPU default), False on CPU")
     g.add_argument("--t5_cpu", action="store_true", help="keep the text encoder on the CPU")
+    g.add_argument("--blocks_to_swap", type=int, default=0, metavar="N",
+                   help="keep N of the DiT's blocks in pinned CPU memory, each copied to the GPU just before it runs "
+                        "(saves N blocks of GPU memory; costs a copy of N blocks per DiT call)")
+    g.add_argument("--prefetch_blocks", type=int, default=None, metavar="K",
+                   help="with --blocks_to_swap or --stream_dit: blocks copied (read) ahead on a side stream so transfers "
+                        "overlap compute (default 1; each costs one block of GPU memory)")
+    g.add_argument("--stream_dit", action="store_true",
+                   help="read the DiT's block weights from its file each time they run, one block at a time: runs a DiT "
+                        "larger than RAM, slowly (the whole file is read on every DiT call)")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="DiT weights (auto: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--quantization", default=None, metavar="MODE",
                    help="store the DiT's block weights in fp8, upcast to --dtype per layer: fp8_e4m3fn, fp8_e5m2, "
@@ -76,9 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache", default=None, metavar="SPEC",
                    help="step caching: teacache:THRESH (e.g. teacache:0.2) or magcache:THRESH:K (e.g. magcache:0.12:2) "
                         "reuses the DiT blocks' last output on steps that barely change; off computes every step (docs/caching.md)")
+    g.add_argument("--attention", default="sdpa", metavar="sdpa|flash_attn|sageattn|auto",
+                   help="attention kernel: PyTorch's sdpa, flash_attn (FlashAttention-2), sageattn (SageAttention, approximate) "
+                        "or auto (the best installed); calls a kernel cannot take (fp32, masks, CPU) use sdpa")
+    g.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                   help="torch.compile the DiT blocks (compiled once on the first step, reused by every block); MODE: "
+                        "default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs")
     g.add_argument("--vae_tile", default="auto", metavar="auto|off|WxH",
                    help="VAE encode/decode on overlapping spatial tiles of WxH pixels (e.g. 512x512) to bound its memory; "
                         "auto tiles only when the estimated peak exceeds the free memory")
+    g.add_argument("--plan", action="store_true",
+                   help="print the memory each phase will need on each device (estimated from the checkpoints' headers, "
+                        "kinema/memory/plan.py) and exit without generating")
+    g.add_argument("--no_memory_check", action="store_true",
+                   help="run even when the memory estimate exceeds the free memory (by default such a run is refused up front)")
     g.add_argument("--base_seed", type=int, default=-1, help="seed; -1 picks one at random")
     g.add_argument("--prompt", default=None, help="what to generate")
     g.add_argument("--negative_prompt", default=None, help="what to avoid (default: the official one for the task)")
@@ -125,7 +147,7 @@ def _check(args) -> None:
     from kinema.pipeline.tasks import get_task
 
     task = get_task(args.task).name
-    if not args.prompt:
+    if not args.prompt and not getattr(args, "plan", False):
         raise KinemaError("--prompt is missing; say what to generate.")
     if args.frame_num is not None and args.frame_num < 1:
         raise KinemaError(f"--frame_num {args.frame_num} must be at least 1 (4n+1: 1, 5, ..., 81).")
@@ -151,8 +173,41 @@ def _check(args) -> None:
     from kinema.memory.vae_tiling import parse_vae_tile
 
     parse_vae_tile(args.vae_tile)
+    from kinema.ops.attention import resolve_backend
+
+    resolve_backend(args.attention)  # unknown or not installed: the error names the package
+    _check_memory_flags(args)
     if args.sample_steps is not None and args.sample_steps < 1:
         raise KinemaError(f"--sample_steps {args.sample_steps} must be at least 1.")
+
+
+def _check_memory_flags(args) -> None:
+    """--blocks_to_swap / --prefetch_blocks / --stream_dit values that cannot work, before anything loads
+    (N against the DiT's depth is checked once its file is opened, in _block_swap)."""
+    if args.blocks_to_swap < 0:
+        raise KinemaError(f"--blocks_to_swap {args.blocks_to_swap} is negative; give the number of DiT blocks to keep "
+                          "on the CPU (0 to swap none).")
+    if args.prefetch_blocks is not None and not (args.blocks_to_swap or args.stream_dit):
+        raise KinemaError(f"--prefetch_blocks {args.prefetch_blocks} needs --blocks_to_swap N (or --stream_dit): "
+                          "it says how many swapped blocks are copied ahead.")
+    if args.prefetch_blocks is not None and args.prefetch_blocks < 1:
+        raise KinemaError(f"--prefetch_blocks {args.prefetch_blocks} must be at least 1.")
+    if args.stream_dit and args.blocks_to_swap:
+        raise KinemaError("--stream_dit and --blocks_to_swap both place the DiT's blocks; use one "
+                          "(--stream_dit reads them from disk, --blocks_to_swap keeps them in CPU memory).")
+    if args.stream_dit and args.lora:
+        raise KinemaError("--lora cannot be merged into a streamed DiT (its block weights are re-read from the file "
+                          "on every call); merge the LoRA into a checkpoint first, or leave out --stream_dit.")
+
+
+def _block_swap(args, dit_path) -> int:
+    """--prefetch_blocks to use, after checking --blocks_to_swap against the DiT's depth (read from the file's header)."""
+    if not args.blocks_to_swap:
+        return 0
+    from kinema.loading.dit import open_dit
+    from kinema.memory.block_swap import check_block_swap
+
+    return check_block_swap(open_dit(dit_path).model.config.num_layers, args.blocks_to_swap, args.prefetch_blocks)
 
 
 def _fp8_modes(args, device: str) -> tuple[str | None, str | None]:
@@ -196,7 +251,7 @@ def _output(args, task: str) -> tuple[str, Path, str | None]:
     from kinema.media.write import FORMATS
 
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
-    prompt = args.prompt.replace(" ", "_").replace("/", "_")[:50]
+    prompt = (args.prompt or "").replace(" ", "_").replace("/", "_")[:50]
     name = f"{args.task}_{args.size or 'default'}_1_1_{prompt}_{stamp}.{FORMATS[fmt].ext}"  # the official default name
     return fmt, Path(args.output_dir) / name, None
 
@@ -207,11 +262,16 @@ def cmd_generate(args) -> None:
     import kinema
     from kinema.lora import apply_loras, parse_lora_spec
     from kinema.media import read_image, read_video, save_video, to_model_range
+    from kinema.memory.offload import Offloader
     from kinema.pipeline.generate import Models, generate
     from kinema.pipeline.tasks import get_task
 
     _check(args)
     dit_fp8, t5_fp8 = _fp8_modes(args, "cuda" if torch.cuda.is_available() else "cpu")
+    if args.compile:
+        from kinema.memory.compile import check_compile, compile_blocks
+
+        check_compile(args.compile, "cuda" if torch.cuda.is_available() else "cpu")  # mode and compiler, before loading
     loras = [parse_lora_spec(spec) for spec in args.lora or []]
     task = get_task(args.task)
     size = _parse_size(args.size) if args.size else None
@@ -221,7 +281,7 @@ def cmd_generate(args) -> None:
         args.ckpt_dir = str(builtin_path())
         log.info("No checkpoint given: using the built-in model (%s)", args.ckpt_dir)
     fmt, target, prefix = _output(args, task.name)
-    if args.save_file and target.exists():
+    if args.save_file and target.exists() and not getattr(args, "plan", False):
         raise KinemaError(f"--save_file {target} already exists; Kinema never overwrites. Choose another name.")
     seed = args.base_seed if args.base_seed >= 0 else random.randint(0, 2**31 - 1)
     log.info("Generation job args: %s", {k: v for k, v in vars(args).items() if k not in ("debug", "command")})
@@ -233,25 +293,50 @@ def cmd_generate(args) -> None:
         if getattr(args, name):
             images[name] = to_model_range(read_image(getattr(args, name)))[:, 0]  # [3, H, W]
     video = to_model_range(read_video(args.video).frames) if args.video else None
-    if args.offload_model and device == "cuda":
-        log.warning("--offload_model is not implemented yet: every model stays on the GPU")
+    offload = args.offload_model
+    if offload is None:  # the official default: offload on a single GPU; on the CPU there is nowhere to offload from
+        offload = device == "cuda"
+        log.info("--offload_model not given: %s", offload)
+    prefetch = _block_swap(args, args.dit or args.ckpt_dir)
+    from kinema.cli.plan import memory_plan
+    from kinema.memory.plan import encoder_dtype
+
+    if memory_plan(args, size, images, device, dtype, offload, prefetch, dit_fp8, t5_fp8):
+        return  # --plan: printed, nothing to generate
+    home = "cpu" if offload else device  # where each model is loaded; an offloaded one visits `device` to run
     t0 = time.perf_counter()
     log.info("Loading models from %s", args.ckpt_dir or "the given files")
-    te = kinema.load_text_encoder(args.t5 or args.ckpt_dir, tokenizer=args.tokenizer, device="cpu" if args.t5_cpu else device,
-                                  quantization=t5_fp8, fp8_fast=args.fp8_fast)
-    dit = kinema.load_dit(args.dit or args.ckpt_dir, dtype=dtype, device=device, quantization=dit_fp8, fp8_fast=args.fp8_fast)
+    enc_dtype = encoder_dtype(device)
+    te = kinema.load_text_encoder(args.t5 or args.ckpt_dir, tokenizer=args.tokenizer, device="cpu" if args.t5_cpu else home,
+                                  dtype=enc_dtype, quantization=t5_fp8, fp8_fast=args.fp8_fast)
+    if args.stream_dit:
+        from kinema.memory.streaming import stream_dit
+
+        dit = stream_dit(args.dit or args.ckpt_dir, dtype=dtype, device=device, quantization=dit_fp8, fp8_fast=args.fp8_fast,
+                         prefetch_blocks=args.prefetch_blocks or 1)
+    else:
+        dit = kinema.load_dit(args.dit or args.ckpt_dir, dtype=dtype, device="cpu" if prefetch else home,
+                              quantization=dit_fp8, fp8_fast=args.fp8_fast)
     if loras:
         apply_loras(dit, loras)
-    vae = kinema.load_vae(args.vae or args.ckpt_dir, device=device)
-    clip = kinema.load_clip_vision(args.clip or args.ckpt_dir, device=device) if task.model_type != "t2v" else None
+    if prefetch:
+        from kinema.memory.block_swap import BlockSwap
+
+        BlockSwap(dit, args.blocks_to_swap, prefetch, device=device)  # kept as dit.block_placement
+    if args.compile:
+        compile_blocks(dit, args.compile)
+    vae = kinema.load_vae(args.vae or args.ckpt_dir, device=home)
+    clip = kinema.load_clip_vision(args.clip or args.ckpt_dir, dtype=enc_dtype, device=home) if task.model_type != "t2v" else None
     log.info("Models loaded in %.1fs: %s DiT, %d layers, width %d", time.perf_counter() - t0, dit.config.model_type, dit.config.num_layers, dit.config.dim)
     log.info("Generating %s ...", "image" if task.name == "t2i" else "video")
+    models = Models(dit, vae, te, clip)
     out = generate(
-        Models(dit, vae, te, clip), task.name, prompt=args.prompt, negative_prompt=args.negative_prompt, size=size,
+        models, task.name, prompt=args.prompt, negative_prompt=args.negative_prompt, size=size,
         frame_num=args.frame_num, steps=args.sample_steps, shift=args.sample_shift, guide_scale=args.sample_guide_scale,
         seed=seed, solver=args.sample_solver, image=images.get("image"), first_frame=images.get("first_frame"),
         last_frame=images.get("last_frame"), video=video, denoise=args.denoise, batched_cfg=args.batched_cfg,
-        cache=_cache_spec(args), vae_tile=args.vae_tile,
+        cache=_cache_spec(args), vae_tile=args.vae_tile, attention=args.attention,
+        offload=Offloader(models, device, t5_cpu=args.t5_cpu) if offload else False,
     )
     s = out["settings"]
     fps = args.fps or int(getattr(dit, "sample_defaults", {}).get("fps", 16))

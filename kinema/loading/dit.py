@@ -12,6 +12,7 @@ comes from config.json when there is one, else dim / 128 as in every released mo
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -19,9 +20,10 @@ from kinema.errors import CheckpointError
 from kinema.loading.files import TensorSource, checkpoint_files, read_config
 from kinema.loading.fp8 import resolve_quantization
 from kinema.loading.identify import identify, wrong_component_message
-from kinema.loading.keymap import KeyMap, identity_map
+from kinema.loading.keymap import KeyMap, Plan, identity_map
 from kinema.loading.materialize import materialize
 from kinema.memory.fp8 import check_mode, quantize_fp8, set_fp8_fast
+from kinema.memory.precision import guard_fp16
 from kinema.models.dit import DiTConfig, WanDiT
 
 OFFICIAL = identity_map("official Wan2.1 / ComfyUI DiT", strip_prefixes=("model.diffusion_model.", "diffusion_model."))
@@ -127,16 +129,39 @@ def load_dit(
 
     `dtype` is the dtype of the big matrices; norms, modulation, time embedding and
     head stay float32 (the reference's fp32 islands).
+    In float16 a part whose output overflows is recomputed in float32
+    (kinema.memory.precision.guard_fp16; the guard is `model.fp16_guard`).
 
     `quantization` ('fp8_e4m3fn', 'fp8_e5m2', 'fp8_e4m3fn_scaled') stores the blocks'
     Linear weights in fp8 and computes in `dtype` (kinema.memory.fp8); a file already
     in that fp8 format is kept as stored. 'auto' keeps a file's own fp8 layout and
     leaves a bf16 / fp32 file as it is. `fp8_fast` uses the fp8 matmul on GPUs that have it.
     """
+    found = open_dit(path, dtype, num_heads, quantization)
+    model = materialize(found.model, found.plan, found.source, dtype_policy(dtype), device,
+                        what=f"Wan2.1 {found.model.config.model_type} DiT")
+    return finish_dit(model, found.folder_config, fp8_fast)
+
+
+@dataclass
+class DiTCheckpoint:
+    """A DiT checkpoint opened and checked, its model built on the meta device (fp8 layers swapped in
+    when asked), not yet read: load_dit materialises all of it, streaming (kinema/memory/streaming.py)
+    all but the blocks' Linear weights."""
+
+    model: WanDiT
+    plan: Plan
+    source: TensorSource
+    folder_config: dict
+
+
+def open_dit(path, dtype: torch.dtype = torch.float32, num_heads: int | None = None, quantization: str | None = None,
+             mapped: bool = True) -> DiTCheckpoint:
+    """`mapped=False` reads every tensor with a copy (pread) instead of a view of the memory-mapped file."""
     if quantization is not None:
         check_mode(quantization, allow_auto=True)  # before any file is opened
     files = checkpoint_files(path, "DiT", _CANDIDATES, subfolder="transformer", kind="dit")
-    source = TensorSource(files)
+    source = TensorSource(files, mapped=mapped)
     found = identify(source.keys())
     if found != "dit":
         raise CheckpointError(wrong_component_message(source.name, found, "dit"))
@@ -157,9 +182,14 @@ def load_dit(
     mode = resolve_quantization(quantization, model, plan, source)
     if mode is not None:
         quantize_fp8(model, mode, compute_dtype=dtype)
-    model = materialize(model, plan, source, dtype_policy(dtype), device, what=f"Wan2.1 {cfg.model_type} DiT")
+    return DiTCheckpoint(model, plan, source, folder_config)
+
+
+def finish_dit(model: WanDiT, folder_config: dict, fp8_fast: bool = False) -> WanDiT:
+    """What every loaded DiT gets after its weights: the fp8 matmul switch, the fp16 guard, the checkpoint's own settings."""
     if fp8_fast:
         set_fp8_fast(model)
+    guard_fp16(model)  # fp16 only: overflowing blocks are recomputed in float32 (kinema/memory/precision.py)
     # What the checkpoint says about its use (Kinema-trained models write these): the tasks it was
     # trained for and its sampling defaults. Official checkpoints have neither.
     model.tasks = tuple(folder_config.get("tasks", ()))

@@ -62,11 +62,13 @@ def _open_safetensors(path: Path, backend: str = "mmap"):
 class _SafetensorsFile:
     """One safetensors file, read two ways: memory-mapped views for tensors used as they are
     (zero copy, pages touched lazily) and pread for tensors that get converted, so a
-    converted tensor's source pages never stay resident beside its copy."""
+    converted tensor's source pages never stay resident beside its copy. With `views=False` every
+    tensor is read with pread, so no page of the file is ever mapped into the process (streaming)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, views: bool = True):
         self.path = path
         self.mapped = _open_safetensors(path)
+        self.views = views
         self._pread = None
 
     def keys(self) -> list[str]:
@@ -79,7 +81,7 @@ class _SafetensorsFile:
         return _ST_DTYPES.get(self.mapped.get_slice(name).get_dtype())
 
     def get(self, name: str, convert: bool) -> torch.Tensor:
-        if not convert:
+        if not convert and self.views:
             return self.mapped.get_tensor(name)
         if self._pread is None:
             self._pread = _open_safetensors(self.path, "pread")
@@ -140,13 +142,15 @@ def _read_index(path: Path) -> list[Path]:
 class TensorSource:
     """A lazy, read-only view of the tensors in one or more checkpoint files."""
 
-    def __init__(self, paths: list[Path]):
+    def __init__(self, paths: list[Path], mapped: bool = True):
+        """`mapped=False`: safetensors tensors are always read into memory of their own (pread), never
+        returned as views of the mapped file, whose pages would then count in the process's resident set."""
         self.paths = [Path(p) for p in paths]
         self._files: dict[str, _SafetensorsFile | _TorchFile] = {}
         self.origin: dict[str, Path] = {}  # key -> the file that holds it, for error messages
         for path in self.paths:
             if path.suffix in SAFETENSORS_SUFFIXES:
-                file = _SafetensorsFile(path)
+                file = _SafetensorsFile(path, views=mapped)
             elif path.suffix in TORCH_SUFFIXES:
                 file = _TorchFile(path)
             else:

@@ -78,24 +78,44 @@ def materialize(
     device: torch.device | str = "cpu",
     what: str = "model",
     progress: Callable[[int, int], None] | None = None,
+    skip: Callable[[str], bool] | None = None,
 ) -> nn.Module:
-    """Check `plan` against `model` (on the meta device), then load every tensor in place."""
+    """Check `plan` against `model` (on the meta device), then load every tensor in place.
+
+    `skip(key)`: tensors left on the meta device, for a caller that reads them later with `read_tensor`
+    (streaming, kinema/memory/streaming.py)."""
     fp8 = {name: m for name, m in model.named_modules() if isinstance(m, FP8Linear)}
     check_plan(model, plan, source, what, frozenset(f"{name}.scale_weight" for name in fp8))
-    expected = {k: v for k, v in model.state_dict().items()}
     device = torch.device(device)
     total = len(plan.sources)
-    for i, (key, srcs) in enumerate(plan.sources.items()):
-        owner, _, leaf = key.rpartition(".")
-        if leaf == "weight" and owner in fp8:
-            tensor, scale = read_fp8_weight(source, srcs, fp8[owner].mode)
-            _assign(model, f"{owner}.scale_weight", scale.to(device))
-        elif len(srcs) == 1:
-            tensor = source.get(srcs[0], dtype_for(key))
-        else:
-            tensor = torch.cat([source.get(s, dtype_for(key)) for s in srcs], dim=0)
-        tensor = tensor.reshape(expected[key].shape).to(device)
-        _assign(model, key, tensor)
+    for i, key in enumerate(plan.sources):
+        if skip is None or not skip(key):
+            for name, tensor in read_tensor(model, key, plan, source, dtype_for).items():
+                _assign(model, name, tensor.to(device))
         if progress is not None:
             progress(i + 1, total)
     return model.eval().requires_grad_(False)
+
+
+def read_tensor(model: nn.Module, key: str, plan: Plan, source: TensorSource,
+                dtype_for: Callable[[str], torch.dtype]) -> dict[str, torch.Tensor]:
+    """The model tensor `key` read from the checkpoint, shaped and cast (on the CPU), plus the
+    `scale_weight` that comes with the weight of an fp8 layer: {model name: tensor}."""
+    srcs = plan.sources[key]
+    owner, _, leaf = key.rpartition(".")
+    layer = model.get_submodule(owner) if owner else model
+    shape = get_tensor(model, key).shape
+    if leaf == "weight" and isinstance(layer, FP8Linear):
+        tensor, scale = read_fp8_weight(source, srcs, layer.mode)
+        return {key: tensor.reshape(shape), f"{owner}.scale_weight": scale}
+    if len(srcs) == 1:
+        tensor = source.get(srcs[0], dtype_for(key))
+    else:
+        tensor = torch.cat([source.get(s, dtype_for(key)) for s in srcs], dim=0)
+    return {key: tensor.reshape(shape)}
+
+
+def get_tensor(model: nn.Module, key: str) -> torch.Tensor:
+    path, _, leaf = key.rpartition(".")
+    module = model.get_submodule(path) if path else model
+    return module._parameters[leaf] if leaf in module._parameters else module._buffers[leaf]

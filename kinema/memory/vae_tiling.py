@@ -277,18 +277,28 @@ def _available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def memory_budget(device: torch.device | str) -> int:
-    """Bytes a VAE pass may use now on `device`, with a margin for fragmentation and what the estimate misses.
-
-    CUDA: free device memory plus what PyTorch's allocator holds unused, less 10% and 512 MiB.
-    Otherwise: the available RAM less 20%.
-    """
+def free_memory(device: torch.device | str) -> int:
+    """Bytes free on `device` now: CUDA free memory plus what PyTorch's allocator holds unused; else available RAM."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return _available_ram()
+
+
+def budget_from_free(free: int, device_type: str) -> int:
+    """What a VAE pass may use out of `free` bytes, with a margin for fragmentation and what the estimate
+    misses: CUDA less 10% and 512 MiB, otherwise less 20%. (The memory plan, kinema/memory/plan.py,
+    applies the same rule to the memory it expects to be free when the VAE runs.)"""
+    if device_type == "cuda":
         return max(0, int(free * 0.9) - 512 * 2**20)
-    return int(_available_ram() * 0.8)
+    return int(free * 0.8)
+
+
+def memory_budget(device: torch.device | str) -> int:
+    """Bytes a VAE pass may use now on `device` (`budget_from_free` of `free_memory`)."""
+    device = torch.device(device)
+    return budget_from_free(free_memory(device), device.type)
 
 
 def _fit(length: int, n: int, overlap: int) -> int:
@@ -296,11 +306,12 @@ def _fit(length: int, n: int, overlap: int) -> int:
     return length if n == 1 else math.ceil((length + (n - 1) * overlap) / n)
 
 
-def choose_tile(need, h: int, w: int, budget: int, overlap: int = OVERLAP) -> tuple[int, int] | None:
+def choose_tile(need, h: int, w: int, budget: int, overlap: int = OVERLAP, warn: bool = True) -> tuple[int, int] | None:
     """None (untiled) if need(None) <= budget, else the (th, tw) latent tile of the fewest tiles with need(tile) <= budget.
 
     Fewest tiles means least recomputed overlap; among layouts with as many tiles, the squarest wins.
-    With no layout fitting, the smallest tiles, and a warning.
+    With no layout fitting, the smallest tiles, and a warning (unless `warn` is False: the memory plan asks
+    what would happen, kinema/memory/plan.py, and reports it itself).
     """
     if need(None) <= budget:
         return None
@@ -316,8 +327,9 @@ def choose_tile(need, h: int, w: int, budget: int, overlap: int = OVERLAP) -> tu
         if need(tile) <= budget:
             return tile
     tile = min((g[2] for g in grids), key=need)
-    log.warning("the VAE may not fit in memory even on %dx%d-latent-pixel tiles: about %.1f GiB needed, %.1f GiB free",
-                tile[1], tile[0], need(tile) / 2**30, budget / 2**30)
+    if warn:
+        log.warning("the VAE may not fit in memory even on %dx%d-latent-pixel tiles: about %.1f GiB needed, %.1f GiB free",
+                    tile[1], tile[0], need(tile) / 2**30, budget / 2**30)
     return tile
 
 

@@ -1,14 +1,118 @@
-"""The one attention entry point every Kinema model calls.
+"""The one attention entry point every Kinema model calls, and the choice of kernel behind it.
 
 Tensors are batch-first and head-split: q [B, Lq, H, D], k and v [B, Lk, H, D].
 `mask` is an optional boolean [B, Lk] (True = attend) or an additive float bias
 broadcastable to [B, H, Lq, Lk]. `scale=None` means 1/sqrt(D); T5 passes 1.0.
+
+Backends (`set_backend`, the `attention_backend` context manager, `kinema generate
+--attention`): `sdpa` (PyTorch's scaled_dot_product_attention, the default),
+`flash_attn` (FlashAttention-2's `flash_attn_func`) and `sageattn` (SageAttention's
+INT8-QK `sageattn`: faster, approximate), plus `auto`, the best one installed.
+The kernels take Kinema's layout as it is ([B, L, H, D]), so no transpose is made.
+A call a kernel cannot take runs on sdpa instead, silently: a mask (umT5), float32
+(the VAE, float32 models), tensors off CUDA, a head_dim beyond the kernel's
+(flash_attn 256, sageattn 128), or, for sageattn, which has no backward, inputs
+that need gradients.
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
+
+from kinema.errors import KinemaError
+
+log = logging.getLogger("kinema")
+
+BACKENDS = ("sdpa", "flash_attn", "sageattn")
+CHOICES = (*BACKENDS, "auto")
+# backend -> (module, function, how to install it)
+KERNELS = {
+    "flash_attn": ("flash_attn", "flash_attn_func", "pip install flash-attn --no-build-isolation"),
+    "sageattn": ("sageattention", "sageattn", "pip install sageattention"),
+}
+MAX_HEAD_DIM = {"flash_attn": 256, "sageattn": 128}
+AUTO_ORDER = ("sageattn", "flash_attn")  # fastest first
+KERNEL_DEVICES = ("cuda",)  # device types the kernels run on
+
+_backend = "sdpa"
+_kernel: Callable | None = None
+
+
+def _import_kernel(name: str) -> Callable | str:
+    """The backend's function, or why it cannot be imported (a message naming the package to install)."""
+    module, func, install = KERNELS[name]
+    try:
+        return getattr(importlib.import_module(module), func)
+    except (ImportError, AttributeError, OSError) as exc:
+        missing = isinstance(exc, ModuleNotFoundError) and exc.name == module
+        why = "which is not installed" if missing else f"which failed to import ({' '.join(str(exc).split())})"
+        return f"attention backend {name!r} needs the {module} package, {why}: {install}, or use sdpa (or auto)."
+
+
+def available_backends() -> list[str]:
+    """The backends this Python can run (sdpa always)."""
+    return ["sdpa", *(name for name in KERNELS if callable(_import_kernel(name)))]
+
+
+def resolve_backend(name: str) -> str:
+    """A backend name ('auto' becomes the best one installed); a KinemaError for an unknown or missing one."""
+    if name not in CHOICES:
+        raise KinemaError(f"attention backend {name!r} is unknown; use one of {', '.join(CHOICES)}.")
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return "sdpa"  # the kernels are CUDA-only
+        return next((n for n in AUTO_ORDER if callable(_import_kernel(n))), "sdpa")
+    if name in KERNELS:
+        kernel = _import_kernel(name)
+        if not callable(kernel):
+            raise KinemaError(kernel)
+    return name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def set_backend(name: str) -> str:
+    """Make `name` ('auto' included) the backend of every attention call; returns the backend chosen."""
+    global _backend, _kernel
+    chosen = resolve_backend(name)
+    kernel = _import_kernel(chosen) if chosen in KERNELS else None
+    if chosen != _backend or name == "auto":
+        log.info("Attention backend: %s%s", chosen, " (auto)" if name == "auto" else "")
+        if kernel is not None and not torch.cuda.is_available():
+            log.warning("%s runs on CUDA only: without a GPU every attention call uses sdpa", chosen)
+    _backend, _kernel = chosen, kernel
+    return chosen
+
+
+@contextmanager
+def attention_backend(name: str | None) -> Iterator[str]:
+    """Use `name` within the block and restore the previous backend after it; None keeps the current one."""
+    global _backend, _kernel
+    previous = _backend, _kernel
+    try:
+        yield set_backend(name) if name is not None else _backend
+    finally:
+        _backend, _kernel = previous
+
+
+def _kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    if mask is not None or q.device.type not in KERNEL_DEVICES:
+        return False
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    if q.shape[-1] > MAX_HEAD_DIM[_backend]:
+        return False
+    if _backend == "sageattn" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return False
+    return True
 
 
 def attention(
@@ -19,6 +123,10 @@ def attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Softmax attention; returns [B, Lq, H, D] in the dtype of v."""
+    if _kernel is not None and _kernel_takes(q, k, v, mask):
+        if _backend == "flash_attn":
+            return _kernel(q, k, v, softmax_scale=scale)  # [B, Lq, H, D]
+        return _kernel(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale)  # [B, Lq, H, D]
     if mask is not None and mask.dtype == torch.bool and mask.dim() == 2:
         mask = mask[:, None, None, :]  # [B, 1, 1, Lk]
     if mask is not None and mask.dtype != torch.bool:

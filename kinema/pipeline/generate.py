@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from kinema.errors import KinemaError
+from kinema.memory.offload import offloader
 from kinema.memory.vae_tiling import TiledVAE
+from kinema.ops.attention import attention_backend
 from kinema.pipeline.conditioning import build_condition, target_size
 from kinema.pipeline.tasks import TEXT_LEN, Task, get_task
 from kinema.sampling import add_noise, initial_noise, sample, schedule, start_step_for_denoise
@@ -127,6 +129,8 @@ def generate(
     batched_cfg: bool = False,
     cache=None,
     vae_tile="auto",
+    offload=False,
+    attention: str | None = None,
     decode: bool = True,
     progress=True,
 ) -> dict:
@@ -141,9 +145,15 @@ def generate(
     `vae_tile`: VAE encode/decode on spatial tiles: "auto" (only when the estimated
     memory exceeds what is free), "off", or (width, height) / "WxH" in pixels
     (kinema/memory/vae_tiling.py); a TiledVAE in `models.vae` is used as given.
+    `offload`: True moves each model to the GPU only for its stage, in the official order
+    (umT5, CLIP, VAE encode, DiT, VAE decode), and back to the CPU after; or an Offloader
+    (kinema/memory/offload.py, e.g. with t5_cpu=True). False leaves the models where they are.
+    `attention`: the DiT's attention backend while sampling, 'sdpa', 'flash_attn', 'sageattn'
+    or 'auto' (kinema/ops/attention.py); None keeps the current one (`set_backend`).
     """
     spec = get_task(task)
-    dit, vae, device = models.dit, models.vae, next(models.dit.parameters()).device
+    off = offloader(models, offload)  # moves nothing unless offloading; its device is where the DiT runs
+    dit, vae, device = models.dit, models.vae, off.device
     if not isinstance(vae, TiledVAE):
         vae = TiledVAE(vae, vae_tile)
     check_task(dit, spec)
@@ -161,29 +171,35 @@ def generate(
     if negative_prompt is None:
         negative_prompt = model_defaults.get("negative_prompt", spec.negative_prompt)
 
+    first = image if spec.name == "i2v" else first_frame
+    if spec.name in ("i2v", "flf2v"):  # missing inputs are reported before any model runs
+        if models.clip is None:
+            raise KinemaError(f"task {spec.name} needs the CLIP vision encoder; pass --clip or a checkpoint folder that has it.")
+        if first is None:
+            raise KinemaError(f"task {spec.name} needs {'an image (--image)' if spec.name == 'i2v' else 'a first frame (--first_frame)'}.")
+        if spec.name == "flf2v" and last_frame is None:
+            raise KinemaError("task flf2v needs a last frame (--last_frame).")
+
+    with off.visit("t5"):  # the official order: umT5, CLIP, VAE encode, DiT, VAE decode
+        embs = models.text_encoder.encode([prompt] + ([negative_prompt] if guide_scale != 1.0 else []))
+    context = pad_context([e.to(device) for e in embs], dit.config.text_len)
     cond: dict = {"clip_fea": None, "y": None}
     uncond: dict = {"clip_fea": None, "y": None}
     if spec.name in ("i2v", "flf2v"):
-        if models.clip is None:
-            raise KinemaError(f"task {spec.name} needs the CLIP vision encoder; pass --clip or a checkpoint folder that has it.")
-        first = image if spec.name == "i2v" else first_frame
-        if first is None:
-            raise KinemaError(f"task {spec.name} needs {'an image (--image)' if spec.name == 'i2v' else 'a first frame (--first_frame)'}.")
         height, width = target_size(first.shape[1], first.shape[2], width * height, vae.spatial_ratio, dit.config.patch_size[1])
         known = {0: first}
         if spec.name == "flf2v":
-            if last_frame is None:
-                raise KinemaError("task flf2v needs a last frame (--last_frame).")
             known[frame_num - 1] = _fit_last_frame(first, last_frame)
-        clip = torch.cat([models.clip.encode(f[None].to(models.clip.device)) for f in known.values()], dim=1)
-        y = build_condition(vae, known, frame_num, height, width)
+        with off.visit("clip"):
+            clip = torch.cat([models.clip.encode(f[None].to(models.clip.device)) for f in known.values()], dim=1)
+        with off.visit("vae"):
+            y = build_condition(vae, known, frame_num, height, width)
         cond = uncond = {"clip_fea": clip.to(device), "y": y.to(device)}  # the image condition is not guided
     elif dit.config.in_dim > vae.z_dim:
-        cond = uncond = {k: v.to(device) for k, v in empty_condition(dit, vae, frame_num, height, width).items()}
+        with off.visit("vae"):
+            cond = uncond = {k: v.to(device) for k, v in empty_condition(dit, vae, frame_num, height, width).items()}
     lat_shape = (1, vae.z_dim, (frame_num - 1) // vae.temporal_ratio + 1, height // vae.spatial_ratio, width // vae.spatial_ratio)
 
-    embs = models.text_encoder.encode([prompt] + ([negative_prompt] if guide_scale != 1.0 else []))
-    context = pad_context([e.to(device) for e in embs], dit.config.text_len)
     cond = {"context": context[:1], **cond}
     uncond = {"context": context[1:], **uncond} if guide_scale != 1.0 else None
 
@@ -194,7 +210,8 @@ def generate(
         if latents is None:
             v = F.interpolate(video.float().transpose(0, 1), size=(height, width), mode="bilinear", antialias=True)
             v = v[: 1 + (v.shape[0] - 1) // vae.temporal_ratio * vae.temporal_ratio].transpose(0, 1)  # [3, F', H, W]
-            latents = vae.encode(v[None])[0]
+            with off.visit("vae"):
+                latents = vae.encode(v[None])[0]
         if tuple(latents.shape) != lat_shape[1:]:
             raise KinemaError(f"the input latents have shape {list(latents.shape)}, but this size and frame count need {list(lat_shape[1:])}.")
         start = start_step_for_denoise(steps, denoise)
@@ -204,13 +221,19 @@ def generate(
     step_cache = make_cache(cache, dit, width * height)
     if step_cache is not None:
         step_cache.begin(steps, start)
-    x0 = sample(guided_model(dit, cond, uncond, guide_scale, batched_cfg, step_cache), noise, sigmas, timesteps, solver, start, progress)
+    with attention_backend(attention) as backend, off.visit("dit"):
+        x0 = sample(guided_model(dit, cond, uncond, guide_scale, batched_cfg, step_cache), noise, sigmas, timesteps, solver, start, progress)
     if step_cache is not None:
         log.info("%s", step_cache.summary())
-    out = vae.decode(x0.to(vae.device))[0] if decode else None
+    out = None
+    if decode:
+        with off.visit("vae"):  # after the DiT has left the GPU, as in the official code
+            out = vae.decode(x0.to(vae.device))[0]
     settings = dict(task=spec.name, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
                     frame_num=frame_num, steps=steps, shift=shift, guide_scale=guide_scale, seed=seed, solver=solver,
                     denoise=denoise if start else 1.0)
     if step_cache is not None:
         settings["cache"] = str(step_cache)
+    if backend != "sdpa":
+        settings["attention"] = backend
     return {"video": out, "latents": x0[0], "settings": settings, "cache": step_cache}

@@ -1,0 +1,186 @@
+"""One DiT forward pass: Kinema's WanDiT vs diffusers' WanTransformer3DModel with the same weights.
+
+For each config and dtype both models run the same inputs in this process (text context of 512
+tokens, t2v); the table gives the median time of the timed runs, the activation peak (resident
+memory sampled every millisecond during the forward, minus the memory before it), Kinema's FLOP
+count (matmuls and attention, counted from the shapes) and the share of the machine's matmul peak
+it reaches (the peak is a large square matmul in the same dtype, measured at the start).
+
+Configs:
+  dim512   dim 512, 8 heads, ffn 2048, 8 layers, 8192 tokens (latent 8x64x64)
+  1.3B-1   the Wan2.1 1.3B block shapes (dim 1536, 12 heads, ffn 8960), 1 layer, 480p tokens
+           (832x480x81 -> latent 21x60x104 -> 32760 tokens; --frames lowers the frame count)
+  1.3B-2   the same with 2 layers
+
+    python bench/dit_step.py                       # every config, fp32 and bf16
+    python bench/dit_step.py --configs dim512 --dtypes fp32 --runs 3
+    python bench/dit_step.py --small               # tiny stand-ins, seconds (a smoke run)
+
+Set OMP_NUM_THREADS to compare at a fixed thread count; both models use the same threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+
+import diffusers
+import torch
+from diffusers import WanTransformer3DModel
+from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
+
+from kinema.loading.dit import dtype_policy
+from kinema.models.dit import DiTConfig, WanDiT
+
+TEXT_DIM, TEXT_LEN = 4096, 512
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def configs(frames: int) -> dict:
+    f480 = (frames - 1) // 4 + 1
+    return {
+        "dim512": (DiTConfig("t2v", dim=512, ffn_dim=2048, num_heads=8, num_layers=8, text_dim=TEXT_DIM), (8, 64, 64)),
+        "1.3B-1": (DiTConfig("t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=1, text_dim=TEXT_DIM), (f480, 60, 104)),
+        "1.3B-2": (DiTConfig("t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=2, text_dim=TEXT_DIM), (f480, 60, 104)),
+        "small": (DiTConfig("t2v", dim=128, ffn_dim=256, num_heads=2, num_layers=2, text_dim=64), (2, 16, 16)),
+    }
+
+
+def flops(cfg: DiTConfig, tokens: int, text: int) -> float:
+    """Multiply-adds x 2 of the blocks' matmuls and attention (patch embedding, head and embeddings are < 0.1%)."""
+    d, f, L, C = cfg.dim, cfg.ffn_dim, tokens, text
+    per_block = (4 * L * d * d  # self-attention q, k, v, o
+                 + 2 * L * L * d  # QK^T and PV
+                 + 2 * L * d * d + 2 * C * d * d  # cross-attention q, o and k, v
+                 + 2 * L * C * d  # cross-attention QK^T and PV
+                 + 2 * L * d * f)  # FFN
+    return 2.0 * cfg.num_layers * per_block
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float:
+    """FLOP/s of the best of a few n x n x n matmuls."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = min(_time(lambda: a @ b) for _ in range(runs))
+    return 2 * n**3 / best
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+class PeakRSS:
+    """Largest resident set size while inside the block, minus the size on entry (bytes)."""
+
+    def __enter__(self):
+        self.start = self.peak = self._rss()
+        self.done = False
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done = True
+        self.thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def delta(self) -> int:
+        return self.peak - self.start
+
+    def _watch(self):
+        while not self.done:
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.001)
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+
+def build(cfg: DiTConfig, dtype: torch.dtype) -> tuple[WanDiT, WanTransformer3DModel]:
+    """Kinema's model as its loader makes it (fp32 islands), and diffusers' with the same weights
+    (cast the way from_pretrained(torch_dtype=...) casts it: `_keep_in_fp32_modules` stay fp32)."""
+    torch.manual_seed(0)
+    ours = WanDiT(cfg).init_weights()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.02)
+    state = {k: v.clone() for k, v in ours.state_dict().items()}
+    policy = dtype_policy(dtype)
+    for name, p in ours.named_parameters():
+        p.data = p.data.to(policy(name))
+    ref = WanTransformer3DModel(
+        patch_size=cfg.patch_size, num_attention_heads=cfg.num_heads, attention_head_dim=cfg.head_dim, in_channels=cfg.in_dim,
+        out_channels=cfg.out_dim, text_dim=cfg.text_dim, freq_dim=cfg.freq_dim, ffn_dim=cfg.ffn_dim, num_layers=cfg.num_layers,
+        cross_attn_norm=cfg.cross_attn_norm, qk_norm="rms_norm_across_heads", eps=cfg.eps,
+    )
+    ref.load_state_dict(convert_wan_transformer_to_diffusers(state), strict=True)
+    ref.to(dtype)
+    keep = tuple(WanTransformer3DModel._keep_in_fp32_modules)
+    for name, module in ref.named_modules():
+        if any(k in name.split(".") for k in keep):
+            module.float()
+    return ours.eval().requires_grad_(False), ref.eval().requires_grad_(False)
+
+
+def measure(run, runs: int) -> tuple[float, int, torch.Tensor]:
+    with torch.inference_mode():
+        out = run()  # warm-up (and the output)
+        times, peak = [], 0
+        for _ in range(runs):
+            with PeakRSS() as rss:
+                t = _time(run)
+            times.append(t)
+            peak = max(peak, rss.delta)
+    return statistics.median(times), peak, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=["dim512", "1.3B-1", "1.3B-2"])
+    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
+    ap.add_argument("--runs", type=int, default=2, help="timed runs per model (after one warm-up)")
+    ap.add_argument("--frames", type=int, default=81, help="video frames of the 1.3B configs (480p tokens at 81)")
+    ap.add_argument("--small", action="store_true", help="only the tiny 'small' config (a smoke run)")
+    args = ap.parse_args()
+    diffusers.logging.set_verbosity_error()  # its note on casting with .to(): build() keeps its fp32 modules itself
+    table = configs(args.frames)
+    names = ["small"] if args.small else args.configs
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    rows = []
+    for dtype_name in args.dtypes:
+        dtype = DTYPES[dtype_name]
+        peak = matmul_peak(dtype)
+        print(f"matmul peak {dtype_name}: {peak / 1e9:.1f} GFLOP/s")
+        for name in names:
+            cfg, (f, h, w) = table[name]
+            ours, ref = build(cfg, dtype)
+            g = torch.Generator().manual_seed(1)
+            x = torch.randn(1, cfg.in_dim, f, h, w, generator=g)
+            t = torch.tensor([500.0])
+            ctx = torch.randn(1, TEXT_LEN, cfg.text_dim, generator=g) * 0.1
+            k_time, k_mem, k_out = measure(lambda: ours(x, t, ctx), args.runs)
+            d_time, d_mem, d_out = measure(lambda: ref(x.to(dtype), t, ctx.to(dtype)).sample, args.runs)
+            err = ((k_out.float() - d_out.float()).norm() / d_out.float().norm()).item()
+            tokens = f * h * w // 4
+            fl = flops(cfg, tokens, TEXT_LEN)
+            rows.append((name, dtype_name, tokens, k_time, d_time, k_mem, d_mem, fl, peak, err))
+            print(f"  {name} {dtype_name}: kinema {k_time:.3f} s, diffusers {d_time:.3f} s", flush=True)
+            del ours, ref
+    print()
+    print("| config | dtype | tokens | Kinema s | diffusers s | time ratio | Kinema act. MiB | diffusers act. MiB | "
+          "memory ratio | GFLOP | Kinema GFLOP/s | % of matmul peak | rel. diff |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, dt, tokens, kt, dtm, km, dm, fl, peak, err in rows:
+        print(f"| {name} | {dt} | {tokens} | {kt:.3f} | {dtm:.3f} | {kt / dtm:.2f}x | {km / 2**20:.0f} | {dm / 2**20:.0f} | "
+              f"{km / max(dm, 1):.2f}x | {fl / 1e9:.0f} | {fl / kt / 1e9:.1f} | {100 * fl / kt / peak:.0f}% | {err:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Attention backends: selection, dispatch to flash_attn / sageattn (fake modules here), fallbacks, errors.
+
+The real kernels need a CUDA GPU; their test skips without one. Everything else
+injects stand-in `flash_attn` / `sageattention` modules and lets the kernels'
+path run on CPU tensors (`KERNEL_DEVICES`), to check what Kinema passes and uses.
+"""
+
+import logging
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import StubTextEncoder
+
+from kinema.cli.main import main
+from kinema.errors import KinemaError
+from kinema.ops import attention as attn
+
+B, LQ, LK, H, D = 2, 7, 5, 3, 16  # Lq != Lk != H, so a wrong layout cannot pass
+
+
+def _sdpa(q, k, v, scale=None):
+    """The reference, computed independently of Kinema, from [B, L, H, D] inputs."""
+    q, k, v = (t.float().transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
+    return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2)
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend():
+    saved = attn._backend, attn._kernel
+    yield
+    attn._backend, attn._kernel = saved
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    """Stand-in kernel modules that record their calls and return the true attention + 1 (so using it shows)."""
+    calls = []
+
+    def flash_attn_func(q, k, v, softmax_scale=None, **kwargs):
+        calls.append(dict(name="flash_attn", q=q, k=k, v=v, scale=softmax_scale, kwargs=kwargs))
+        return (_sdpa(q, k, v, softmax_scale) + 1).to(q.dtype)
+
+    def sageattn(q, k, v, tensor_layout="HND", is_causal=False, sm_scale=None, **kwargs):
+        calls.append(dict(name="sageattn", q=q, k=k, v=v, scale=sm_scale, layout=tensor_layout, causal=is_causal))
+        assert tensor_layout == "NHD"
+        return (_sdpa(q, k, v, sm_scale) + 1).to(q.dtype)
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
+    monkeypatch.setitem(sys.modules, "sageattention", types.SimpleNamespace(sageattn=sageattn))
+    monkeypatch.setattr(attn, "KERNEL_DEVICES", ("cuda", "cpu"))  # let the kernels' path take CPU tensors
+    return calls
+
+
+def _qkv(dtype=torch.float16, d=D):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(B, n, H, d, generator=g).to(dtype) for n in (LQ, LK, LK)]
+
+
+@pytest.mark.parametrize("name", ["flash_attn", "sageattn"])
+@pytest.mark.parametrize("scale", [None, 1.0])
+def test_dispatch_layout_and_output(fakes, name, scale):
+    q, k, v = _qkv()
+    attn.set_backend(name)
+    out = attn.attention(q, k, v, scale=scale)
+    (call,) = fakes
+    assert call["name"] == name and call["q"] is q and call["k"] is k and call["v"] is v  # [B, L, H, D], no copies
+    assert call["scale"] == scale
+    if name == "sageattn":
+        assert call["layout"] == "NHD" and call["causal"] is False
+    assert out.shape == (B, LQ, H, D) and out.dtype == torch.float16
+    assert torch.allclose(out.float(), _sdpa(q, k, v, scale) + 1, atol=2e-2)  # the kernel's output, as it returned it
+
+
+@pytest.mark.parametrize("name", ["flash_attn", "sageattn"])
+def test_fallbacks_to_sdpa(fakes, monkeypatch, name):
+    attn.set_backend(name)
+    q, k, v = _qkv()
+    cases = {
+        "mask": dict(mask=torch.ones(B, LK, dtype=torch.bool)),
+        "float32": dict(dtype=torch.float32),
+        "head_dim": dict(d=attn.MAX_HEAD_DIM[name] + 8),
+    }
+    for why, case in cases.items():
+        qq, kk, vv = _qkv(case.get("dtype", torch.float16), case.get("d", D))
+        out = attn.attention(qq, kk, vv, mask=case.get("mask"))
+        assert not fakes, why
+        assert torch.allclose(out.float(), _sdpa(qq, kk, vv), atol=2e-2), why
+    monkeypatch.setattr(attn, "KERNEL_DEVICES", ("cuda",))  # CPU tensors
+    attn.attention(q, k, v)
+    assert not fakes
+    monkeypatch.setattr(attn, "KERNEL_DEVICES", ("cuda", "cpu"))
+    q.requires_grad_(True)
+    with torch.enable_grad():
+        attn.attention(q, k, v)
+    assert [c["name"] for c in fakes] == ([] if name == "sageattn" else ["flash_attn"])  # sageattn has no backward
+
+
+def test_auto_picks_the_best_installed(fakes, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with caplog.at_level(logging.INFO, logger="kinema"):
+        assert attn.set_backend("auto") == "sageattn"
+    assert "Attention backend: sageattn (auto)" in caplog.text
+    monkeypatch.setitem(sys.modules, "sageattention", None)  # not installed
+    assert attn.set_backend("auto") == "flash_attn"
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    assert attn.set_backend("auto") == "sdpa" and attn._kernel is None
+    assert attn.available_backends() == ["sdpa"]
+
+
+def test_auto_without_cuda_is_sdpa(fakes, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert attn.available_backends() == ["sdpa", "flash_attn", "sageattn"]
+    assert attn.set_backend("auto") == "sdpa"
+
+
+def test_unknown_and_missing_backends(monkeypatch):
+    with pytest.raises(KinemaError, match="unknown; use one of sdpa, flash_attn, sageattn, auto"):
+        attn.set_backend("xformers")
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    monkeypatch.setitem(sys.modules, "sageattention", None)
+    with pytest.raises(KinemaError, match="pip install flash-attn"):
+        attn.set_backend("flash_attn")
+    with pytest.raises(KinemaError, match="pip install sageattention"):
+        attn.set_backend("sageattn")
+    assert attn.get_backend() == "sdpa"  # unchanged by the failed calls
+
+
+def test_context_manager_restores(fakes):
+    assert attn.get_backend() == "sdpa"
+    with attn.attention_backend("flash_attn") as chosen:
+        assert chosen == "flash_attn" == attn.get_backend()
+        with attn.attention_backend(None) as same:
+            assert same == "flash_attn"
+    assert attn.get_backend() == "sdpa" and attn._kernel is None
+
+
+def test_generate_uses_the_backend(fakes):
+    """generate(attention=...) routes the DiT's attention to the kernel while sampling, then restores sdpa."""
+    from kinema.models.dit import DiTConfig, WanDiT
+    from kinema.models.vae import WanVAE
+    from kinema.pipeline.generate import Models, generate
+
+    vae = WanVAE(dim=8, dim_mult=(1, 2, 2, 2)).eval().requires_grad_(False)
+    dit = WanDiT(DiTConfig("t2v", dim=64, ffn_dim=64, text_dim=16, num_heads=2, num_layers=1)).eval().half()
+    out = generate(Models(dit, vae, StubTextEncoder()), "t2v", prompt="a red circle", size=(32, 32), frame_num=1,
+                   steps=2, progress=False, decode=False, attention="flash_attn")
+    # 2 steps x (cond + uncond) x (self + cross attention); the VAE / text encoder are outside the block
+    assert [c["name"] for c in fakes] == ["flash_attn"] * 8
+    assert out["settings"]["attention"] == "flash_attn" and attn.get_backend() == "sdpa"
+
+
+@pytest.mark.parametrize("argv", [["--attention", "flash_attn"], ["--attention", "xformers"]])
+def test_cli_attention_errors(monkeypatch, capsys, argv):
+    monkeypatch.setitem(sys.modules, "flash_attn", None)
+    assert main(["generate", "--prompt", "a red circle", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert ("pip install flash-attn" in err) if argv[1] == "flash_attn" else ("unknown; use one of" in err)
+
+
+@pytest.mark.parametrize("name", ["flash_attn", "sageattn"])
+def test_real_kernel_matches_sdpa(name):
+    if not torch.cuda.is_available():
+        pytest.skip("the flash_attn / sageattn kernels run on CUDA only; no GPU here")
+    pytest.importorskip(attn.KERNELS[name][0], reason=f"{attn.KERNELS[name][0]} is not installed")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, n, 4, 128, generator=g, device="cuda", dtype=torch.bfloat16) for n in (300, 77, 77))
+    want = attn.attention(q, k, v).float()
+    with attn.attention_backend(name):
+        got = attn.attention(q, k, v).float()
+    tol = 1e-2 if name == "flash_attn" else 5e-2  # sageattn quantises Q and K to int8
+    assert ((got - want).abs().max() / want.abs().max()).item() < tol
