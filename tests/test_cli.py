@@ -160,3 +160,15 @@ def test_v2v_end_to_end(ckpt, tmp_path):
     from kinema.media import read_metadata
 
     assert read_metadata(out)["denoise"] == 0.5 and read_metadata(out)["task"] == "v2v"
+
+
+def test_repeat_keeps_vae_tiles(ckpt, tmp_path, capsys):
+    """--vae_tile changes the pixels slightly, so it is recorded and `--from` repeats it."""
+    out = tmp_path / "tiled.mp4"
+    assert main(_gen(ckpt, "--save_file", str(out), "--vae_tile", "256x256")) == 0
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0
+    assert '"vae_tile": "256x256"' in capsys.readouterr().out
+    again = tmp_path / "again.mp4"
+    assert main(["generate", "--from", str(out), "--ckpt_dir", str(ckpt), "--save_file", str(again)]) == 0
+    assert np.array_equal(_decode(out)[0], _decode(again)[0])

@@ -25,7 +25,7 @@ FROM_KEYS = {
     "task": "task", "prompt": "prompt", "negative_prompt": "negative_prompt", "seed": "base_seed", "steps": "sample_steps",
     "shift": "sample_shift", "guide_scale": "sample_guide_scale", "solver": "sample_solver", "frame_num": "frame_num",
     "size": "size", "fps": "fps", "format": "format", "denoise": "denoise", "cache": "cache",
-    "quantization": "quantization", "t5_quantization": "t5_quantization",
+    "quantization": "quantization", "t5_quantization": "t5_quantization", "attention": "attention", "vae_tile": "vae_tile",
 }
 
 
@@ -345,6 +345,8 @@ def cmd_generate(args) -> None:
     if loras:
         metadata["loras"] = [[str(Path(p).resolve()), strength] for p, strength in loras]
     metadata.update({k: v for k, v in (("quantization", dit_fp8), ("t5_quantization", t5_fp8)) if v})
+    if args.vae_tile != "auto":  # tiles change the pixels slightly (<= 1e-3): repeat them with --from
+        metadata["vae_tile"] = args.vae_tile
     log.info("Saving generated %s to %s", "image" if task.name == "t2i" else "video", target if prefix is None else f"{target}/{prefix}_NNNNN")
     path = save_video(out["video"], target, format=fmt, frame_rate=fps, loop_count=args.loop_count, pingpong=args.pingpong,
                       crf=args.crf, pix_fmt=args.pix_fmt, lossless=args.lossless, filename_prefix=prefix or "kinema", metadata=metadata)
