@@ -19,6 +19,8 @@ def add_parser(sub) -> None:
     e.add_argument("--lora_samples", type=int, default=40, help="t2v samples per LoRA strength")
     e.add_argument("--seed", type=int, default=None, help="evaluation world seed (default: one training never uses)")
     e.add_argument("--sample_steps", type=int, default=None, help="sampling steps (default: the model's)")
+    e.add_argument("--cache", default=None, metavar="SPEC",
+                   help="step caching while sampling, as `kinema generate --cache` (teacache:T, magcache:T:K)")
     e.add_argument("--only", default="t2v,i2v,flf2v,vae,lora", help="comma-separated parts to run")
     e.add_argument("--json", default=None, help="also write the results to this JSON file (never overwritten)")
     e.set_defaults(run=run)
@@ -38,6 +40,10 @@ def run(args: argparse.Namespace) -> None:
     bad = [p for p in only if p not in ("t2v", "i2v", "flf2v", "vae", "lora")]
     if bad:
         raise KinemaError(f"--only: unknown part {bad[0]!r}; choose from t2v, i2v, flf2v, vae, lora.")
+    if args.cache:
+        from kinema.sampling.cache import parse_cache
+
+        parse_cache(args.cache, "--cache")  # a bad spec is an error before any model loads
     path = args.ckpt_dir
     if path is None:
         from kinema.builtin import builtin_path
@@ -45,7 +51,8 @@ def run(args: argparse.Namespace) -> None:
         path = builtin_path()
     models = Models(kinema.load_dit(path), kinema.load_vae(path), kinema.load_text_encoder(path), kinema.load_clip_vision(path))
     s = EvalSettings(t2v=args.t2v, i2v=args.i2v, flf2v=args.flf2v, vae=args.vae, lora=args.lora_samples,
-                     seed=EVAL_SEED if args.seed is None else args.seed, steps=args.sample_steps, only=only)
+                     seed=EVAL_SEED if args.seed is None else args.seed, steps=args.sample_steps, only=only,
+                     cache=args.cache)
     results = evaluate(models, s, lora=args.lora)
     print(table(results))
     if args.json:
