@@ -32,6 +32,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
 from kinema.loading.dit import dtype_policy
+from proc_status import status_bytes
 from kinema.models.dit import DiTConfig, WanDiT
 
 TEXT_DIM, TEXT_LEN = 4096, 512
@@ -99,8 +100,7 @@ class PeakRSS:
 
     @staticmethod
     def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * 4096
+        return status_bytes("VmRSS")
 
 
 def build(cfg: DiTConfig, dtype: torch.dtype) -> tuple[WanDiT, WanTransformer3DModel]:

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from proc_status import status_bytes
+
 SHAPES = {
     "1.3B": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096),
     "small": dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=4, text_dim=4096),
@@ -43,11 +45,11 @@ def write_checkpoint(folder: Path, shape: str) -> int:
 
 
 def peak_rss() -> int:
-    """This process's resident high-water mark in bytes (VmHWM: unlike ru_maxrss, not inherited from the parent)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's resident high-water mark in bytes (VmHWM; ru_maxrss where there is none)."""
+    try:
+        return status_bytes("VmHWM")
+    except (OSError, RuntimeError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def child(lib: str, folder: str) -> None:

@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from proc_status import status_bytes
+
 PROMPT = "a red circle moving right on a black background"
 # name -> (what to swap into the tiny checkpoint, `kinema generate` flags). Each runs in seconds on one core.
 CONFIGS = {
@@ -67,13 +69,6 @@ def write_checkpoint(folder: Path, dit: dict | None = None, t5: dict | None = No
         torch.save(WanVAE(dim_mult=(1, 2, 2, 2), **vae).state_dict(), folder / "Wan2.1_VAE.pth")
 
 
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
-
-
 def child(argv: list[str]) -> None:
     """Runs in a fresh process: one `kinema generate`, each phase's peak RSS above the start, and the plan."""
     import kinema.cli.plan as cli_plan
@@ -91,10 +86,10 @@ def child(argv: list[str]) -> None:
     clear = Path("/proc/self/clear_refs")
 
     def close(next_phase: str) -> None:
-        measured[current[0]] = max(measured.get(current[0], 0), _status("VmHWM") - base)
+        measured[current[0]] = max(measured.get(current[0], 0), status_bytes("VmHWM") - base)
         clear.write_text("5")  # resets VmHWM to the current RSS
         current[0] = next_phase
-        start.setdefault(next_phase, _status("VmRSS") - base)
+        start.setdefault(next_phase, status_bytes("VmRSS") - base)
 
     def timed(owner, name: str, phase: str) -> None:
         original = getattr(owner, name)
@@ -120,7 +115,7 @@ def child(argv: list[str]) -> None:
         return out
 
     cli_plan.plan_run = keep
-    base = _status("VmRSS")
+    base = status_bytes("VmRSS")
     clear.write_text("5")
     code = main(["generate", *argv])
     close("between")

@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from proc_status import status_bytes
+
 Z_DIM = 16
 
 
@@ -47,13 +49,6 @@ def write_checkpoint(folder: Path, dim: int) -> None:
                              temperal_downsample=[False, True, True])
     randomise_vae(model, torch.Generator().manual_seed(0), model.decoder.conv_out)
     model.save_pretrained(folder)
-
-
-def rss(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def child(cfg: dict) -> None:
@@ -97,13 +92,13 @@ def child(cfg: dict) -> None:
             base = torch.cuda.memory_allocated()
         else:
             Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (Linux >= 4.0)
-            base = rss("VmRSS:")
+            base = status_bytes("VmRSS")
         start = time.perf_counter()
         video = decode(z)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss("VmHWM:")
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else status_bytes("VmHWM")
     torch.save(video.float().cpu(), cfg["out"])
     print(json.dumps({"peak": peak - base, "seconds": seconds}))
 

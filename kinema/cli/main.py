@@ -324,7 +324,7 @@ def cmd_generate(args) -> None:
 
         BlockSwap(dit, args.blocks_to_swap, prefetch, device=device)  # kept as dit.block_placement
     if args.compile:
-        compile_blocks(dit, args.compile)
+        compile_blocks(dit, args.compile, device=device)  # where it runs, not where offload keeps it
     vae = kinema.load_vae(args.vae or args.ckpt_dir, device=home)
     clip = kinema.load_clip_vision(args.clip or args.ckpt_dir, dtype=enc_dtype, device=home) if task.model_type != "t2v" else None
     log.info("Models loaded in %.1fs: %s DiT, %d layers, width %d", time.perf_counter() - t0, dit.config.model_type, dit.config.num_layers, dit.config.dim)

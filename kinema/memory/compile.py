@@ -68,13 +68,14 @@ def _compiled(cls: type, mode: str, backend: str, dynamic: bool | None):
 
 
 def compile_blocks(dit: nn.Module, mode: str | None = None, backend: str = "inductor",
-                   dynamic: bool | None = None) -> nn.Module:
+                   dynamic: bool | None = None, device: torch.device | str | None = None) -> nn.Module:
     """Run each of `dit.blocks` through one torch.compile'd block forward; returns the DiT.
 
     `mode`: 'default', 'reduce-overhead', 'max-autotune' or 'max-autotune-no-cudagraphs'.
     Compilation happens on the first call (see the README for its cost). `backend` other
-    than inductor ('eager', 'aot_eager') skips the compiler check: for debugging."""
-    device = next(dit.parameters()).device
+    than inductor ('eager', 'aot_eager') skips the compiler check: for debugging. `device`: where the
+    blocks will run (default: where the DiT's weights are now; offload and streaming keep them elsewhere)."""
+    device = device if device is not None else next(dit.parameters()).device
     mode = check_compile(mode, device) if backend == "inductor" else (mode or "default")
     for block in dit.blocks:
         block.forward = types.MethodType(_compiled(type(block), mode, backend, dynamic), block)
