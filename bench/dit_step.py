@@ -129,13 +129,15 @@ def build(cfg: DiTConfig, dtype: torch.dtype) -> tuple[WanDiT, WanTransformer3DM
     return ours.eval().requires_grad_(False), ref.eval().requires_grad_(False)
 
 
-def measure(run, runs: int) -> tuple[float, int, torch.Tensor]:
+def measure(run, runs: int, warmup: bool) -> tuple[float, int, torch.Tensor]:
     with torch.inference_mode():
-        out = run()  # warm-up (and the output)
+        out = run() if warmup else None
         times, peak = [], 0
         for _ in range(runs):
             with PeakRSS() as rss:
-                t = _time(run)
+                t0 = time.perf_counter()
+                out = run()
+                t = time.perf_counter() - t0
             times.append(t)
             peak = max(peak, rss.delta)
     return statistics.median(times), peak, out
@@ -145,9 +147,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["dim512", "1.3B-1", "1.3B-2"])
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
-    ap.add_argument("--runs", type=int, default=2, help="timed runs per model (after one warm-up)")
+    ap.add_argument("--runs", type=int, default=2, help="timed runs per model (after one warm-up, see --warmup_below)")
     ap.add_argument("--frames", type=int, default=81, help="video frames of the 1.3B configs (480p tokens at 81)")
     ap.add_argument("--small", action="store_true", help="only the tiny 'small' config (a smoke run)")
+    ap.add_argument("--warmup_below", type=float, default=2000.0,
+                    help="GFLOP below which a forward gets an untimed warm-up first (a minute-long forward needs none)")
     args = ap.parse_args()
     diffusers.logging.set_verbosity_error()  # its note on casting with .to(): build() keeps its fp32 modules itself
     table = configs(args.frames)
@@ -165,11 +169,12 @@ def main() -> None:
             x = torch.randn(1, cfg.in_dim, f, h, w, generator=g)
             t = torch.tensor([500.0])
             ctx = torch.randn(1, TEXT_LEN, cfg.text_dim, generator=g) * 0.1
-            k_time, k_mem, k_out = measure(lambda: ours(x, t, ctx), args.runs)
-            d_time, d_mem, d_out = measure(lambda: ref(x.to(dtype), t, ctx.to(dtype)).sample, args.runs)
-            err = ((k_out.float() - d_out.float()).norm() / d_out.float().norm()).item()
             tokens = f * h * w // 4
             fl = flops(cfg, tokens, TEXT_LEN)
+            warmup = fl / 1e9 < args.warmup_below
+            k_time, k_mem, k_out = measure(lambda: ours(x, t, ctx), args.runs, warmup)
+            d_time, d_mem, d_out = measure(lambda: ref(x.to(dtype), t, ctx.to(dtype)).sample, args.runs, warmup)
+            err = ((k_out.float() - d_out.float()).norm() / d_out.float().norm()).item()
             rows.append((name, dtype_name, tokens, k_time, d_time, k_mem, d_mem, fl, peak, err))
             print(f"  {name} {dtype_name}: kinema {k_time:.3f} s, diffusers {d_time:.3f} s", flush=True)
             del ours, ref

@@ -190,3 +190,28 @@ def test_comfyui_fp8_files(saved, tmp_path, scaled):
         unquantised = _ref_forward(ref, variant, inp)
     assert rel_err(got, want) <= 1e-4
     assert rel_err(got, unquantised) > 1e-3  # the weights really went through fp8
+
+
+def test_inference_path_slices_ffn_and_keeps_input(saved, monkeypatch):
+    """Without autograd a block adds its residuals in place and runs the FFN on token slices: same
+    numbers as the autograd path and as diffusers, and the block's input tensor is left as it was."""
+    import kinema.models.dit as dit_module
+
+    variant, ref, root, _ = saved
+    dit = kinema.load_dit(root / "diffusers")
+    inp = _inputs(variant, 3, 4, 6, 2)  # 18 tokens per sample
+    monkeypatch.setattr(dit_module, "FFN_ROWS", 5)  # 4 slices, the last one short
+    with torch.no_grad():
+        tokens, grid = dit.embed(inp["x"], inp.get("y"))
+        e, e0 = dit.time_embed(inp["t"], 2)
+        context, image = dit.embed_context(inp["context"], inp.get("clip_fea"))
+        rope = dit.rope(grid, tokens.device)
+        before = tokens.clone()
+        fast = dit.blocks[0](tokens, e0, rope, context, image)
+        assert torch.equal(tokens, before)
+        sliced = _kinema_forward(dit, inp)
+        expected = _ref_forward(ref, variant, inp)
+    with torch.enable_grad():
+        plain = dit.blocks[0](tokens, e0, rope, context, image)
+    assert rel_err(fast, plain.detach()) < 1e-6
+    assert rel_err(sliced, expected) <= 1e-4  # the bound of the other parity tests

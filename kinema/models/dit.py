@@ -104,6 +104,9 @@ class CrossAttention(nn.Module):
         return self.o(out.flatten(2))
 
 
+FFN_ROWS = 4096  # tokens per FFN slice at inference (fp32 hidden of a 1.3B block: 147 MB instead of 1.2 GB at 480p)
+
+
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -116,11 +119,22 @@ class DiTBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
     def forward(self, x, e, rope, context, image_context=None):
-        """x [B, L, dim] float32 residual stream; e [B, 6, dim] time modulation."""
+        """x [B, L, dim] float32 residual stream; e [B, 6, dim] time modulation. x itself is not modified.
+
+        Without autograd (sampling) the second and third residual adds run in place and the FFN runs
+        on slices of FFN_ROWS tokens with its GELU in place, so its [L, ffn_dim] hidden never exists
+        whole; each token's result is the same as the one-piece computation."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(1)
-        x = x + self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), rope).float() * gate_sa[:, None]
-        x = x + self.cross_attn(self.norm3(x), context, image_context).float()
-        x = x + self.ffn(modulate(self.norm2(x), shift_ff, scale_ff)).float() * gate_ff[:, None]
+        x = torch.addcmul(x, self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), rope), gate_sa[:, None])
+        if torch.is_grad_enabled():
+            x = x + self.cross_attn(self.norm3(x), context, image_context)
+            return torch.addcmul(x, self.ffn(modulate(self.norm2(x), shift_ff, scale_ff)), gate_ff[:, None])
+        x.add_(self.cross_attn(self.norm3(x), context, image_context))
+        fc1, act, fc2 = self.ffn
+        for rows in x.split(FFN_ROWS, dim=1):  # views: updated in place
+            h = fc1(modulate(self.norm2(rows), shift_ff, scale_ff))
+            h = torch.ops.aten.gelu_(h, approximate=act.approximate) if type(act) is nn.GELU else act(h)
+            rows.addcmul_(fc2(h), gate_ff[:, None])
         return x
 
 

@@ -42,10 +42,12 @@ class RMSNorm32(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN: x [B, L, D] normalised, shift/scale [B, D]."""
-    return x * (1 + scale[:, None]) + shift[:, None]
+    """adaLN: x [B, L, D] normalised, shift/scale [B, D]. Without autograd x is overwritten (it is
+    always a fresh norm output)."""
+    if torch.is_grad_enabled():
+        return x * (1 + scale[:, None]) + shift[:, None]
+    return x.mul_(1 + scale[:, None]).add_(shift[:, None])

@@ -12,7 +12,8 @@ The kernels take Kinema's layout as it is ([B, L, H, D]), so no transpose is mad
 A call a kernel cannot take runs on sdpa instead, silently: a mask (umT5), float32
 (the VAE, float32 models), tensors off CUDA, a head_dim beyond the kernel's
 (flash_attn 256, sageattn 128), or, for sageattn, which has no backward, inputs
-that need gradients.
+that need gradients. On the CPU, sdpa runs bf16 / fp16 inputs in float32 and casts
+the result back: PyTorch's CPU kernel is faster in float32 than in bf16.
 """
 
 from __future__ import annotations
@@ -129,9 +130,14 @@ def attention(
         return _kernel(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale)  # [B, Lq, H, D]
     if mask is not None and mask.dtype == torch.bool and mask.dim() == 2:
         mask = mask[:, None, None, :]  # [B, 1, 1, Lk]
+    dtype = v.dtype
+    if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        # PyTorch's CPU attention kernel is slower in bf16 than in float32 (and fp16 far slower):
+        # upcast, which is also a little more exact, and cast the result back.
+        q, k, v = q.float(), k.float(), v.float()
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
     )  # [B, H, Lq, D]
-    return out.transpose(1, 2)
+    return out.transpose(1, 2).to(dtype)

@@ -56,7 +56,6 @@ def rope_table(
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, L, H, D] (any float dtype) by the tables; returns float32 [B, L, H, D]."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [B, L, H, D/2, 2]
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None], sin[None, :, None]  # [1, L, 1, D/2]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, L, H, D/2]
+    rotation = torch.complex(cos, sin)[None, :, None]  # [1, L, 1, D/2]
+    return torch.view_as_real(pairs * rotation).flatten(-2)
