@@ -1,8 +1,8 @@
 """One DiT forward pass: Kinema's WanDiT vs diffusers' WanTransformer3DModel with the same weights.
 
 For each config and dtype both models run the same inputs in this process (text context of 512
-tokens, t2v); the table gives the median time of the timed runs, the activation peak (resident
-memory sampled every millisecond during the forward, minus the memory before it), Kinema's FLOP
+tokens, t2v); the table gives the median time of the timed runs, the activation peak (the resident
+high-water mark during the forward, reset before it, minus the memory before it), Kinema's FLOP
 count (matmuls and attention, counted from the shapes) and the share of the machine's matmul peak
 it reaches (the peak is a large square matmul in the same dtype, measured at the start).
 
@@ -22,8 +22,8 @@ Set OMP_NUM_THREADS to compare at a fixed thread count; both models use the same
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
-import threading
 import time
 
 import diffusers
@@ -32,7 +32,7 @@ from diffusers import WanTransformer3DModel
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
 from kinema.loading.dit import dtype_policy
-from proc_status import status_bytes
+from proc_status import reset_peak, status_bytes
 from kinema.models.dit import DiTConfig, WanDiT
 
 TEXT_DIM, TEXT_LEN = 4096, 512
@@ -68,6 +68,10 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float:
     return 2 * n**3 / best
 
 
+def trim_heap() -> None:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _time(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -75,32 +79,20 @@ def _time(fn) -> float:
 
 
 class PeakRSS:
-    """Largest resident set size while inside the block, minus the size on entry (bytes)."""
+    """Largest resident set size while inside the block, minus the size on entry (bytes): the kernel's
+    high-water mark, reset on entry (no sampling thread competing with the timed work for the CPU)."""
 
     def __enter__(self):
-        self.start = self.peak = self._rss()
-        self.done = False
-        self.thread = threading.Thread(target=self._watch, daemon=True)
-        self.thread.start()
+        reset_peak()
+        self.start = status_bytes("VmRSS")
         return self
 
     def __exit__(self, *exc):
-        self.done = True
-        self.thread.join()
-        self.peak = max(self.peak, self._rss())
+        self.peak = status_bytes("VmHWM")
 
     @property
     def delta(self) -> int:
         return self.peak - self.start
-
-    def _watch(self):
-        while not self.done:
-            self.peak = max(self.peak, self._rss())
-            time.sleep(0.001)
-
-    @staticmethod
-    def _rss() -> int:
-        return status_bytes("VmRSS")
 
 
 def build(cfg: DiTConfig, dtype: torch.dtype) -> tuple[WanDiT, WanTransformer3DModel]:
@@ -130,17 +122,20 @@ def build(cfg: DiTConfig, dtype: torch.dtype) -> tuple[WanDiT, WanTransformer3DM
 
 
 def measure(run, runs: int, warmup: bool) -> tuple[float, int, torch.Tensor]:
+    """Median time of `runs` timed runs and the activation peak of the first run. Free heap is handed back
+    to the system first (malloc_trim), so neither library runs in memory the other one left paged in and
+    the peak counts every page the forward touches. With `warmup` the first run is untimed."""
     with torch.inference_mode():
-        out = run() if warmup else None
-        times, peak = [], 0
-        for _ in range(runs):
-            with PeakRSS() as rss:
-                t0 = time.perf_counter()
-                out = run()
-                t = time.perf_counter() - t0
-            times.append(t)
-            peak = max(peak, rss.delta)
-    return statistics.median(times), peak, out
+        times = []
+        trim_heap()
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            out = run()
+            first = time.perf_counter() - t0
+        times = [] if warmup else [first]
+        while len(times) < runs:
+            times.append(_time(run))
+    return statistics.median(times), rss.delta, out
 
 
 def main() -> None:

@@ -173,3 +173,21 @@ def test_real_kernel_matches_sdpa(name):
         got = attn.attention(q, k, v).float()
     tol = 1e-2 if name == "flash_attn" else 5e-2  # sageattn quantises Q and K to int8
     assert ((got - want).abs().max() / want.abs().max()).item() < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask_kind", [None, "keys", "per_head"])
+def test_cpu_half_runs_float32_by_head_groups(monkeypatch, dtype, mask_kind):
+    """bf16 / fp16 on the CPU: float32 attention of the same inputs, a group of heads at a time."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 7, 4, 8, generator=g).to(dtype) for _ in range(3))
+    mask = {None: None, "keys": torch.tensor([[True] * 7, [True] * 4 + [False] * 3]),
+            "per_head": torch.randn(1, 4, 7, 7, generator=g)}[mask_kind]
+    whole = attn.attention(q, k, v, mask)
+    monkeypatch.setattr(attn, "CPU_HEAD_GROUP_BYTES", 2 * 7 * 8 * 4)  # one head per group
+    grouped = attn.attention(q, k, v, mask)
+    m = mask[:, None, None, :] if mask_kind == "keys" else mask
+    want = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)), attn_mask=m).transpose(1, 2)
+    assert grouped.dtype == whole.dtype == dtype
+    assert torch.equal(grouped, whole)
+    assert torch.equal(grouped, want.to(dtype))

@@ -130,14 +130,32 @@ def attention(
         return _kernel(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale)  # [B, Lq, H, D]
     if mask is not None and mask.dtype == torch.bool and mask.dim() == 2:
         mask = mask[:, None, None, :]  # [B, 1, 1, Lk]
-    dtype = v.dtype
-    if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        # PyTorch's CPU attention kernel is slower in bf16 than in float32 (and fp16 far slower):
-        # upcast, which is also a little more exact, and cast the result back.
-        q, k, v = q.float(), k.float(), v.float()
+    if q.device.type == "cpu" and v.dtype in (torch.bfloat16, torch.float16):
+        return _cpu_half(q, k, v, mask, scale)
+    return _sdpa(q, k, v, mask, scale)
+
+
+def _sdpa(q, k, v, mask, scale) -> torch.Tensor:
     if mask is not None and mask.dtype != torch.bool:
         mask = mask.to(q.dtype)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
     )  # [B, H, Lq, D]
-    return out.transpose(1, 2).to(dtype)
+    return out.transpose(1, 2)
+
+
+CPU_HEAD_GROUP_BYTES = 64 << 20  # float32 q of one group of heads at most this big (at least one head)
+
+
+def _cpu_half(q, k, v, mask, scale) -> torch.Tensor:
+    """bf16 / fp16 attention on the CPU, run in float32 (PyTorch's CPU kernel is faster in float32 than in
+    bf16, and fp16 far slower) a group of heads at a time, so the float32 copies stay small."""
+    B, Lq, H, D = q.shape
+    group = max(1, min(H, CPU_HEAD_GROUP_BYTES // max(1, 4 * B * Lq * D)))
+    per_head = mask is not None and mask.dim() == 4 and mask.shape[1] == H > 1  # e.g. umT5's position bias
+    out = torch.empty(B, Lq, H, D, dtype=v.dtype, device=v.device)
+    for h in range(0, H, group):
+        heads = slice(h, h + group)
+        m = mask[:, heads] if per_head else mask
+        out[:, :, heads] = _sdpa(q[:, :, heads].float(), k[:, :, heads].float(), v[:, :, heads].float(), m, scale)
+    return out
