@@ -126,7 +126,6 @@ def measure(run, runs: int, warmup: bool) -> tuple[float, int, torch.Tensor]:
     to the system first (malloc_trim), so neither library runs in memory the other one left paged in and
     the peak counts every page the forward touches. With `warmup` the first run is untimed."""
     with torch.inference_mode():
-        times = []
         trim_heap()
         with PeakRSS() as rss:
             t0 = time.perf_counter()

@@ -71,9 +71,9 @@ class SelfAttention(nn.Module):
         norm = (lambda: RMSNorm32(cfg.dim, cfg.eps)) if cfg.qk_norm else nn.Identity
         self.norm_q, self.norm_k = norm(), norm()
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), *rope)  # [B, L, H, D]
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), *rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), rope)  # [B, L, H, D]
+        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), rope)
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         out = attention(q.to(v.dtype), k.to(v.dtype), v)
         return self.o(out.flatten(2))
