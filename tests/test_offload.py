@@ -181,6 +181,11 @@ def test_block_swap_out_of_order_and_remove():
             BlockSwap(dit, 1, device="cpu")
         swap.remove()
         assert placement_of(dit) is None and not any(b._forward_pre_hooks for b in dit.blocks)
+        assert all(home.sent for home in swap.window.homes.values())  # every block back on the compute device
+        assert torch.equal(dit(x, t, ctx), ref)
+        swap = BlockSwap(dit, 2, 1, device="cpu")
+        swap.remove(to_device=False)
+        assert not any(home.sent for home in swap.window.homes.values()) and torch.equal(dit(x, t, ctx), ref)
 
 
 def test_block_swap_bad_values():
@@ -252,6 +257,10 @@ def test_stream_equals_a_normal_load(tmp_path, layout, quantization, prefetch):
         assert (linear <= held) if i in ahead else not (linear & held), i
     assert {"head.head.weight", "text_embedding.0.weight", "blocks.3.modulation", "blocks.3.norm3.weight",
             "blocks.3.ffn.0.bias"} <= held
+    placement_of(streamed).remove()  # streaming undone: every block read in, a plain resident model again
+    assert placement_of(streamed) is None and not any(v.is_meta for v in streamed.state_dict().values())
+    with torch.no_grad():
+        assert torch.equal(streamed(x, t, ctx, **extra), ref)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="streaming to a GPU (side-stream copies) needs CUDA")

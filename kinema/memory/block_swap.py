@@ -147,12 +147,16 @@ class BlockWindow:
         for j in list(self.ready):
             self._release(j)
 
-    def remove(self) -> None:
-        """Take the hooks off (the managed blocks are left released)."""
+    def remove(self, to_device: bool = True) -> None:
+        """Take the hooks off. With `to_device` every managed block is then put on the compute device, so the
+        model is whole there again (as before the swap); without, they stay in their homes (host memory)."""
         self.empty()
         for h in self.handles:
             h.remove()
         self.handles = []
+        if to_device:
+            for i in self.managed:
+                self.homes[i].send(self.device)
 
 
 class _Resident:
@@ -207,8 +211,10 @@ class BlockPlacement:
         self.rest.unpark()
         self.window.fill(after=-1)
 
-    def remove(self) -> None:
-        self.window.remove()
+    def remove(self, to_device: bool = True) -> None:
+        """Undo the placement: hooks off, and (`to_device`) every block on the compute device with the rest,
+        a plain resident module again; `to_device=False` leaves the managed blocks in host memory."""
+        self.window.remove(to_device)
         unregister_placement(self.dit)
 
 
