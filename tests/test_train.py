@@ -8,11 +8,13 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import kinema
 from kinema.errors import KinemaError
+from kinema.toy import world
 from kinema.train import config as configs
 from kinema.train.loop import TrainTask, step_generator, train
 
@@ -222,3 +224,72 @@ def test_resume_refuses_a_different_config(tmp_path):
     other = configs.build(VAEConfig, {**TINY_VAE, "output_dir": str(tmp_path), "steps": 4, "lr": 1e-3})
     with pytest.raises(KinemaError, match="different config"):
         train(VAETask(other, torch.device("cpu")), other, progress=False)
+
+
+class SlowLine(TrainTask):
+    """A one-weight regression whose steps take about `seconds` each: a stand-in for a trainer of known speed."""
+
+    name = "line"
+
+    def __init__(self, seconds: float):
+        torch.manual_seed(0)
+        self.model, self.seconds = torch.nn.Linear(4, 1), seconds
+
+    def modules(self):
+        return {"line": self.model}
+
+    def loss(self, step, generator):
+        import time
+
+        time.sleep(self.seconds)
+        x = torch.randn(8, 4, generator=generator)
+        return (self.model(x).squeeze(1) - x.sum(1)).pow(2).mean(), {}
+
+
+def test_budget_fits_steps_to_the_time_and_resume_keeps_them(tmp_path):
+    values = dict(output_dir=str(tmp_path), steps=100_000, warmup_steps=25, budget_minutes=0.03, checkpoint_every=5,
+                  log_every=1)
+    cfg = configs.build(configs.TrainConfig, values)
+    with pytest.raises(Interrupt):  # killed after the fit (step 21), before the end
+        train(StopAt(SlowLine(0.01), 40), cfg, progress=False)
+    fitted = json.loads((tmp_path / "config.json").read_text())["steps"]
+    # 1.8 s at ~0.01 s/step, less the 5% reserve and the steps already done: about 150 (sleep only ever overshoots)
+    assert 40 < fitted < 175, fitted
+    again = configs.build(configs.TrainConfig, {**values, "steps": 7})  # the config's steps no longer count
+    result = train(SlowLine(0.01), again, progress=False)
+    assert result["finished"] and result["step"] == fitted
+    rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in rows[1:]] == list(range(1, fitted + 1))
+
+
+def test_budget_needs_the_probe_inside_the_warmup(tmp_path):
+    cfg = configs.build(configs.TrainConfig, dict(output_dir=str(tmp_path), warmup_steps=5, budget_minutes=1.0))
+    with pytest.raises(KinemaError, match="warmup_steps >= 21"):
+        train(SlowLine(0.0), cfg, progress=False)
+
+
+def test_world_clips_render_alike_in_worker_processes_and_the_pool_crops_them():
+    from kinema.train.world_data import ClipPool, clip_batch, render_clips
+
+    serial, specs = render_clips(3, 10, 64, 32, 32, 5, random_colors=0.3, workers=1)
+    parallel, specs_p = render_clips(3, 10, 64, 32, 32, 5, random_colors=0.3, workers=2)
+    assert specs == specs_p and np.array_equal(serial, parallel)
+    video, batch_specs = clip_batch(3, 5, 2, 32, 32, 5, random_colors=0.3)  # step 5 of batch 2 = clips 10 and 11
+    assert batch_specs == specs[:2] and torch.equal(video, torch.stack([world.to_tensor(c) for c in serial[:2]]))
+
+    pool = ClipPool(3, 16, 32, 32, 5, tuple(world.COLORS), 0.0)
+    a, b = pool.batch(7, 4, 16), pool.batch(7, 4, 16)
+    assert a.shape == (4, 3, 5, 16, 16) and torch.equal(a, b) and not torch.equal(a, pool.batch(8, 4, 16))
+    full = torch.stack([world.to_tensor(c) for c in pool.clips])  # every crop is a window of one pool clip
+    for crop in a:
+        assert any(torch.equal(crop, c[:, :, y : y + 16, x : x + 16]) for c in full for y in range(17) for x in range(17))
+
+
+def test_vae_trains_from_a_clip_pool(tmp_path):
+    from kinema.train.vae import VAEConfig, VAETask
+
+    cfg = configs.build(VAEConfig, {**TINY_VAE, "output_dir": str(tmp_path), "steps": 2, "pool_size": 8})
+    task = VAETask(cfg, torch.device("cpu"))
+    assert task.pool.clips.shape == (8, 5, 32, 32, 3) and task.batch(1).shape == (2, 3, 5, 16, 16)
+    assert torch.equal(task.batch(1), VAETask(cfg, torch.device("cpu")).batch(1))  # a resumed run sees the same data
+    assert train(task, cfg, progress=False)["finished"]

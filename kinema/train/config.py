@@ -37,6 +37,9 @@ class TrainConfig:
     log_every: int = 10
     threads: int = 0  # torch CPU threads (0 = torch's default)
     max_minutes: float = 0.0  # stop (with a checkpoint) after this much wall time; 0 = no limit
+    # Fit `steps` to this much wall time: after BUDGET_PROBE_STEPS steps the measured speed sets `steps`, so the LR
+    # schedule runs to its end and the model is exported in time (a time-boxed stage, e.g. on a lent GPU); 0 = off.
+    budget_minutes: float = 0.0
     data: str = "world"  # "world" (the synthetic world) or a folder / captions file of videos
     width: int = 64
     height: int = 64

@@ -27,8 +27,10 @@ from kinema.train import config as configs
 log = logging.getLogger("kinema")
 
 # Keys that may change between the stages of one run; anything else must match the checkpoint.
-RESUMABLE_CHANGES = {"steps", "max_minutes", "checkpoint_every", "sample_every", "log_every", "threads",
-                     "keep_checkpoints", "device", "output_dir"}
+RESUMABLE_CHANGES = {"steps", "max_minutes", "budget_minutes", "checkpoint_every", "sample_every", "log_every",
+                     "threads", "keep_checkpoints", "device", "output_dir"}
+# Steps timed before `budget_minutes` fixes `steps` (the first one, with its one-off set-up, is not counted).
+BUDGET_PROBE_STEPS = 20
 
 
 class TrainTask:
@@ -72,6 +74,13 @@ def step_generator(seed: int, step: int, device="cpu") -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + step * 7919) % (2**63 - 1))
     return g
+
+
+def fit_steps(cfg: configs.TrainConfig, step: int, elapsed_s: float, sec_per_step: float) -> int:
+    """The step count that ends a `budget_minutes` run on time: what is left of the budget after `elapsed_s`,
+    less a 5% reserve for the final sample and export, at the measured speed."""
+    left = cfg.budget_minutes * 60 * 0.95 - elapsed_s
+    return max(step + 1, step + int(left / max(sec_per_step, 1e-9)))
 
 
 def lr_at(cfg: configs.TrainConfig, step: int) -> float:
@@ -169,6 +178,11 @@ def train(task: TrainTask, cfg: configs.TrainConfig, progress: bool = True) -> d
     if not params:
         raise KinemaError(f"{task.name}: nothing to train (no parameters require gradients).")
     device = params[0].device
+    if cfg.budget_minutes and cfg.warmup_steps < BUDGET_PROBE_STEPS + 1:
+        # The probe must run inside the warm-up, whose LR does not depend on `steps`: otherwise the steps before
+        # the fit would follow another schedule than a run started with the fitted count, and resuming would differ.
+        raise KinemaError(f"budget_minutes needs warmup_steps >= {BUDGET_PROBE_STEPS + 1} (it times the first "
+                          f"{BUDGET_PROBE_STEPS} steps to fit steps); got warmup_steps={cfg.warmup_steps}.")
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = EMA(params, cfg.ema) if cfg.ema > 0 else None
     current = configs.to_dict(cfg)
@@ -189,7 +203,10 @@ def train(task: TrainTask, cfg: configs.TrainConfig, progress: bool = True) -> d
             for s, v in zip(ema.shadow, state["ema"]):
                 s.copy_(v)
         step = state["step"]
+        if state.get("fitted_steps"):  # a budget run keeps the step count it fitted, whatever the config says
+            cfg.steps = current["steps"] = state["fitted_steps"]
         log.info("resumed %s from %s (step %d)", task.name, path, step)
+    fitted = state.get("fitted_steps") if state is not None else None
     (out / "config.json").write_text(json.dumps({"task": task.name, **current}, indent=2))
 
     def save() -> None:
@@ -197,7 +214,7 @@ def train(task: TrainTask, cfg: configs.TrainConfig, progress: bool = True) -> d
         _atomic_save({
             "task": task.name, "step": step, "config": current,
             "modules": {n: m.state_dict() for n, m in task.modules().items()},
-            "optimizer": opt.state_dict(), "ema": ema.shadow if ema is not None else None,
+            "optimizer": opt.state_dict(), "ema": ema.shadow if ema is not None else None, "fitted_steps": fitted,
         }, target)
         for old in checkpoints(out)[: -max(1, cfg.keep_checkpoints)]:
             old.unlink(missing_ok=True)
@@ -217,6 +234,7 @@ def train(task: TrainTask, cfg: configs.TrainConfig, progress: bool = True) -> d
     stopped_early = False
     try:
         t_log = time.perf_counter()
+        t_probe, probe_step = None, 0  # when (and after which step) a budget run's timed probe began
         while step < cfg.steps:
             if cfg.max_minutes and time.perf_counter() - t_start > cfg.max_minutes * 60:
                 stopped_early = True
@@ -235,6 +253,19 @@ def train(task: TrainTask, cfg: configs.TrainConfig, progress: bool = True) -> d
             step += 1
             if ema is not None:
                 ema.update(step)
+            if cfg.budget_minutes and fitted is None:
+                if t_probe is None:
+                    t_probe, probe_step = time.perf_counter(), step
+                elif step == BUDGET_PROBE_STEPS + 1 or step - probe_step >= BUDGET_PROBE_STEPS:
+                    now = time.perf_counter()
+                    speed = (now - t_probe) / (step - probe_step)
+                    fitted = cfg.steps = fit_steps(cfg, step, now - t_start, speed)
+                    current["steps"] = fitted
+                    (out / "config.json").write_text(json.dumps({"task": task.name, **current}, indent=2))
+                    log.info("%s: %.1f min budget: %d steps at %.3f s/step", task.name, cfg.budget_minutes, fitted, speed)
+                    if bar is not None:
+                        bar.total = fitted
+                        bar.refresh()
             last = {"step": step, "loss": loss.item(), "lr": opt.param_groups[0]["lr"], "grad_norm": float(grad_norm), **extra}
             if bar is not None:
                 bar.update(1)

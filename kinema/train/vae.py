@@ -22,7 +22,7 @@ from kinema.models.vae import FrameCache, WanVAE
 from kinema.toy import world
 from kinema.train import config as configs
 from kinema.train.loop import TrainTask, init_state
-from kinema.train.world_data import clip_batch
+from kinema.train.world_data import ClipPool, clip_batch
 
 log = logging.getLogger("kinema")
 HOLDOUT_SEED_OFFSET = 1_000_003  # held-out clips come from a different world seed
@@ -47,6 +47,8 @@ class VAEConfig(configs.TrainConfig):
     random_colors: float = 0.3  # share of clips with arbitrary colours, so the VAE is not tied to the palette
     train_encoder: bool = True  # False: only the decoder learns, so the latents (and a DiT trained on them) stay valid
     data_seed: int = -1  # seed of the training clips (-1 = seed); the held-out clips always follow seed
+    pool_size: int = 0  # > 0: render this many clips once (in parallel) and crop each batch from them; for GPUs,
+    # which outrun the renderer. 0: fresh clips every step (on a CPU rendering is ~3% of a step)
     holdout_clips: int = 16
     stats_clips: int = 64  # held-out clips the exported latent mean / std are measured on
     lr: float = 1.2e-4
@@ -111,6 +113,7 @@ def holdout(cfg: VAEConfig, n: int, frames: int | None = None) -> torch.Tensor:
 
 class VAETask(TrainTask):
     name = "vae"
+    colors = tuple(world.COLORS) + tuple(world.EXTRA_COLORS)  # orange too: the VAE must not be tied to the palette
 
     def __init__(self, cfg: VAEConfig, device: torch.device):
         self.cfg, self.device = cfg, device
@@ -136,6 +139,14 @@ class VAETask(TrainTask):
             self.vae.load_state_dict(init_state(cfg.init_from, "vae", load_vae))
         self.vae.train()
         self.data = None if cfg.data == "world" else _folder_batches(cfg)
+        self.pool = None
+        if cfg.data == "world" and cfg.pool_size:
+            log.info("vae: rendering a pool of %d clips", cfg.pool_size)
+            self.pool = ClipPool(self._data_seed(), cfg.pool_size, cfg.width, cfg.height, cfg.train_frames,
+                                 self.colors, cfg.random_colors)
+
+    def _data_seed(self) -> int:
+        return self.cfg.seed if self.cfg.data_seed < 0 else self.cfg.data_seed
 
     def modules(self):
         return {"vae": self.vae}
@@ -150,9 +161,10 @@ class VAETask(TrainTask):
         cfg = self.cfg
         if self.data is not None:
             return self.data(step).to(self.device)
-        colors = tuple(world.COLORS) + tuple(world.EXTRA_COLORS)
-        video, _ = clip_batch(cfg.seed if cfg.data_seed < 0 else cfg.data_seed, step, cfg.batch_size, cfg.width, cfg.height, cfg.train_frames,
-                              colors=colors, random_colors=cfg.random_colors, crop=cfg.crop)
+        if self.pool is not None:
+            return self.pool.batch(step, cfg.batch_size, cfg.crop).to(self.device)
+        video, _ = clip_batch(self._data_seed(), step, cfg.batch_size, cfg.width, cfg.height, cfg.train_frames,
+                              colors=self.colors, random_colors=cfg.random_colors, crop=cfg.crop)
         return video.to(self.device)
 
     def loss(self, step, generator):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
 from kinema.toy import world
+
+# Below this many clips, rendering in worker processes costs more than it saves.
+PARALLEL_MIN_CLIPS = 64
 
 
 def random_rgb_spec(rng: np.random.Generator, width: int, height: int) -> world.ClipSpec:
@@ -18,18 +23,66 @@ def random_rgb_spec(rng: np.random.Generator, width: int, height: int) -> world.
     return world.ClipSpec(hexes[0], spec.shape, spec.direction, hexes[1], spec.size, spec.travel, spec.start)
 
 
+def _render(seed: int, index: int, width: int, height: int, frames: int, colors, random_colors: float, crop: int):
+    """Clip `index` of the world `seed` as uint8 [F, H, W, 3] (or crop x crop) and its spec."""
+    rng = world.clip_rng(seed, index)
+    spec = (random_rgb_spec(rng, width, height) if rng.random() < random_colors
+            else world.random_spec(rng, width, height, colors=colors))
+    clip = world.render(spec, width, height, frames)
+    if crop:
+        y, x = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
+        clip = clip[:, y : y + crop, x : x + crop]
+    return clip, spec
+
+
+def _render_range(args):
+    seed, start, stop, *rest = args
+    return [_render(seed, i, *rest) for i in range(start, stop)]
+
+
+def render_clips(seed: int, start: int, count: int, width: int, height: int, frames: int,
+                 colors=tuple(world.COLORS), random_colors: float = 0.0, crop: int = 0, workers: int = 0):
+    """Clips start .. start + count - 1 of the world `seed`: (uint8 [N, F, H, W, 3], specs). `workers` > 1 renders
+    in that many processes (0 = one per core when there are more than 2 and enough clips); the clips are the same."""
+    workers = workers or ((os.cpu_count() or 1) if (os.cpu_count() or 1) > 2 else 1)
+    rest = (width, height, frames, tuple(colors), random_colors, crop)
+    if workers <= 1 or count < PARALLEL_MIN_CLIPS:
+        parts = _render_range((seed, start, start + count, *rest))
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        bounds = np.linspace(start, start + count, 4 * workers + 1).astype(int)
+        jobs = [(seed, int(a), int(b), *rest) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            parts = [c for chunk in ex.map(_render_range, jobs) for c in chunk]
+    return np.stack([c for c, _ in parts]), [s for _, s in parts]
+
+
 def clip_batch(seed: int, step: int, batch_size: int, width: int, height: int, frames: int,
                colors=tuple(world.COLORS), random_colors: float = 0.0, crop: int = 0):
     """[B, 3, F, H, W] in [-1, 1] (or crop x crop) and the B specs, for training step `step`."""
-    videos, specs = [], []
-    for b in range(batch_size):
-        rng = world.clip_rng(seed, step * batch_size + b)
-        spec = (random_rgb_spec(rng, width, height) if rng.random() < random_colors
-                else world.random_spec(rng, width, height, colors=colors))
-        clip = world.render(spec, width, height, frames)
-        if crop:
-            y, x = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
-            clip = clip[:, y : y + crop, x : x + crop]
-        videos.append(world.to_tensor(clip))
-        specs.append(spec)
-    return torch.stack(videos), specs
+    clips, specs = render_clips(seed, step * batch_size, batch_size, width, height, frames, colors, random_colors, crop,
+                                workers=1)
+    return torch.stack([world.to_tensor(c) for c in clips]), specs
+
+
+class ClipPool:
+    """Clips rendered once, from which each step draws a batch with random crops.
+
+    On a GPU the trainer outruns the renderer (about 1 ms a frame on one core), so a
+    VAE run renders its pool up front, in parallel, and trains on crops of it.
+    """
+
+    def __init__(self, seed: int, size: int, width: int, height: int, frames: int, colors, random_colors: float):
+        self.seed = seed
+        self.clips, _ = render_clips(seed, 0, size, width, height, frames, colors, random_colors)  # [N, F, H, W, 3]
+
+    def batch(self, step: int, batch_size: int, crop: int) -> torch.Tensor:
+        rng = world.clip_rng(self.seed + 1, step)  # a stream of its own: draws and crops of step `step`
+        n, _, h, w, _ = self.clips.shape
+        picked = []
+        for i in rng.integers(0, n, batch_size):
+            y, x = (rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)) if crop else (0, 0)
+            picked.append(self.clips[i, :, y : y + (crop or h), x : x + (crop or w)])
+        return torch.stack([world.to_tensor(c) for c in picked])
