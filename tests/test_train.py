@@ -271,8 +271,8 @@ def test_budget_needs_the_probe_inside_the_warmup(tmp_path):
 def test_world_clips_render_alike_in_worker_processes_and_the_pool_crops_them():
     from kinema.train.world_data import ClipPool, clip_batch, render_clips
 
-    serial, specs = render_clips(3, 10, 64, 32, 32, 5, random_colors=0.3, workers=1)
-    parallel, specs_p = render_clips(3, 10, 64, 32, 32, 5, random_colors=0.3, workers=2)
+    serial, specs = render_clips(3, range(10, 74), 32, 32, 5, random_colors=0.3, workers=1)
+    parallel, specs_p = render_clips(3, range(10, 74), 32, 32, 5, random_colors=0.3, workers=2)
     assert specs == specs_p and np.array_equal(serial, parallel)
     video, batch_specs = clip_batch(3, 5, 2, 32, 32, 5, random_colors=0.3)  # step 5 of batch 2 = clips 10 and 11
     assert batch_specs == specs[:2] and torch.equal(video, torch.stack([world.to_tensor(c) for c in serial[:2]]))
@@ -293,3 +293,19 @@ def test_vae_trains_from_a_clip_pool(tmp_path):
     assert task.pool.clips.shape == (8, 5, 32, 32, 3) and task.batch(1).shape == (2, 3, 5, 16, 16)
     assert torch.equal(task.batch(1), VAETask(cfg, torch.device("cpu")).batch(1))  # a resumed run sees the same data
     assert train(task, cfg, progress=False)["finished"]
+
+
+def test_dit_world_pool_is_the_same_rendered_in_parallel(monkeypatch):
+    from kinema.train import dit
+
+    cfg = configs.build(dit.DiTTrainConfig, {**TINY_DIT, "pool_size": 70})
+
+    def pool():
+        (key, count, batches), = dit._world_groups(cfg, tuple(world.COLORS))
+        return [(v, c) for v, c in batches]
+
+    serial = pool()
+    monkeypatch.setattr(dit, "default_workers", lambda: 2)
+    parallel = pool()
+    assert [len(c) for _, c in serial] == [16, 16, 16, 16, 6] and [c for _, c in serial] == [c for _, c in parallel]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(serial, parallel))

@@ -37,7 +37,7 @@ from kinema.text.tokenizer import UMT5Tokenizer
 from kinema.toy import world
 from kinema.train import config as configs
 from kinema.train.loop import TrainTask, init_state
-from kinema.train.world_data import clip_batch
+from kinema.train.world_data import default_workers, render_clips
 
 log = logging.getLogger("kinema")
 
@@ -182,10 +182,19 @@ def _world_groups(cfg: DiTTrainConfig, colors):
     groups = []
     for frames, count in zip(cfg.pool_frames, counts):
         def batches(frames=frames, count=int(count), n=16):
-            for start in range(0, count, n):
-                video, specs = clip_batch(pool_seed(cfg) + 1000 * frames, start // n, min(n, count - start), cfg.width,
-                                          cfg.height, frames, colors=colors)
-                yield video, [s.caption for s in specs]
+            seed = pool_seed(cfg) + 1000 * frames
+            # batch k, of size b, holds clips k*b .. k*b + b - 1 (those clip_batch(seed, k, b) renders)
+            spans = [range(k * b, (k + 1) * b) for k, b in enumerate(min(n, count - s) for s in range(0, count, n))]
+            every, workers = None, default_workers()
+            if workers > 1:  # a many-core host (a GPU's): render the whole group at once, in parallel
+                every = render_clips(seed, [i for r in spans for i in r], cfg.width, cfg.height, frames, colors,
+                                     workers=workers)
+            at = 0
+            for span in spans:
+                clips, specs = ((every[0][at : at + len(span)], every[1][at : at + len(span)]) if every else
+                                render_clips(seed, span, cfg.width, cfg.height, frames, colors, workers=1))
+                at += len(span)
+                yield torch.stack([world.to_tensor(c) for c in clips]), [s.caption for s in specs]
         groups.append(((frames, cfg.width, cfg.height), int(count), batches()))
     return groups
 

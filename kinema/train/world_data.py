@@ -35,35 +35,41 @@ def _render(seed: int, index: int, width: int, height: int, frames: int, colors,
     return clip, spec
 
 
-def _render_range(args):
-    seed, start, stop, *rest = args
-    return [_render(seed, i, *rest) for i in range(start, stop)]
+def _render_many(args):
+    seed, indices, *rest = args
+    return [_render(seed, i, *rest) for i in indices]
 
 
-def render_clips(seed: int, start: int, count: int, width: int, height: int, frames: int,
-                 colors=tuple(world.COLORS), random_colors: float = 0.0, crop: int = 0, workers: int = 0):
-    """Clips start .. start + count - 1 of the world `seed`: (uint8 [N, F, H, W, 3], specs). `workers` > 1 renders
-    in that many processes (0 = one per core when there are more than 2 and enough clips); the clips are the same."""
-    workers = workers or ((os.cpu_count() or 1) if (os.cpu_count() or 1) > 2 else 1)
+def default_workers() -> int:
+    """Processes to render in: one per core on machines with more than 2 (a GPU host), else 1."""
+    cores = os.cpu_count() or 1
+    return cores if cores > 2 else 1
+
+
+def render_clips(seed: int, indices, width: int, height: int, frames: int, colors=tuple(world.COLORS),
+                 random_colors: float = 0.0, crop: int = 0, workers: int = 0):
+    """Clips `indices` of the world `seed`: (uint8 [N, F, H, W, 3], specs). `workers` > 1 renders in that many
+    processes (0 = default_workers()), for enough clips to pay for them; the clips are the same either way."""
+    indices = [int(i) for i in indices]
+    workers = workers or default_workers()
     rest = (width, height, frames, tuple(colors), random_colors, crop)
-    if workers <= 1 or count < PARALLEL_MIN_CLIPS:
-        parts = _render_range((seed, start, start + count, *rest))
+    if workers <= 1 or len(indices) < PARALLEL_MIN_CLIPS:
+        parts = _render_many((seed, indices, *rest))
     else:
         import concurrent.futures
         import multiprocessing
 
-        bounds = np.linspace(start, start + count, 4 * workers + 1).astype(int)
-        jobs = [(seed, int(a), int(b), *rest) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        jobs = [(seed, part.tolist(), *rest) for part in np.array_split(np.array(indices), 4 * workers) if len(part)]
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-            parts = [c for chunk in ex.map(_render_range, jobs) for c in chunk]
+            parts = [c for chunk in ex.map(_render_many, jobs) for c in chunk]
     return np.stack([c for c, _ in parts]), [s for _, s in parts]
 
 
 def clip_batch(seed: int, step: int, batch_size: int, width: int, height: int, frames: int,
                colors=tuple(world.COLORS), random_colors: float = 0.0, crop: int = 0):
     """[B, 3, F, H, W] in [-1, 1] (or crop x crop) and the B specs, for training step `step`."""
-    clips, specs = render_clips(seed, step * batch_size, batch_size, width, height, frames, colors, random_colors, crop,
-                                workers=1)
+    clips, specs = render_clips(seed, range(step * batch_size, (step + 1) * batch_size), width, height, frames, colors,
+                                random_colors, crop, workers=1)
     return torch.stack([world.to_tensor(c) for c in clips]), specs
 
 
@@ -76,7 +82,7 @@ class ClipPool:
 
     def __init__(self, seed: int, size: int, width: int, height: int, frames: int, colors, random_colors: float):
         self.seed = seed
-        self.clips, _ = render_clips(seed, 0, size, width, height, frames, colors, random_colors)  # [N, F, H, W, 3]
+        self.clips, _ = render_clips(seed, range(size), width, height, frames, colors, random_colors)  # [N, F, H, W, 3]
 
     def batch(self, step: int, batch_size: int, crop: int) -> torch.Tensor:
         rng = world.clip_rng(self.seed + 1, step)  # a stream of its own: draws and crops of step `step`
