@@ -7,7 +7,7 @@ CONSTRAINTS ?= constraints.txt
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c $(CONSTRAINTS)
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-slow bench clean device-wheels
 
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ test-slow: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) bench/load_memory.py
+
+# Wheels the GPU machine's image lacks, for scripts/device_train.sh (carried there as .whl/).
+device-wheels:
+	$(PYTHON) -m pip download -q --no-deps -d .whl ftfy wcwidth
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -233,7 +233,7 @@ def train(task: TrainTask, cfg: configs.TrainConfig, progress: bool = True) -> d
         bar = tqdm(total=cfg.steps, initial=step, desc=f"train {task.name}", unit="step", dynamic_ncols=True)
     stopped_early = False
     try:
-        t_log = time.perf_counter()
+        t_log, logged_step = time.perf_counter(), step
         t_probe, probe_step = None, 0  # when (and after which step) a budget run's timed probe began
         while step < cfg.steps:
             if cfg.max_minutes and time.perf_counter() - t_start > cfg.max_minutes * 60:
@@ -272,9 +272,9 @@ def train(task: TrainTask, cfg: configs.TrainConfig, progress: bool = True) -> d
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
             if step % cfg.log_every == 0 or step == cfg.steps:
                 now = time.perf_counter()
-                last["sec_per_step"] = (now - t_log) / (cfg.log_every if step % cfg.log_every == 0 else 1)
+                last["sec_per_step"] = (now - t_log) / (step - logged_step)  # over the steps since the last row
                 last["samples_per_sec"] = cfg.batch_size / max(last["sec_per_step"], 1e-9)
-                t_log = now
+                t_log, logged_step = now, step
                 metrics_csv.write(last)
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 save()
