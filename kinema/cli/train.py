@@ -60,5 +60,8 @@ def run(args: argparse.Namespace) -> None:
                           ("cpu" if cfg.device == "auto" else cfg.device))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":  # fixed shapes step after step: let cuDNN pick its fastest kernels; TF32 outside autocast
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     result = train(Task(cfg, device), cfg, progress=not args.no_progress)
     print(json.dumps(result))
