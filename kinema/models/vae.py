@@ -67,15 +67,34 @@ class CausalConv3d(nn.Conv3d):
         self.padding = (0, 0, 0)
 
     def forward(self, x: torch.Tensor, cache: FrameCache | None = None) -> torch.Tensor:  # x [B, C, T, H, W]
-        pad = list(self._causal_padding)
-        if cache is not None and pad[4] > 0:
+        pw, _, ph, _, pt, _ = self._causal_padding
+        past = None
+        if cache is not None and pt > 0:
             past = cache.get(self)
-            if past is not None:
-                x = torch.cat([past, x], dim=2)  # [B, C, T_past + T, H, W]
-                pad[4] -= past.shape[2]
+            tail = x if past is None or x.shape[2] >= CACHE_T else torch.cat([past, x], dim=2)
             # A clone, because a view would keep the whole chunk's activation alive.
-            cache.put(self, x[:, :, -CACHE_T:].clone())
-        return super().forward(F.pad(x, pad))
+            cache.put(self, tail[:, :, -CACHE_T:].clone())
+        if not (pt or ph or pw):
+            return super().forward(x)
+        # One buffer holds the zero border, the previous chunk's frames and this chunk: the numbers of
+        # F.pad(torch.cat([past, x])) without the concatenated copy in between, which at full resolution
+        # is the largest activation of the decoder.
+        b, c, t, h, w = x.shape
+        tp = 0 if past is None else past.shape[2]
+        t0 = max(pt - tp, 0)  # zero frames still needed in front
+        buf = x.new_empty(b, c, t0 + tp + t, h + 2 * ph, w + 2 * pw)  # [B, C, T', H + 2ph, W + 2pw]
+        if ph:
+            buf[:, :, :, :ph].zero_()
+            buf[:, :, :, -ph:].zero_()
+        if pw:
+            buf[..., :pw].zero_()
+            buf[..., -pw:].zero_()
+        if t0:
+            buf[:, :, :t0].zero_()
+        if past is not None:
+            buf[:, :, t0 : t0 + tp, ph : ph + h, pw : pw + w].copy_(past)
+        buf[:, :, t0 + tp :, ph : ph + h, pw : pw + w].copy_(x)
+        return super().forward(buf)
 
 
 class RMSNorm(nn.Module):
@@ -87,8 +106,9 @@ class RMSNorm(nn.Module):
         self.gamma = nn.Parameter(torch.ones(dim, *((1, 1) if images else (1, 1, 1))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In fp32 and rounded once: bf16 loses precision in the sum of squares and in each rescale.
-        return (F.normalize(x.float(), dim=1) * (self.scale * self.gamma.float())).to(x.dtype)
+        # In fp32 and rounded once: bf16 loses precision in the sum of squares and in each rescale. The rescale is
+        # in place on normalize's fresh output (its backward does not need it): one activation-sized temporary less.
+        return F.normalize(x.float(), dim=1).mul_(self.scale * self.gamma.float()).to(x.dtype)
 
 
 class Upsample2x(nn.Module):
@@ -145,6 +165,12 @@ class Resample(nn.Module):
         return self.time_conv(torch.cat([past, x], dim=2))  # [B, C, T/2, H, W]
 
 
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU of a norm's fresh output: in place without autograd (one activation less at the peak), where the
+    backward would need its input. The nn.SiLU modules stay in the Sequentials, which keep the official indices."""
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
 class ResidualBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0):
         super().__init__()
@@ -155,9 +181,9 @@ class ResidualBlock(nn.Module):
         self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
-        norm1, act1, conv1, norm2, act2, dropout, conv2 = self.residual
-        h = conv1(act1(norm1(x)), cache)
-        h = conv2(dropout(act2(norm2(h))), cache)
+        norm1, _, conv1, norm2, _, dropout, conv2 = self.residual
+        h = conv1(_silu(norm1(x)), cache)
+        h = conv2(dropout(_silu(norm2(h))), cache)
         return h + self.shortcut(x)
 
 
@@ -189,8 +215,8 @@ def _head(in_dim: int, out_dim: int) -> nn.Sequential:
 
 
 def _run_head(head: nn.Sequential, x: torch.Tensor, cache: FrameCache) -> torch.Tensor:
-    norm, act, conv = head
-    return conv(act(norm(x)), cache)
+    norm, _, conv = head
+    return conv(_silu(norm(x)), cache)
 
 
 class Encoder3d(nn.Module):
