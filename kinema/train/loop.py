@@ -207,7 +207,11 @@ def train(task: TrainTask, cfg: configs.TrainConfig, progress: bool = True) -> d
             cfg.steps = current["steps"] = state["fitted_steps"]
         log.info("resumed %s from %s (step %d)", task.name, path, step)
     fitted = state.get("fitted_steps") if state is not None else None
-    (out / "config.json").write_text(json.dumps({"task": task.name, **current}, indent=2))
+
+    def write_config() -> None:
+        (out / "config.json").write_text(json.dumps({"task": task.name, **current}, indent=2))
+
+    write_config()
 
     def save() -> None:
         target = out / "checkpoints" / f"step-{step:07d}.pt"
@@ -261,7 +265,7 @@ def train(task: TrainTask, cfg: configs.TrainConfig, progress: bool = True) -> d
                     speed = (now - t_probe) / (step - probe_step)
                     fitted = cfg.steps = fit_steps(cfg, step, now - t_start, speed)
                     current["steps"] = fitted
-                    (out / "config.json").write_text(json.dumps({"task": task.name, **current}, indent=2))
+                    write_config()
                     log.info("%s: %.1f min budget: %d steps at %.3f s/step", task.name, cfg.budget_minutes, fitted, speed)
                     if bar is not None:
                         bar.total = fitted
