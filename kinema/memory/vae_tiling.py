@@ -54,6 +54,7 @@ log = logging.getLogger("kinema")
 
 # Latent pixels shared by neighbouring tiles (x8 = 128 output pixels for Wan2.1).
 OVERLAP = 16
+MIN_TILE = 4  # the smallest tile side asked for, in latent pixels (an overlap of 2)
 
 
 # ---- tile layout and blend weights --------------------------------------------------------------
@@ -344,14 +345,25 @@ def parse_vae_tile(value, ratio: int = 8, overlap: int = OVERLAP) -> str | tuple
             raise KinemaError(f"--vae_tile {value!r} is not auto, off or WxH in pixels; use e.g. --vae_tile 512x512.")
         value = (int(m[1]), int(m[2]))
     w, h = value
-    least = 2 * overlap * ratio
+    least = MIN_TILE * ratio
     if w % ratio or h % ratio:
         raise KinemaError(f"--vae_tile {w}x{h}: width and height must be multiples of {ratio} (pixels per latent pixel); "
                           f"use e.g. {max(least, w // ratio * ratio)}x{max(least, h // ratio * ratio)}.")
     if w < least or h < least:
-        raise KinemaError(f"--vae_tile {w}x{h} is too small: tiles need at least {least}x{least} pixels (twice the "
-                          f"{overlap * ratio}-pixel overlap); use a larger tile or --vae_tile auto.")
+        raise KinemaError(f"--vae_tile {w}x{h} is too small: tiles need at least {least}x{least} pixels "
+                          f"({MIN_TILE} latent pixels); use a larger tile or --vae_tile auto.")
     return w, h
+
+
+def tile_overlap(tile: tuple[int, int], overlap: int = OVERLAP) -> int:
+    """The overlap (latent pixels) for a (height, width) latent tile: `overlap`, or half the tile's shorter side
+    when the tile is smaller than twice that (its seams then show more: a warning says so)."""
+    fitted = min(overlap, min(tile) // 2)
+    if fitted < overlap:
+        log.warning("VAE tiles of %dx%d latent pixels are smaller than twice the %d-pixel overlap; overlapping by %d "
+                    "latent pixels instead, so seams may show. Use tiles of at least %d latent pixels to avoid it.",
+                    tile[1], tile[0], overlap, fitted, 2 * overlap)
+    return fitted
 
 
 class TiledVAE:
@@ -390,9 +402,9 @@ class TiledVAE:
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         tile = self.plan("decode", z.shape)
-        return self.vae.decode(z) if tile is None else tiled_decode(self.vae, z, tile, self.overlap)
+        return self.vae.decode(z) if tile is None else tiled_decode(self.vae, z, tile, tile_overlap(tile, self.overlap))
 
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         self.vae.check_video(video)
         tile = self.plan("encode", video.shape)
-        return self.vae.encode(video) if tile is None else tiled_encode(self.vae, video, tile, self.overlap)
+        return self.vae.encode(video) if tile is None else tiled_encode(self.vae, video, tile, tile_overlap(tile, self.overlap))
