@@ -40,26 +40,45 @@ def model_fn():
     context = torch.randn(1, 5, 16)
 
     @torch.no_grad()
-    def fn(x, t):
+    def fn(x, t, step=None):  # step: the loop's StepContext, unused
         return dit(x, t, context)
 
     return fn
 
 
-def official_sigmas(solver, steps, shift):
-    """The Wan2.1 schedulers' sigmas, recomputed from their code's formulas (float64 numpy)."""
-    if solver == "dpm++":  # fm_solvers.get_sampling_sigmas
-        sigmas = np.linspace(1, 0, steps + 1)[:steps]
-    else:  # FlowUniPCMultistepScheduler.set_timesteps: linspace(sigma_max, sigma_min) of the 1000 train sigmas
-        train = (1.0 - np.linspace(1, 1 / 1000, 1000)[::-1]).astype(np.float32)
-        sigmas = np.linspace(float(train[0]), float(train[-1]), steps + 1)[:-1]
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
+def official_unshifted(solver, steps):
+    """The official pipelines' sigmas before the shift, float64 numpy [steps] (see official_schedule)."""
+    if solver == "dpm++":
+        return np.linspace(1, 0, steps + 1)[:steps]
+    # FlowUniPCMultistepScheduler(shift=1): the 1000 training sigmas in float32, sigma_max / sigma_min read back
+    train = torch.from_numpy(1.0 - np.linspace(1, 1 / 1000, 1000)[::-1].copy()).to(torch.float32)
+    sigma_max, sigma_min = train[0].item(), train[-1].item()
+    return np.linspace(sigma_max, sigma_min, steps + 1)[:-1]
+
+
+def official_schedule(solver, steps, shift):
+    """Wan2.1's sampling schedule, restated from its code: sigmas float32 [steps + 1], timesteps int64 [steps].
+
+    dpm++: text2video.py hands fm_solvers.get_sampling_sigmas(steps, shift), i.e.
+    shift(linspace(1, 0, steps + 1)[:steps]), as custom sigmas to a dpm++ scheduler
+    built with shift=1, whose set_timesteps re-shifts them by 1 (a no-op).
+    unipc: a scheduler built with shift=1 keeps sigma_max = float32(0.999) and
+    sigma_min = 0 from its training sigmas; set_timesteps(steps, shift=shift) shifts
+    linspace(sigma_max, sigma_min, steps + 1)[:-1].
+    Both then take timesteps = int64(sigmas * 1000), truncating, from the float64
+    sigmas, and append a final sigma of 0 before casting to float32. Euler is not in
+    the official code; Kinema gives it the unipc schedule.
+    """
+    sigmas = official_unshifted(solver, steps)
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    timesteps = torch.from_numpy(sigmas * 1000).to(torch.int64)
+    return torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32)), timesteps
 
 
 def diffusers_sample(solver, model_fn, noise, steps, shift):
-    """The reference loop, with the official sigmas and Kinema's (= official) integer timesteps."""
-    sigmas, timesteps = schedule(solver, steps, shift)
-    unshifted = official_sigmas(solver, steps, 1.0)
+    """The reference loop: diffusers' solver on the official sigmas, the model called at the official timesteps."""
+    sigmas, timesteps = official_schedule(solver, steps, shift)
+    unshifted = official_unshifted(solver, steps)
     if solver == "euler":
         sched = FlowMatchEulerDiscreteScheduler(shift=shift)
         sched.set_timesteps(sigmas=unshifted)  # shifts in float32: ~1e-7 off the float64 official values
@@ -89,8 +108,9 @@ def diffusers_sample(solver, model_fn, noise, steps, shift):
         )
         sched.set_timesteps(steps)
         # its flow schedule starts at shift(0.999) and it takes no custom sigmas: impose the official one
+        # (recomputed here, not Kinema's)
         sched.sigmas, sched.timesteps = sigmas.clone(), timesteps.clone()
-    torch.testing.assert_close(sched.sigmas.float(), sigmas, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sched.sigmas.float(), schedule(solver, steps, shift)[0], rtol=0, atol=1e-6)
     x = noise.clone()
     for i, t in enumerate(sched.timesteps):
         v = model_fn(x, timesteps[i : i + 1])
@@ -116,17 +136,49 @@ def test_solvers_differ(model_fn):
     assert (outs["unipc"] - outs["dpm++"]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("steps", [1, 4, 10, 50])
-@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0, 8.0])
+@pytest.mark.parametrize("steps", [1, 2, 3, 4, 10, 20, 40, 50])
+@pytest.mark.parametrize("shift", [1.0, 2.0, 3.0, 5.0, 8.0, 16.0])
 @pytest.mark.parametrize("solver", SOLVERS)
 def test_schedule_is_official(solver, steps, shift):
+    """Every sigma (the final 0 included) and every integer timestep, bit for bit."""
     sigmas, timesteps = schedule(solver, steps, shift)
-    ref = official_sigmas(solver, steps, shift)
+    ref_sigmas, ref_timesteps = official_schedule(solver, steps, shift)
     assert sigmas.dtype == torch.float32 and sigmas.shape == (steps + 1,) and sigmas[-1] == 0
-    assert torch.equal(sigmas[:-1], torch.from_numpy(ref.astype(np.float32)))
-    assert timesteps.dtype == torch.int64
-    assert timesteps.tolist() == (ref * 1000).astype(np.int64).tolist()  # truncated, not rounded
+    assert torch.equal(sigmas, ref_sigmas)
+    assert timesteps.dtype == torch.int64 and timesteps.shape == (steps,)
+    assert timesteps.tolist() == ref_timesteps.tolist()
     assert (timesteps[0] == 1000) == (solver == "dpm++")
+    assert (sigmas[0] == 1) == (solver == "dpm++")
+
+
+# Worked by hand from the formulas at 4 steps: dpm++ starts at sigma 1, unipc / euler at
+# float32(0.999); shift 5 maps 0.75 -> 3.75 / 4 = 0.9375 and 0.24975 -> 1.24875 / 1.999 = 0.6246873.
+# Timesteps truncate: 499.5 -> 499, 249.75 -> 249, 624.69 -> 624.
+KNOWN = {
+    ("dpm++", 1.0): ([1.0, 0.75, 0.5, 0.25, 0.0], [1000, 750, 500, 250]),
+    ("unipc", 1.0): ([0.999, 0.74925, 0.4995, 0.24975, 0.0], [999, 749, 499, 249]),
+    ("dpm++", 5.0): ([1.0, 0.9375, 5 / 6, 0.625, 0.0], [1000, 937, 833, 625]),
+    ("unipc", 5.0): ([0.9997998, 0.9372655, 0.8330554, 0.6246874, 0.0], [999, 937, 833, 624]),
+}
+
+
+@pytest.mark.parametrize("solver, shift", list(KNOWN))
+def test_schedule_known_values(solver, shift):
+    sigmas, timesteps = schedule(solver, 4, shift)
+    ref_sigmas, ref_timesteps = KNOWN[solver, shift]
+    torch.testing.assert_close(sigmas, torch.tensor(ref_sigmas), rtol=0, atol=1e-6)
+    assert timesteps.tolist() == ref_timesteps
+    if solver == "unipc":  # euler shares the unipc schedule
+        assert all(torch.equal(a, b) for a, b in zip(schedule("euler", 4, shift), (sigmas, timesteps)))
+
+
+def test_timesteps_truncate_the_float64_sigmas():
+    """dpm++ at 10 steps, shift 1: float64 linspace gives 0.4 as 0.3999999999999999, so the official t is 399.
+
+    Timesteps computed from the float32 sigmas, or rounded, would read 400 (and 300, 200, 100).
+    """
+    _, timesteps = schedule("dpm++", 10, 1.0)
+    assert timesteps.tolist() == [1000, 900, 800, 700, 600, 500, 399, 299, 199, 99]
 
 
 def test_seed_determinism(model_fn):
@@ -146,7 +198,7 @@ def test_start_step(solver, model_fn):
     x0, noise = torch.randn(SHAPE), initial_noise(SHAPE, 3)
     seen, progress = [], []
 
-    def counting(x, t):
+    def counting(x, t, *step):
         seen.append(int(t))
         return model_fn(x, t)
 
