@@ -16,14 +16,13 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from conftest import rel_err
 from safetensors.torch import save_file
 
 from kinema.errors import CheckpointError, KinemaError
 from kinema.loading.t5 import OFFICIAL_FILE, load_text_encoder
 from kinema.text.tokenizer import UMT5Tokenizer, clean_text
-
-transformers = pytest.importorskip("transformers")
 
 VOCAB, DIM, D_KV, HEADS, FFN, LAYERS = 160, 72, 10, 6, 100, 3
 SENTENCES = [

@@ -16,15 +16,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from conftest import randomise_vae
+from diffusers import AutoencoderKLWan
+from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
 from safetensors.torch import save_file
 
 from kinema.errors import CheckpointError, KinemaError
 from kinema.loading.vae import load_vae
 from kinema.models.vae import WAN21_LATENTS_MEAN, WAN21_LATENTS_STD, WanVAE
-
-diffusers = pytest.importorskip("diffusers")
-from diffusers import AutoencoderKLWan  # noqa: E402
-from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers  # noqa: E402
 
 CONFIG = dict(base_dim=20, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
 H, W = 32, 48  # non-square; latents 4 x 6
