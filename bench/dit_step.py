@@ -1,10 +1,15 @@
 """One DiT forward pass: Kinema's WanDiT vs diffusers' WanTransformer3DModel with the same weights.
 
 For each config and dtype both models run the same inputs in this process (text context of 512
-tokens, t2v); the table gives the median time of the timed runs, the activation peak (the resident
-high-water mark during the forward, reset before it, minus the memory before it), Kinema's FLOP
-count (matmuls and attention, counted from the shapes) and the share of the machine's matmul peak
-it reaches (the peak is a large square matmul in the same dtype, measured at the start).
+tokens, t2v), their forwards interleaved K D | D K K D ... (ABBA; the side that starts alternates
+from one config to the next, and the order is printed). The first pair is the warm-up: one untimed
+forward per model, always, whatever its size; its activation peak (the resident high-water mark
+during the forward, reset before it, minus the memory before it) is the one reported. Then each
+model runs `--runs` timed forwards; the heap is trimmed (malloc_trim) before every forward, so none
+runs in pages the other model left. The table gives the median time, the activation peak, the
+Kinema / diffusers ratios of both, Kinema's FLOP count (matmuls and attention, counted from the
+shapes) and the share of the machine's matmul peak it reaches (the peak is a large square matmul
+in the same dtype, measured at the start).
 
 Configs:
   dim512   dim 512, 8 heads, ffn 2048, 8 layers, 8192 tokens (latent 8x64x64)
@@ -12,9 +17,9 @@ Configs:
            (832x480x81 -> latent 21x60x104 -> 32760 tokens; --frames lowers the frame count)
   1.3B-2   the same with 2 layers
 
-    python bench/dit_step.py                       # every config, fp32 and bf16
+    python bench/dit_step.py                       # every config, fp32 and bf16 (~40 min on 2 CPU cores)
     python bench/dit_step.py --configs dim512 --dtypes fp32 --runs 3
-    python bench/dit_step.py --small               # tiny stand-ins, seconds (a smoke run)
+    python bench/dit_step.py --small               # tiny stand-ins, 10 timed runs each, seconds (a smoke run)
 
 Set OMP_NUM_THREADS to compare at a fixed thread count; both models use the same threads.
 """
@@ -121,37 +126,52 @@ def build(cfg: DiTConfig, dtype: torch.dtype) -> tuple[WanDiT, WanTransformer3DM
     return ours.eval().requires_grad_(False), ref.eval().requires_grad_(False)
 
 
-def measure(run, runs: int, warmup: bool) -> tuple[float, int, torch.Tensor]:
-    """Median time of `runs` timed runs and the activation peak of the first run. Free heap is handed back
-    to the system first (malloc_trim), so neither library runs in memory the other one left paged in and
-    the peak counts every page the forward touches. With `warmup` the first run is untimed."""
+def schedule(runs: int, first: str) -> list[tuple[str, str]]:
+    """Pairs of forwards in ABBA order, `first` starting: the warm-up pair, then `runs` timed forwards per side."""
+    second = "diffusers" if first == "kinema" else "kinema"
+    return [(first, second) if i % 2 == 0 else (second, first) for i in range(runs + 1)]
+
+
+def measure(sides: dict, runs: int, first: str) -> tuple[dict, str]:
+    """Run both models as `schedule` orders them. Per side: the median of its timed runs, the activation peak and
+    the output of its warm-up forward. Every forward starts from a trimmed heap, so which side ran before it
+    changes neither its peak nor the page faults it pays."""
+    pairs = schedule(runs, first)
+    result = {side: {"times": []} for side in sides}
     with torch.inference_mode():
-        trim_heap()
-        with PeakRSS() as rss:
-            t0 = time.perf_counter()
-            out = run()
-            first = time.perf_counter() - t0
-        times = [] if warmup else [first]
-        while len(times) < runs:
-            times.append(_time(run))
-    return statistics.median(times), rss.delta, out
+        for i, pair in enumerate(pairs):
+            for side in pair:
+                trim_heap()
+                if i == 0:  # warm-up, untimed
+                    with PeakRSS() as rss:
+                        result[side]["out"] = sides[side]()
+                    result[side]["peak"] = rss.delta
+                else:
+                    result[side]["times"].append(_time(sides[side]))
+    for r in result.values():
+        r["time"] = statistics.median(r["times"])
+    letters = [" ".join(side[0].upper() for side in pair) for pair in pairs]
+    return result, f"{letters[0]} | {' '.join(letters[1:])}"  # warm-up | timed, e.g. "K D | D K K D"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=["dim512", "1.3B-1", "1.3B-2"])
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
-    ap.add_argument("--runs", type=int, default=2, help="timed runs per model (after one warm-up, see --warmup_below)")
+    ap.add_argument("--runs", type=int, default=None,
+                    help="timed runs per model, after one untimed warm-up each (default 2; 10 with --small)")
     ap.add_argument("--frames", type=int, default=81, help="video frames of the 1.3B configs (480p tokens at 81)")
     ap.add_argument("--small", action="store_true", help="only the tiny 'small' config (a smoke run)")
-    ap.add_argument("--warmup_below", type=float, default=2000.0,
-                    help="GFLOP below which a forward gets an untimed warm-up first (a minute-long forward needs none)")
     args = ap.parse_args()
+    args.runs = args.runs or (10 if args.small else 2)
+    if args.runs < 1:
+        ap.error(f"--runs {args.runs}: at least one timed run per model is needed")
     diffusers.logging.set_verbosity_error()  # its note on casting with .to(): build() keeps its fp32 modules itself
     table = configs(args.frames)
     names = ["small"] if args.small else args.configs
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = []
+    n = 0  # configs measured so far: the side that starts alternates with it
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
         peak = matmul_peak(dtype)
@@ -165,20 +185,25 @@ def main() -> None:
             ctx = torch.randn(1, TEXT_LEN, cfg.text_dim, generator=g) * 0.1
             tokens = f * h * w // 4
             fl = flops(cfg, tokens, TEXT_LEN)
-            warmup = fl / 1e9 < args.warmup_below
-            k_time, k_mem, k_out = measure(lambda: ours(x, t, ctx), args.runs, warmup)
-            d_time, d_mem, d_out = measure(lambda: ref(x.to(dtype), t, ctx.to(dtype)).sample, args.runs, warmup)
-            err = ((k_out.float() - d_out.float()).norm() / d_out.float().norm()).item()
-            rows.append((name, dtype_name, tokens, k_time, d_time, k_mem, d_mem, fl, peak, err))
-            print(f"  {name} {dtype_name}: kinema {k_time:.3f} s, diffusers {d_time:.3f} s", flush=True)
+            first, n = ("kinema" if n % 2 == 0 else "diffusers"), n + 1
+            sides = {"kinema": lambda: ours(x, t, ctx), "diffusers": lambda: ref(x.to(dtype), t, ctx.to(dtype)).sample}
+            r, order = measure(sides, args.runs, first)
+            k, d = r["kinema"], r["diffusers"]
+            err = ((k["out"].float() - d["out"].float()).norm() / d["out"].float().norm()).item()
+            rows.append((name, dtype_name, tokens, k["time"], d["time"], k["peak"], d["peak"], fl, peak, err))
+            print(f"  {name} {dtype_name}: order {order}; kinema {', '.join(f'{v:.3f}' for v in k['times'])} s, "
+                  f"diffusers {', '.join(f'{v:.3f}' for v in d['times'])} s", flush=True)
             del ours, ref
     print()
-    print("| config | dtype | tokens | Kinema s | diffusers s | time ratio | Kinema act. MiB | diffusers act. MiB | "
-          "memory ratio | GFLOP | Kinema GFLOP/s | % of matmul peak | rel. diff |")
+    print("| config | dtype | tokens | Kinema s | diffusers s | time K/D | Kinema act. MiB | diffusers act. MiB | "
+          "act. peak K/D | GFLOP | Kinema GFLOP/s | % of matmul peak | rel. diff |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, dt, tokens, kt, dtm, km, dm, fl, peak, err in rows:
         print(f"| {name} | {dt} | {tokens} | {kt:.3f} | {dtm:.3f} | {kt / dtm:.2f}x | {km / 2**20:.0f} | {dm / 2**20:.0f} | "
               f"{km / max(dm, 1):.2f}x | {fl / 1e9:.0f} | {fl / kt / 1e9:.1f} | {100 * fl / kt / peak:.0f}% | {err:.1e} |")
+    print()
+    for name, dt, _, kt, dtm, km, dm, *_ in rows:
+        print(f"{name} {dt}: Kinema {kt / dtm:.2f}x of diffusers' time, {km / max(dm, 1):.2f}x of its activation peak")
 
 
 if __name__ == "__main__":
