@@ -75,8 +75,10 @@ def official_schedule(solver, steps, shift):
     return torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32)), timesteps
 
 
-def diffusers_sample(solver, model_fn, noise, steps, shift):
-    """The reference loop: diffusers' solver on the official sigmas, the model called at the official timesteps."""
+def diffusers_sample(solver, model_fn, noise, steps, shift, start_step=0):
+    """The reference loop: diffusers' solver on the official sigmas, the model called at the official timesteps.
+
+    start_step > 0: a part-way run (set_begin_index), `noise` being the latent at sigmas[start_step]."""
     sigmas, timesteps = official_schedule(solver, steps, shift)
     unshifted = official_unshifted(solver, steps)
     if solver == "euler":
@@ -111,8 +113,9 @@ def diffusers_sample(solver, model_fn, noise, steps, shift):
         # (recomputed here, not Kinema's)
         sched.sigmas, sched.timesteps = sigmas.clone(), timesteps.clone()
     torch.testing.assert_close(sched.sigmas.float(), schedule(solver, steps, shift)[0], rtol=0, atol=1e-6)
+    sched.set_begin_index(start_step)
     x = noise.clone()
-    for i, t in enumerate(sched.timesteps):
+    for i, t in enumerate(sched.timesteps[start_step:], start_step):
         v = model_fn(x, timesteps[i : i + 1])
         x = sched.step(v, t, x, return_dict=False)[0]
     return x
@@ -207,6 +210,13 @@ def test_start_step(solver, model_fn):
     assert seen == timesteps[k:].tolist()
     assert progress == [(i, steps) for i in range(k + 1, steps + 1)]
     assert out.shape == SHAPE and torch.isfinite(out).all()
+    # diffusers started at the same index: its multistep solvers also begin at first order, without history
+    ref = diffusers_sample(solver, model_fn, latents, steps, 3.0, start_step=k)
+    assert (out - ref).abs().max().item() < 1e-4
+    # a last-step-only run is one first-order step to sigma 0: x0 = x - sigma * v, whatever the solver
+    x = add_noise(x0, noise, sigmas[-2])
+    last = sample(model_fn, x, sigmas, timesteps, solver, start_step=steps - 1, progress=False)
+    torch.testing.assert_close(last, x - sigmas[-2] * model_fn(x, timesteps[-1:]), rtol=0, atol=1e-5)
 
 
 def test_add_noise_and_denoise_strength():
