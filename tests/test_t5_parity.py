@@ -136,6 +136,13 @@ def _run(te, env):
         return te.model(env["ids"], env["mask"]).float()
 
 
+def _tokenizes_as_transformers(te, env):
+    """The loader found the right tokenizer: its ids are transformers' for the test's tokenizer.json."""
+    hf = transformers.T5TokenizerFast(tokenizer_file=str(env["root"] / "tok" / "tokenizer.json"))
+    for text in PROMPTS + SENTENCES:
+        assert te.tokenizer.token_ids(text) == hf(clean_text(text), truncation=True, max_length=512).input_ids, text
+
+
 # ---------------------------------------------------------------- parity per format
 
 
@@ -166,6 +173,7 @@ def test_official_pth_folder_fp32_and_bf16(env):
     save_file({"patch_embedding.weight": torch.zeros(2)}, str(folder / "diffusion_pytorch_model.safetensors"))
     te = load_text_encoder(folder)  # tokenizer found in google/umt5-xxl/
     assert te.tokenizer.source.endswith("tokenizer.json")
+    _tokenizes_as_transformers(te, env)
     err = rel_err(_run(te, env), env["out"])
     print(f"official fp32: {err:.2e}")
     assert err <= 1e-4
@@ -183,6 +191,7 @@ def test_diffusers_folders(env):
     shutil.copytree(env["root"] / "tok", pipe / "tokenizer")
     te = load_text_encoder(pipe)  # pipeline root: text_encoder/ + tokenizer/
     err = rel_err(_run(te, env), env["out"])
+    _tokenizes_as_transformers(te, env)
 
     sharded = env["root"] / "diffusers_sharded"
     env["ref"].save_pretrained(sharded / "text_encoder", max_shard_size="40KB")
@@ -190,6 +199,7 @@ def test_diffusers_folders(env):
     shutil.copytree(env["root"] / "spm", sharded / "tokenizer")
     te_sh = load_text_encoder(sharded / "text_encoder")  # component folder; tokenizer in ../tokenizer
     assert te_sh.tokenizer.source.endswith("spiece.model")
+    _tokenizes_as_transformers(te_sh, env)
     err_sh = rel_err(_run(te_sh, env), env["out"])
     print(f"diffusers: {err:.2e}, sharded: {err_sh:.2e}")
     assert err <= 1e-4 and err_sh <= 1e-4
@@ -219,6 +229,7 @@ def test_comfyui_scaled_fp8(env):
         want = ref(input_ids=env["ids"], attention_mask=env["mask"]).last_hidden_state
     te = load_text_encoder(path)
     assert te.tokenizer.source.endswith(":spiece_model")
+    _tokenizes_as_transformers(te, env)  # the SentencePiece model read back from the file's bytes
     got = _run(te, env)
     err = rel_err(got, want)
     print(f"scaled fp8 vs dequantised ref: {err:.2e} (vs unquantised: {rel_err(got, env['out']):.2e})")
