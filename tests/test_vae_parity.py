@@ -160,6 +160,10 @@ def test_latent_stats_come_from_diffusers_config(ref, tmp_path):
         mu = ref.model.encode(case.video).latent_dist.mean
     mean, std = _stats(config["latents_mean"], config["latents_std"])
     assert _max_diff(vae.encode(case.video), (mu - mean) / std) <= FP32_TOL
+    assert vae.latents_std == tuple(config["latents_std"])
+    with torch.no_grad():  # decode un-normalises with the same statistics
+        dec = ref.model.decode(case.z * std + mean).sample
+    assert _max_diff(vae.decode(case.z), dec) <= FP32_TOL
 
 
 # ---- errors: each one a CheckpointError that names the file, the key and the shapes; nothing half-loaded
