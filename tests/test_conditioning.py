@@ -49,6 +49,17 @@ def test_target_size_official_rule(hw, area):
     assert th % 16 == 0 and tw % 16 == 0 and th * tw <= area
 
 
+@pytest.mark.parametrize("hw, area, want", [
+    ((1080, 1920), 720 * 1280, (720, 1280)),  # exactly 720p: sqrt(921600 * 0.5625) = 720
+    ((600, 600), 480 * 832, (624, 624)),  # sqrt(399360) = 631.9 -> 78 latents -> 78 (even) -> 624
+    ((833, 479), 720 * 1280, (1264, 720)),  # 1265.98 -> 158 latents -> 1264; 727.98 -> 90 -> 720
+    # 480 / 832 * 399360 is 230399.99999999997 in floating point, so the official rule gives 464 rows, not 480
+    ((480, 832), 480 * 832, (464, 832)),
+])
+def test_target_size_known_values(hw, area, want):
+    assert target_size(*hw, area) == want
+
+
 @pytest.mark.parametrize("frames", [5, 17])
 def test_condition_layout(frames):
     torch.manual_seed(0)
