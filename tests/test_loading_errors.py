@@ -129,6 +129,19 @@ def test_folder_of_single_files_picks_each_component(tmp_path):
     assert kinema.load_vae(comfy).z_dim == 16
     assert kinema.load_clip_vision(comfy).model is not None
     assert kinema.load_text_encoder(comfy, tokenizer=src / "google" / "umt5-xxl").model is not None
+    # each picked the file of its own component: the weights are those of the official file it came from
+    tokenizer = src / "google" / "umt5-xxl"
+    pairs = [
+        (dit, kinema.load_dit(src / "diffusion_pytorch_model.safetensors", num_heads=2)),
+        (kinema.load_vae(comfy), kinema.load_vae(src / "Wan2.1_VAE.pth")),
+        (kinema.load_clip_vision(comfy).model,
+         kinema.load_clip_vision(src / "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth").model),
+        (kinema.load_text_encoder(comfy, tokenizer=tokenizer).model,
+         kinema.load_text_encoder(src / "models_t5_umt5-xxl-enc-bf16.pth", tokenizer=tokenizer).model),
+    ]
+    for got, want in pairs:
+        got, want = got.state_dict(), want.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     save_file({"unrelated.weight": torch.zeros(2)}, comfy / "other.safetensors")
     assert kinema.load_vae(comfy).z_dim == 16  # a file of no component does not confuse the choice
     # Two DiTs in one folder: which one is meant cannot be told, so the user must name the file.
