@@ -131,7 +131,8 @@ def test_validate_min_frames(data, tmp_path):
 
 
 def test_clips_shapes_and_range(data):
-    root, _, _ = data
+    root, _, rows = data
+    captions = {r["file"]: r["text"] for r in rows}
     ds = VideoClips(root, num_frames=9, stride=2, base_area=64 * 64, seed=3)
     buckets = aspect_buckets(64 * 64)
     for i, (name, w, h) in enumerate(CLIPS):
@@ -139,7 +140,7 @@ def test_clips_shapes_and_range(data):
         sample = ds[i]
         assert sample["video"].shape == (3, 9, bh, bw) and sample["video"].dtype == torch.float32
         assert sample["video"].min() >= -1 and sample["video"].max() <= 1
-        assert sample["path"].endswith(name) and sample["caption"]
+        assert sample["path"].endswith(name) and sample["caption"] == captions[name]
     assert {ds.sizes[i] for i in range(6)} == {(64, 64), (80, 48), (48, 80)}
     assert ds.bucket_keys()[1] == (9, 80, 48)
 
@@ -184,6 +185,12 @@ def test_clips_stills_and_short_videos(tmp_path):
     ds = VideoClips(tmp_path, num_frames=17, buckets=[(32, 48), (32, 32)])
     assert [ds[i]["video"].shape for i in range(2)] == [(3, 5, 32, 32), (3, 1, 48, 32)]
     assert ds.frames == [5, 1]
+    # the short clip: 5 consecutive frames of the 7, as they were (gif is exact for these greys, no resize)
+    idx = ds.frame_indices(0)
+    assert np.diff(idx).tolist() == [1] * 4 and 0 <= idx[0] <= 2
+    assert torch.equal(ds[0]["video"], world.to_tensor(short[idx]))
+    torch.testing.assert_close(ds[1]["video"], torch.full((3, 1, 48, 32), 200 / 127.5 - 1))
+    assert [ds[i]["caption"] for i in range(2)] == ["a short clip", "a still"]
     with pytest.raises(KinemaError, match="4n\\+1"):
         VideoClips(tmp_path, num_frames=16)
 
@@ -205,6 +212,13 @@ def test_token_buckets_and_loader(data):
     assert len(batches) == len(sampler) == 3  # 2 per bucket
     for b in batches:
         assert b["video"].shape[:3] == (2, 3, 5) and len(b["caption"]) == 2
+    # each batch holds the clips the sampler chose (a fresh sampler of the same seed chooses the same)
+    chosen = list(BucketBatchSampler(ds.bucket_keys(), batch_size=2, seed=0))
+    assert sorted(i for idx in chosen for i in idx) == list(range(6))
+    for b, idx in zip(batches, chosen):
+        assert len({ds.bucket_keys()[i] for i in idx}) == 1
+        assert torch.equal(b["video"], torch.stack([ds[i]["video"] for i in idx]))
+        assert list(b["caption"]) == [ds.items[i].caption for i in idx]
 
 
 def test_aspect_buckets():
