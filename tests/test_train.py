@@ -16,7 +16,7 @@ import kinema
 from kinema.errors import KinemaError
 from kinema.toy import world
 from kinema.train import config as configs
-from kinema.train.loop import TrainTask, step_generator, train
+from kinema.train.loop import TrainTask, checkpoints, step_generator, train
 
 TINY_VAE = dict(dim=4, dim_mult=[1, 2, 2, 2], width=32, height=32, frames=5, train_frames=5, crop=16, batch_size=2,
                 holdout_clips=2, stats_clips=4, lr=2e-3, warmup_steps=1, log_every=1, threads=1)
@@ -97,19 +97,51 @@ def dit_model(tmp_path_factory, vae_model):
     return _check_trainer(lambda c: DiTTask(c, torch.device("cpu")), DiTTrainConfig, {**TINY_DIT, "vae": str(vae_model)}, tmp)
 
 
+def _final_checkpoint(model_folder):
+    """The last checkpoint of the run that exported `model_folder` (saved at its final step)."""
+    return torch.load(checkpoints(model_folder.parent)[-1], weights_only=False)
+
+
 def test_vae_trainer_learns_resumes_and_exports(vae_model):
+    from kinema.train.vae import VAEConfig, holdout
+
     vae = kinema.load_vae(vae_model)
     cfg = json.loads((vae_model / "vae" / "config.json").read_text())
     assert vae.latents_mean == pytest.approx(cfg["latents_mean"]) and len(vae.latents_std) == 16
+    assert vae.latents_std == pytest.approx(cfg["latents_std"])
     out = vae.decode(vae.encode(torch.zeros(1, 3, 5, 32, 32)))
     assert out.shape == (1, 3, 5, 32, 32)
+    # The export is the trained weights (no EMA here), in float32: those of the final checkpoint, bit for bit.
+    final = _final_checkpoint(vae_model)
+    assert final["step"] == 8
+    got, want = vae.state_dict(), final["modules"]["vae"]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    # The exported statistics are this encoder's on the held-out stats clips: they normalise them to 0 / 1.
+    run = configs.build(VAEConfig, {**TINY_VAE, "output_dir": str(vae_model.parent)})
+    z = torch.cat([vae.encode(v[None]) for v in holdout(run, run.stats_clips)]).transpose(0, 1).flatten(1)  # [16, N]
+    torch.testing.assert_close(z.mean(1), torch.zeros(16), rtol=0, atol=1e-4)
+    torch.testing.assert_close(z.std(1), torch.ones(16), rtol=0, atol=1e-4)
 
 
 def test_dit_trainer_learns_resumes_and_exports(dit_model):
-    from kinema.pipeline.generate import Models, generate
+    from kinema.loading.dit import dtype_policy
 
     dit = kinema.load_dit(dit_model)
     assert dit.config.model_type == "i2v" and dit.config.text_len == 16 and "t2v" in dit.tasks
+    # The export holds the EMA weights (ema = 0.9) of the final step, rounded to fp16 outside the fp32 islands.
+    # The EMA shadow follows the trainable parameters, the DiT's first.
+    final = _final_checkpoint(dit_model)
+    stored = dtype_policy(torch.float16)
+    names = [n for n, _ in dit.named_parameters()]
+    ema = dict(zip(names, final["ema"]))
+    params = dict(dit.named_parameters())
+    for n in names:
+        assert torch.equal(params[n], ema[n].to(stored(n)).float()), n
+    raw = final["modules"]["dit"]
+    assert any(not torch.equal(raw[n].to(stored(n)), ema[n].to(stored(n))) for n in names)  # EMA != raw weights
+
+    from kinema.pipeline.generate import Models, generate
+
     te = kinema.load_text_encoder(dit_model)
     assert te.tokenizer.token_ids("a red circle moving right on a black background")[:-1] == te.tokenizer.token_ids(
         "A Red circle moving right on a black background")[:-1]  # word-level, case-folded
@@ -173,6 +205,14 @@ def test_lora_trainer_learns_resumes_and_exports(dit_model, tmp_path):
     model = _check_trainer(lambda c: LoRATask(c, torch.device("cpu")), LoRATrainConfig, values, tmp_path, steps=6)
     weights = load_lora(model / "lora.safetensors", kinema.load_dit(dit_model))
     assert "blocks.0.self_attn.q" in weights and weights["blocks.0.self_attn.q"][0].shape[0] == 2
+    # every adapter of the final step (no EMA), with its alpha
+    adapters = _final_checkpoint(model)["modules"]["lora"]
+    names = {k.rsplit(".", 1)[0] for k in adapters}
+    assert set(weights) == {n.replace("__", ".") for n in names}
+    for n in names:
+        A, B, alpha = weights[n.replace("__", ".")]
+        assert torch.equal(A, adapters[f"{n}.A"]) and torch.equal(B, adapters[f"{n}.B"]) and alpha == 2.0, n
+    assert any(B.abs().max() > 0 for _, B, _ in weights.values())  # trained: B no longer its zero init
 
 
 def _kinema(*args, cwd=None):
@@ -291,6 +331,9 @@ def test_vae_trains_from_a_clip_pool(tmp_path):
     cfg = configs.build(VAEConfig, {**TINY_VAE, "output_dir": str(tmp_path), "steps": 2, "pool_size": 8})
     task = VAETask(cfg, torch.device("cpu"))
     assert task.pool.clips.shape == (8, 5, 32, 32, 3) and task.batch(1).shape == (2, 3, 5, 16, 16)
+    full = torch.stack([world.to_tensor(c) for c in task.pool.clips])  # every crop is a window of a pool clip
+    for crop in task.batch(1):
+        assert any(torch.equal(crop, c[:, :, y : y + 16, x : x + 16]) for c in full for y in range(17) for x in range(17))
     assert torch.equal(task.batch(1), VAETask(cfg, torch.device("cpu")).batch(1))  # a resumed run sees the same data
     assert train(task, cfg, progress=False)["finished"]
 
