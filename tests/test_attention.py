@@ -145,11 +145,20 @@ def test_generate_uses_the_backend(fakes):
 
     vae = WanVAE(dim=8, dim_mult=(1, 2, 2, 2)).eval().requires_grad_(False)
     dit = WanDiT(DiTConfig("t2v", dim=64, ffn_dim=64, text_dim=16, num_heads=2, num_layers=1)).eval().half()
-    out = generate(Models(dit, vae, StubTextEncoder()), "t2v", prompt="a red circle", size=(32, 32), frame_num=1,
-                   steps=2, progress=False, decode=False, attention="flash_attn")
+    def run(backend):
+        return generate(Models(dit, vae, StubTextEncoder()), "t2v", prompt="a red circle", size=(32, 32), frame_num=1,
+                        steps=2, progress=False, decode=False, attention=backend, seed=0)
+
+    out = run("flash_attn")
     # 2 steps x (cond + uncond) x (self + cross attention); the VAE / text encoder are outside the block
     assert [c["name"] for c in fakes] == ["flash_attn"] * 8
     assert out["settings"]["attention"] == "flash_attn" and attn.get_backend() == "sdpa"
+    # the kernel's output (the true attention + 1) is what the blocks used: the latents move off the sdpa run's
+    fakes.clear()
+    ref = run("sdpa")
+    assert not fakes
+    assert (out["latents"] - ref["latents"]).abs().max() > 1e-2
+    assert torch.equal(run("sdpa")["latents"], ref["latents"])  # and the difference is not run-to-run noise
 
 
 @pytest.mark.parametrize("argv", [["--attention", "flash_attn"], ["--attention", "xformers"]])
