@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 from conftest import rel_err
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from kinema.errors import CheckpointError, KinemaError
 from kinema.lora import (
@@ -253,6 +253,9 @@ def test_cli_lora(tmp_path, capsys, caplog):
     dit = kinema.load_dit(ckpt)
     inject_lora(dit, rank=2, targets=("self_attn",))
     _randomize(dit)
+    with torch.no_grad():  # an update large enough to show in 8-bit pixels of this random model
+        for p in lora_parameters(dit):
+            p.mul_(4)
     lora = save_lora(tmp_path / "my lora.safetensors", lora_state_dict(dit), metadata={"base_model": "random"})
     gen = ["generate", "--task", "t2v-1.3B", "--ckpt_dir", str(ckpt), "--size", "32*32", "--frame_num", "1",
            "--sample_steps", "1", "--prompt", "a red circle", "--base_seed", "3"]
@@ -261,6 +264,25 @@ def test_cli_lora(tmp_path, capsys, caplog):
         assert main([*gen, "--lora", f"{lora}:0.5", "--save_file", str(out)]) == 0
     assert read_metadata(out)["loras"] == [[str(lora.resolve()), 0.5]]
     assert "Applied LoRA my lora.safetensors at strength 0.5: 8 layers" in caplog.text
+    # The picture is the base model's with the LoRA merged at 0.5: the same as from a checkpoint holding those
+    # weights, and not the base model's own.
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    merged = tmp_path / "merged"
+    shutil.copytree(ckpt, merged)
+    base = kinema.load_dit(ckpt)
+    merge_lora(base, load_lora(lora, base), 0.5)
+    dit_file = merged / "diffusion_pytorch_model.safetensors"
+    stored = load_file(str(dit_file))  # kept in the file's own dtypes
+    save_file({k: v.to(stored[k].dtype).contiguous() for k, v in base.state_dict().items()}, str(dit_file))
+    assert main([*gen[:4], str(merged), *gen[5:], "--save_file", str(tmp_path / "merged.png")]) == 0
+    assert main([*gen, "--save_file", str(tmp_path / "plain.png")]) == 0
+    pixels = {n: np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("out", "merged", "plain")}
+    assert np.array_equal(pixels["out"], pixels["merged"])
+    assert (pixels["out"] != pixels["plain"]).mean() > 0.1
     capsys.readouterr()
     for spec, message in [(str(tmp_path / "gone.safetensors"), "gone.safetensors not found"),
                           (f"{lora}:half", "strength 'half' is not a number")]:
