@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from kinema.errors import KinemaError
+from kinema.media.files import check_readable, is_image, open_container, open_image
 
 COMMENT_TAG = "comment"  # container tag holding the JSON
 FRAME_SIZE_TAG = "kinema_frame_size"  # "WxH" before padding to even
@@ -71,8 +72,6 @@ def read_metadata(path: str | Path) -> dict:
     Works on mp4/mov/webm (container tag), png (text chunk), and gif/webp/
     png-sequence folders (sidecar `.json`).
     """
-    from kinema.media.read import check_readable, is_image, open_container, open_image
-
     path = Path(path)
     check_readable(path, allow_dir=True)
     sidecar = sidecar_path(path)

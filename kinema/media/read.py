@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from kinema.errors import KinemaError
+from kinema.media.files import IMAGE_SUFFIXES, check_readable, open_container, open_image
 from kinema.media.metadata import FRAME_SIZE_TAG, from_json, get_tag, sidecar_path
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 ANIMATED_SUFFIXES = {".gif", ".webp"}  # decoded with Pillow: FFmpeg cannot read animated WebP
 DEFAULT_FPS = 16.0  # Wan2.1's rate, reported for stills and sequences without a sidecar
 
@@ -29,40 +29,6 @@ DEFAULT_FPS = 16.0  # Wan2.1's rate, reported for stills and sequences without a
 class Video(NamedTuple):
     frames: torch.Tensor  # [F, H, W, 3] uint8
     fps: float
-
-
-def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES
-
-
-def check_readable(path: Path, allow_dir: bool = False) -> None:
-    """Fail early, naming the path, for the mistakes a decoder reports cryptically."""
-    if not path.exists():
-        raise KinemaError(f"{path} does not exist; check the path (relative paths start at {Path.cwd()})")
-    if path.is_dir() and not allow_dir:
-        raise KinemaError(f"{path} is a directory; pass the path of an image or video file inside it")
-    if path.is_file() and path.stat().st_size == 0:
-        raise KinemaError(f"{path} is empty (0 bytes); it was probably not finished writing. Re-export it")
-
-
-def open_container(path: Path):
-    import av
-
-    try:
-        return av.open(str(path))
-    except (av.FFmpegError, UnicodeDecodeError) as e:
-        raise KinemaError(f"{path} is not a readable video ({e}); check that it is a complete mp4/mov/webm file") from None
-
-
-def open_image(path: Path):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        im = Image.open(path)
-        im.load()
-        return im
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise KinemaError(f"{path} is not a readable image ({e}); check that it is a complete, uncorrupted file") from None
 
 
 def _rgb(im) -> np.ndarray:
