@@ -1,11 +1,26 @@
 """kinema.media when things go wrong: damaged inputs, killed writers, full or unwritable disks, bad options."""
 
 import ast
+import re
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 import kinema.media
+from kinema.errors import KinemaError
+from kinema.media import FORMATS, read_video, save_video
 
 MEDIA = Path(kinema.media.__file__).parent
+
+
+def rich_clip(f=9, h=32, w=48) -> np.ndarray:
+    """Ramps and a moving blob (as in test_media), so codecs emit real I-, P- and B-frames. uint8 [F, H, W, 3]."""
+    y, x = np.mgrid[:h, :w].astype(np.float64)
+    t = np.arange(f)[:, None, None]
+    blob = np.exp(-((x - 4 - 3 * t) ** 2 + (y - h / 2) ** 2) / 18)[..., None]  # [F, H, W, 1]
+    ramps = np.stack(np.broadcast_arrays(x * 255 / w, y * 255 / h, 40 + t * 20.0), axis=-1)  # [F, H, W, 3]
+    return (ramps * (1 - blob) + np.array([255, 255, 0]) * blob).round().astype(np.uint8)
 
 
 def _media_imports(tree: ast.AST) -> list[tuple[str, bool]]:
@@ -52,3 +67,58 @@ def test_public_names_still_import():
     assert {"read_metadata", "save_video", "read_video"} <= set(names)
     assert all(hasattr(kinema.media, n) for n in names)
     assert callable(check_readable) and callable(open_container) and callable(open_image) and ".png" in IMAGE_SUFFIXES
+
+
+# ---------------------------------------------------------------- truncated and damaged inputs
+
+
+def _cut(path: Path, fraction: float) -> Path:
+    """A copy of `path` keeping the first `fraction` of its bytes: a download or copy that stopped."""
+    cut = path.with_name(f"cut{fraction}_{path.name}")
+    data = path.read_bytes()
+    cut.write_bytes(data[: int(len(data) * fraction)])
+    return cut
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.8, 0.97])
+@pytest.mark.parametrize("fmt", ["h264-mp4", "h265-mp4", "webm", "prores-mov", "gif"])
+def test_truncated_video_is_an_error(tmp_path, fmt, fraction):
+    cut = _cut(save_video(rich_clip(17), tmp_path, format=fmt), fraction)
+    with pytest.raises(KinemaError) as info:
+        read_video(cut)
+    message = str(info.value)
+    assert str(cut) in message and "truncated" in message, message
+    read = re.search(r"only (\d+)(?: of 17)? frames could be read|(no) frames could be read", message)
+    assert read, f"the message does not say how many frames could be read: {message}"
+    assert read[2] or int(read[1]) < 17
+
+
+@pytest.mark.parametrize("fmt", ["webm", "h264-mp4"])
+def test_quiet_end_is_caught_by_the_declared_length(tmp_path, fmt):
+    """Cut where the last frame's bytes begin, FFmpeg decodes the rest without a word; only the
+    container's frame count (mp4) or duration (WebM) shows that a frame is missing."""
+    import av
+
+    path = save_video(rich_clip(17), tmp_path, format=fmt)
+    with av.open(str(path)) as container:
+        last = max((p for p in container.demux(video=0) if p.size), key=lambda p: p.pos)
+    cut = path.with_name("cut_" + path.name)
+    cut.write_bytes(path.read_bytes()[: last.pos])
+    with av.open(str(cut)) as container:
+        decoded = sum(1 for _ in container.decode(video=0))  # no error raised
+    assert decoded < 17
+    with pytest.raises(KinemaError, match=rf"{re.escape(str(cut))} is truncated or corrupt: only {decoded} of 17 frames"):
+        read_video(cut)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_complete_files_are_never_refused(tmp_path, fmt):
+    for n in (1,) if fmt == "png" else (1, 2, 9, 17):
+        for fps in (16, 24000 / 1001, 60):
+            for hw in ((32, 48), (17, 33)):
+                clip = rich_clip(n, *hw)
+                path = save_video(clip, tmp_path, format=fmt, frame_rate=fps)
+                frames = read_video(path).frames
+                assert frames.shape[1:3] == hw
+                if fmt not in ("gif", "webp"):  # Pillow folds repeated frames into one
+                    assert len(frames) == n, (fmt, n, fps, hw)

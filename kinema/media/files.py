@@ -33,7 +33,10 @@ def open_container(path: Path):
     try:
         return av.open(str(path))
     except (av.FFmpegError, UnicodeDecodeError) as e:
-        raise KinemaError(f"{path} is not a readable video ({e}); check that it is a complete mp4/mov/webm file") from None
+        raise KinemaError(
+            f"{path} is not a readable video ({e}): it is truncated, corrupt or not a video, and no frames "
+            "could be read; check that it is a complete mp4/mov/webm file"
+        ) from None
 
 
 def open_image(path: Path):

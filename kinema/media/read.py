@@ -24,6 +24,9 @@ from kinema.media.metadata import FRAME_SIZE_TAG, from_json, get_tag, sidecar_pa
 
 ANIMATED_SUFFIXES = {".gif", ".webp"}  # decoded with Pillow: FFmpeg cannot read animated WebP
 DEFAULT_FPS = 16.0  # Wan2.1's rate, reported for stills and sequences without a sidecar
+# Fraction of the declared length a complete file may still fall short by: WebM states only a duration
+# in milliseconds, and an edit list can hide a frame or two that the mp4 index counts.
+LENGTH_SLACK = 0.02
 
 
 class Video(NamedTuple):
@@ -52,16 +55,27 @@ def read_image(path: str | Path) -> torch.Tensor:
         return torch.from_numpy(_rgb(im).copy())
 
 
+def truncated(path: Path, read: int, declared: float | None, why: str) -> KinemaError:
+    """The one message for a clip that stops early, so a cut-off download is never taken for a short clip."""
+    of = f" of {declared:.0f}" if declared is not None else ""
+    return KinemaError(
+        f"{path} is truncated or corrupt: only {read}{of} frames could be read ({why}); re-export or re-copy the file"
+    )
+
+
 def _read_animation(path: Path, max_frames: int | None) -> Video:
     from PIL import ImageSequence
 
     frames, durations = [], []
     with open_image(path) as im:
-        for frame in ImageSequence.Iterator(im):
-            if max_frames is not None and len(frames) >= max_frames:
-                break
-            frames.append(_rgb(frame))
-            durations.append(frame.info.get("duration") or 0)
+        try:
+            for frame in ImageSequence.Iterator(im):
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+                frames.append(_rgb(frame))
+                durations.append(frame.info.get("duration") or 0)
+        except (OSError, IndexError, ValueError, SyntaxError) as e:  # how Pillow says the data ran out
+            raise truncated(path, len(frames), None, f"Pillow: {e}") from None
     mean_ms = sum(durations) / len(durations)
     return Video(torch.from_numpy(np.stack(frames)), 1000.0 / mean_ms if mean_ms > 0 else DEFAULT_FPS)
 
@@ -110,7 +124,31 @@ def _to_rgb(frame) -> np.ndarray:
     return frame.to_ndarray(format="rgb24")  # RGB, palette, full-range yuvj: swscale is exact enough
 
 
+def _declared_frames(container, stream) -> float | None:
+    """How many frames the container says the stream holds; None where it does not say."""
+    import av
+
+    if stream.frames:  # mp4 / mov: the sample count of the index
+        return float(stream.frames)
+    rate = stream.average_rate or stream.guessed_rate
+    if not rate:
+        return None
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base * rate)
+    if container.duration and len(container.streams) == 1:  # the file's duration is its longest stream's
+        return container.duration / av.time_base * float(rate)
+    return None
+
+
 def _read_container(path: Path, max_frames: int | None) -> Video:
+    """Decode a video, refusing one that ends before its container says it should.
+
+    FFmpeg stops quietly at most cuts: frame threading drops the frames of a
+    packet that fails, the mp4 demuxer flags (but returns) a sample the end of
+    the file cuts short, and a WebM cut between frames just ends. So a flagged
+    packet, a decoder error, or fewer frames than the declared count or
+    duration is an error that names how many frames could be read.
+    """
     import av
 
     with open_container(path) as container:
@@ -119,16 +157,26 @@ def _read_container(path: Path, max_frames: int | None) -> Video:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         size = get_tag(container.metadata, FRAME_SIZE_TAG)
-        frames = []
+        declared = _declared_frames(container, stream)
+        frames, damage = [], None
         try:
-            for frame in container.decode(stream):
+            for packet in container.demux(stream):
+                if packet.is_corrupt:
+                    damage = f"the packet at {float(packet.pts * packet.time_base):.3g}s is cut short"
+                    break
+                frames.extend(_to_rgb(frame) for frame in packet.decode())
                 if max_frames is not None and len(frames) >= max_frames:
                     break
-                frames.append(_to_rgb(frame))
         except av.FFmpegError as e:
-            if not frames:
-                raise KinemaError(f"{path} could not be decoded ({e}); the file is corrupt or truncated") from None
+            damage = f"FFmpeg: {e}"
         rate = stream.average_rate or stream.guessed_rate or DEFAULT_FPS
+    frames = frames[:max_frames]
+    if damage is not None:
+        raise truncated(path, len(frames), declared, damage)
+    if declared is not None:
+        wanted = declared if max_frames is None else min(declared, max_frames)
+        if len(frames) < wanted * (1 - LENGTH_SLACK) - 0.5:
+            raise truncated(path, len(frames), declared, "the file ends before its stated length")
     if not frames:
         raise KinemaError(f"{path} holds no video frames; it is empty or truncated. Re-export it")
     video = np.stack(frames)  # [F, H, W, 3]
