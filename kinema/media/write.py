@@ -149,8 +149,18 @@ def _write_av(frames, tmp: Path, name: str, fmt: Format, fps: Fraction, crf: int
             frame.colorspace = frame.color_primaries = frame.color_trc = 1
             frame.color_range = 1
             frame.pts = i
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
+            container.mux(_checked_dts(stream.encode(frame), len(padded)))
+        container.mux(_checked_dts(stream.encode(None), len(padded)))
+
+
+def _checked_dts(packets: list, frames: int) -> list:
+    """libx265 under FFmpeg 8 leaves the dts of a 1- or 2-frame clip uninitialised (seen: -1.4e14,
+    8.5e18), which the mp4 muxer refuses; a dts can only lie at or before its pts, by less than
+    the clip's length, and a packet outside that is given its pts, as in a clip with no reordering."""
+    for packet in packets:
+        if packet.dts is not None and packet.pts is not None and not packet.pts - frames <= packet.dts <= packet.pts:
+            packet.dts = packet.pts
+    return packets
 
 
 def _pil_frames(frames: np.ndarray):
