@@ -1,7 +1,11 @@
 """kinema.media when things go wrong: damaged inputs, killed writers, full or unwritable disks, bad options."""
 
 import ast
+import os
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +13,7 @@ import pytest
 
 import kinema.media
 from kinema.errors import KinemaError
-from kinema.media import FORMATS, read_video, save_video
+from kinema.media import FORMATS, naming, read_video, save_video
 
 MEDIA = Path(kinema.media.__file__).parent
 
@@ -132,3 +136,68 @@ def test_short_h265_clips_are_written(tmp_path):
             for pix_fmt in ("yuv420p", "yuv420p10le"):
                 path = save_video(rich_clip(n, 17, 33), tmp_path, format="h265-mp4", frame_rate=24, pix_fmt=pix_fmt)
                 assert len(read_video(path).frames) == n
+
+
+# ---------------------------------------------------------------- leftovers of writers that were killed
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: its pid names no process now
+    return child.pid
+
+
+def test_stale_partials_of_dead_writers_are_removed(tmp_path):
+    dead = _dead_pid()
+    stale_file = tmp_path / f".kinema.mp4.partial-{dead}-{naming.HOST}-0badc0de"
+    stale_dir = tmp_path / f".kinema.frames.partial-{dead}-{naming.HOST}-0badc0df"
+    stale_file.write_bytes(b"half a video")
+    stale_dir.mkdir()
+    (stale_dir / "frame_00001.png").write_bytes(b"x")
+    live = tmp_path / f".kinema.mp4.partial-{os.getpid()}-{naming.HOST}-00c0ffee"  # a writer still running
+    other_host = tmp_path / f".kinema.mp4.partial-{dead}-{'0' * 8 if naming.HOST != '0' * 8 else '1' * 8}-00c0ffee"
+    foreign = tmp_path / ".notes.txt.partial-abc"  # not a name Kinema makes
+    for p in (live, other_host, foreign):
+        p.write_bytes(b"in progress")
+    path = save_video(rich_clip(2), tmp_path)
+    assert not stale_file.exists() and not stale_dir.exists()
+    assert live.exists() and other_host.exists() and foreign.exists()
+    assert path.name == "kinema_00001.mp4"
+
+
+WRITER = """
+import sys, time
+import numpy as np
+from kinema.media import save_video, write
+
+original, calls = write._write_png, [0]
+
+def slow(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 3:  # two frames are in the partial folder: say so, then hang until killed
+        print("writing", flush=True)
+        time.sleep(60)
+    return original(*args, **kwargs)
+
+write._write_png = slow
+save_video(np.zeros((8, 32, 48, 3), np.uint8), sys.argv[1], format="png-sequence")
+"""
+
+
+def test_a_writer_killed_mid_write_is_cleaned_up_by_the_next(tmp_path):
+    """SIGKILL skips every `finally`: the killed writer's partial file stays until the next write here."""
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(kinema.media.__file__).parents[2])
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        partials = [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+        assert len(partials) == 1 and f".partial-{writer.pid}-" in partials[0].name
+        save_video(rich_clip(2), tmp_path)  # the writer is alive: its file must stay
+        assert partials[0].exists()
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    assert partials[0].exists()  # what SIGKILL leaves behind
+    assert save_video(rich_clip(2), tmp_path).name == "kinema_00002.mp4"
+    assert not partials[0].exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kinema_00001.mp4", "kinema_00002.mp4"]

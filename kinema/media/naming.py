@@ -7,19 +7,28 @@ beside the target and `publish`es it in one step at the end; a counter name
 (`prefix_00001.mp4`, `prefix_00002.mp4`, ...) takes the next number above any
 already used by that prefix, whatever the extension, so a video, its `.json`
 sidecar and a later PNG of the same prefix never share a number.
+
+A writer killed outright (SIGKILL, the OOM killer) skips its clean-up, so a
+temporary name carries the writer's pid and host and the next write into that
+folder removes the ones whose writer is gone.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
+import socket
 import uuid
 from pathlib import Path
 
 from kinema.errors import KinemaError
 
 COUNTER_DIGITS = 5
+# Names of other machines' or containers' writers sharing a folder differ here, so their pids are never tested.
+HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+PARTIAL = re.compile(r"^\..+\.partial-(?P<pid>\d+)-(?P<host>[0-9a-f]{8})-[0-9a-f]{8}$")
 
 
 def next_counter(directory: Path, prefix: str) -> int:
@@ -44,8 +53,40 @@ def check_prefix(prefix: str) -> None:
 
 
 def temp_path(final: Path) -> Path:
-    """A hidden sibling of `final`, so the rename into place stays on one file system."""
-    return final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
+    """A hidden sibling of `final`, so the rename into place stays on one file system; the pid and
+    host say whose it is, so `remove_stale` can tell a killed writer's leftovers from a live one's."""
+    return final.with_name(f".{final.name}.partial-{os.getpid()}-{HOST}-{uuid.uuid4().hex[:8]}")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists here; anything uncertain counts as alive, so nothing live is removed."""
+    if os.name != "posix" or pid <= 0:  # Windows' os.kill terminates the process it is asked about
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale(folder: Path) -> None:
+    """Remove the temporary files and folders of writers on this host that died without cleaning up.
+
+    Best effort: a folder that cannot be listed, or a file another run removes first, is left alone.
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        m = PARTIAL.match(name)
+        if m and m["host"] == HOST and not pid_alive(int(m["pid"])):
+            try:
+                remove(folder / name)
+            except OSError:
+                pass
 
 
 def publish(tmp: Path, final: Path, overwrite: bool = False) -> None:
@@ -79,7 +120,7 @@ def publish(tmp: Path, final: Path, overwrite: bool = False) -> None:
 
 def remove(path: Path) -> None:
     """Best-effort clean-up of a temporary file or folder after a failed write."""
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path, ignore_errors=True)
-    elif path.exists():
-        path.unlink()
+    else:
+        path.unlink(missing_ok=True)

@@ -283,6 +283,7 @@ def save_video(
         sidecar = text
 
     explicit, folder = _resolve(Path(path), fmt.ext, filename_prefix, overwrite)
+    naming.remove_stale(folder)
     tmp = naming.temp_path(explicit or folder / f"{filename_prefix}.{fmt.ext or 'frames'}")
     try:
         if fmt.codec:
