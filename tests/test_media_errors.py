@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import pytest
 
 import kinema.media
 from kinema.errors import KinemaError
-from kinema.media import FORMATS, naming, read_video, save_video
+from kinema.media import FORMATS, check_save, naming, read_video, save_video
 
 MEDIA = Path(kinema.media.__file__).parent
 
@@ -136,6 +137,184 @@ def test_short_h265_clips_are_written(tmp_path):
             for pix_fmt in ("yuv420p", "yuv420p10le"):
                 path = save_video(rich_clip(n, 17, 33), tmp_path, format="h265-mp4", frame_rate=24, pix_fmt=pix_fmt)
                 assert len(read_video(path).frames) == n
+
+
+# ---------------------------------------------------------------- every writer option, before any long work
+
+
+class Frames:
+    """Stands for frames that must never be looked at: the option check has to fail first."""
+
+    def __getattr__(self, name):
+        raise AssertionError("save_video looked at the frames before checking its options")
+
+
+REFUSALS = [
+    ({"format": "avi"}, "unknown format 'avi'"),
+    ({"frame_rate": float("nan")}, "frame_rate nan is not a positive number; Wan2.1 clips play at 16"),
+    ({"frame_rate": float("inf")}, "frame_rate inf is not a positive number"),
+    ({"frame_rate": 0}, "frame_rate 0 is not a positive number"),
+    ({"frame_rate": -16}, "frame_rate -16 is not a positive number"),
+    ({"frame_rate": "16"}, "frame_rate '16' is not a positive number"),
+    ({"loop_count": -1, "format": "gif"}, "loop_count -1 is not a whole number"),
+    ({"loop_count": 1.5, "format": "webp"}, "loop_count 1.5 is not a whole number"),
+    ({"loop_count": 70000, "format": "gif"}, "loop_count 70000 is not a whole number in 0..65535"),
+    ({"crf": 52}, r"crf 52 is out of range for h264-mp4; use a whole number in 0..51"),
+    ({"crf": -1, "format": "h265-mp4"}, r"crf -1 is out of range"),
+    ({"crf": 64, "format": "webm"}, r"crf 64 is out of range for webm; use a whole number in 0..63"),
+    ({"crf": float("nan")}, r"crf nan is out of range"),
+    ({"crf": 18.5}, r"crf 18.5 is out of range"),
+    ({"format": "webm", "pix_fmt": "yuv420p10le"}, "pix_fmt 'yuv420p10le' is not supported by libvpx-vp9"),
+    ({"pix_fmt": "rgb48"}, "pix_fmt 'rgb48' is not supported by libx264"),
+    ({"format": "webp", "quality": 101}, "quality 101 is not a whole number in 0..100"),
+    ({"filename_prefix": "runs/fox"}, "filename_prefix 'runs/fox' is not a plain file name"),
+    ({"filename_prefix": ".."}, r"filename_prefix '\.\.' is not a plain file name"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", REFUSALS, ids=[" ".join(f"{k}={v}" for k, v in kw.items()) for kw, _ in REFUSALS])
+def test_check_save_refuses_bad_options(tmp_path, kwargs, message):
+    with pytest.raises(KinemaError, match=message) as checked:
+        check_save(tmp_path, **kwargs)
+    with pytest.raises(KinemaError) as saved:
+        save_video(Frames(), tmp_path, **kwargs)
+    assert str(saved.value) == str(checked.value)  # one implementation
+    assert "\n" not in str(checked.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_check_save_refuses_a_missing_codec(tmp_path, monkeypatch):
+    import av
+
+    monkeypatch.setattr(av, "codecs_available", set(av.codecs_available) - {"libx265"})
+    with pytest.raises(KinemaError, match="'h265-mp4' needs the libx265 encoder"):
+        check_save(tmp_path, format="h265-mp4")
+    with pytest.raises(KinemaError, match="libx265"):
+        save_video(Frames(), tmp_path, format="h265-mp4")
+
+
+def test_check_save_refuses_bad_explicit_files(tmp_path):
+    with pytest.raises(KinemaError, match=rf"{re.escape(str(tmp_path / 'clip.mov'))} ends in \.mov but h264-mp4 writes \.mp4"):
+        check_save(tmp_path / "clip.mov")
+    (tmp_path / "mine.mp4").write_bytes(b"precious")
+    with pytest.raises(KinemaError, match=rf"{re.escape(str(tmp_path / 'mine.mp4'))} already exists.*overwrite=True"):
+        check_save(tmp_path / "mine.mp4")
+    assert check_save(tmp_path / "mine.mp4", overwrite=True) == tmp_path
+    (tmp_path / "anim.gif.json").write_text("{}")
+    with pytest.raises(KinemaError, match=rf"{re.escape(str(tmp_path / 'anim.gif.json'))} already exists"):
+        check_save(tmp_path / "anim.gif", format="gif")
+    with pytest.raises(KinemaError, match="anim.gif.json already exists"):
+        save_video(Frames(), tmp_path / "anim.gif", format="gif")
+    assert (tmp_path / "mine.mp4").read_bytes() == b"precious"
+
+
+def test_check_save_creates_the_folder_and_leaves_nothing_in_it(tmp_path):
+    assert check_save(tmp_path / "a" / "b") == tmp_path / "a" / "b"
+    assert check_save(tmp_path / "c" / "clip.webm", format="webm") == tmp_path / "c"
+    assert check_save(tmp_path / "d", format="png-sequence", filename_prefix="t2v_fox") == tmp_path / "d"
+    assert check_save(tmp_path, frame_rate=24000 / 1001, loop_count=3.0, crf=np.int64(23)) == tmp_path
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a", "b", "c", "d"]
+
+
+# ---------------------------------------------------------------- an output place that cannot be written
+
+
+def _one_line_error(info) -> str:
+    """The message of a KinemaError raised `from None`: what the CLI prints, with no traceback chained."""
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_file_in_the_way_of_the_folder(tmp_path):
+    """ENOTDIR / EEXIST: `runs` is a file, so no folder can be made under it (root cannot override this)."""
+    (tmp_path / "runs").write_text("not a folder")
+    for target in (tmp_path / "runs" / "day1", tmp_path / "runs" / "day1" / "clip.mp4", tmp_path / "runs"):
+        for call in (lambda t=target: check_save(t), lambda t=target: save_video(rich_clip(2), t)):
+            with pytest.raises(KinemaError) as info:
+                call()
+            message = _one_line_error(info)
+            assert f"cannot write {target}" in message and f"{tmp_path / 'runs'} is a file, not a folder" in message
+    assert (tmp_path / "runs").read_text() == "not a folder"
+
+
+def test_permission_denied():
+    """EACCES. Root writes anywhere, so as root the check runs in a child that drops to `nobody`
+    (in a folder of its own: pytest's tmp_path is closed to other users altogether)."""
+    with tempfile.TemporaryDirectory() as base:
+        os.chmod(base, 0o755)
+        folder = Path(base) / "locked"
+        folder.mkdir(mode=0o555)
+        _check_permission_denied(folder)
+
+
+def _check_permission_denied(folder: Path) -> None:
+    if os.geteuid() != 0:
+        with pytest.raises(KinemaError) as info:
+            check_save(folder)
+        message = _one_line_error(info)
+    else:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: only the check, then leave without running pytest's clean-up
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                check_save(folder)
+                os.write(write, b"no error")
+            except Exception as e:  # noqa: BLE001 -- whatever it is, the parent must hear of it
+                os.write(write, (str(e) if isinstance(e, KinemaError) else repr(e)).encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        os.waitpid(pid, 0)
+        with os.fdopen(read) as pipe:
+            message = pipe.read()
+    assert message.startswith(f"cannot write {folder}") and "permission denied" in message, message
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """A 64 KiB tmpfs of our own: a real full disk, and a real read-only file system."""
+    mounted = []
+
+    def mount(options: str) -> Path:
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=64k,{options}", "tmpfs", str(point)],
+                              check=False, capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root in a privileged container): {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+def test_read_only_file_system(tmpfs):
+    folder = tmpfs("ro")
+    for call in (lambda: check_save(folder / "clips"), lambda: check_save(folder), lambda: save_video(rich_clip(2), folder)):
+        with pytest.raises(KinemaError) as info:
+            call()
+        message = _one_line_error(info)
+        assert message.startswith(f"cannot write {folder}") and "read-only file system" in message, message
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_full_disk(tmpfs, fmt):
+    """ENOSPC from a real full disk, in every writer: one line naming the place, and nothing left behind."""
+    folder = tmpfs("rw")
+    (folder / "filler").write_bytes(b"x" * 60_000)  # leaves a few KiB: the folder is writable, the clip does not fit
+    frames = np.random.default_rng(0).integers(0, 256, (1 if fmt == "png" else 8, 64, 96, 3), dtype=np.uint8)
+    assert check_save(folder, format=fmt) == folder  # an empty probe file still fits
+    with pytest.raises(KinemaError) as info:
+        save_video(frames, folder, format=fmt, metadata={"seed": 1})
+    message = _one_line_error(info)
+    assert message.startswith(f"cannot write {folder}") and "disk is full" in message, message
+    assert [p.name for p in folder.iterdir()] == ["filler"]
 
 
 # ---------------------------------------------------------------- leftovers of writers that were killed

@@ -15,6 +15,7 @@ folder removes the ones whose writer is gone.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -87,6 +88,42 @@ def remove_stale(folder: Path) -> None:
                 remove(folder / name)
             except OSError:
                 pass
+
+
+def check_writable(folder: Path) -> None:
+    """Create and remove a file in `folder`: the only test that holds as root, on read-only
+    mounts and on network shares, where `os.access` answers from permission bits alone."""
+    probe = temp_path(folder / "write-check")
+    with open(probe, "xb"):
+        pass
+    probe.unlink()
+
+
+def first_file_above(path: Path) -> Path | None:
+    """The nearest of `path` and its parents that is a file: what stops a folder being created there."""
+    for p in (path, *path.parents):
+        if p.exists():
+            return p if not p.is_dir() else None
+    return None
+
+
+_FIXES = {
+    errno.ENOSPC: "the disk is full; free some space or choose an output folder on another disk",
+    errno.EDQUOT: "the disk quota is used up; free some space or choose an output folder on another disk",
+    errno.EROFS: "it is on a read-only file system; choose a writable output folder",
+    errno.EACCES: "permission denied; choose a folder you can write to, or change its permissions",
+    errno.EPERM: "permission denied; choose a folder you can write to, or change its permissions",
+    errno.ENAMETOOLONG: "the name is too long for the file system; choose a shorter path or filename_prefix",
+}
+
+
+def write_error(path: Path, e: OSError) -> KinemaError:
+    """One line for an output place that refused a write: what the system said and what to do about it."""
+    blocker = first_file_above(path) if e.errno in (errno.ENOTDIR, errno.EEXIST) else None
+    if blocker is not None:
+        return KinemaError(f"cannot write {path}: {blocker} is a file, not a folder; move it away or choose another output path")
+    fix = _FIXES.get(e.errno, "choose another output folder")
+    return KinemaError(f"cannot write {path} ({e.strerror or e}): {fix}")
 
 
 def publish(tmp: Path, final: Path, overwrite: bool = False) -> None:

@@ -6,7 +6,8 @@ they know: `h264-mp4` with `crf` 19 and `yuv420p` (or `yuv420p10le`),
 animated `gif` and `webp` with `loop_count` (0 = forever), a `png` still
 (1-frame text-to-image) and a `png-sequence` folder. Names, the
 never-overwrite rule and atomic writes are in `naming`, where metadata goes
-is in `metadata`.
+is in `metadata`. `check_save` refuses bad options and an output place that
+cannot be written before a run starts; `save_video` runs it first.
 
 Choices a caller may trip over:
 - yuv420 / yuv422 need an even width and height; odd sizes are padded by
@@ -24,6 +25,9 @@ Choices a caller may trip over:
 
 from __future__ import annotations
 
+import errno
+import math
+import numbers
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -128,10 +132,9 @@ def _encoder_options(codec: str, crf: int, lossless: bool, pix_fmt: str) -> dict
     return {}
 
 
-def _write_av(frames, tmp: Path, name: str, fmt: Format, fps: Fraction, crf: int, pix_fmt: str, lossless: bool, tags: dict) -> None:
+def _write_av(frames, tmp: Path, fmt: Format, fps: Fraction, crf: int, pix_fmt: str, lossless: bool, tags: dict) -> None:
     import av
 
-    _check_codec(name, fmt, pix_fmt)
     _, h, w, _ = frames.shape
     padded = pad_frames(frames, fmt.min_size)  # [F, H', W', 3]
     if padded.shape != frames.shape:
@@ -216,22 +219,79 @@ def _write_sequence(frames: np.ndarray, folder: Path, text: str | None) -> None:
         _write_png(frame, folder / f"frame_{i:05d}.png", text)
 
 
-def _resolve(path: Path, ext: str, prefix: str, overwrite: bool) -> tuple[Path | None, Path]:
-    """(explicit final path or None for a counter name, the folder it goes in)."""
-    if path.is_dir() or not path.suffix or not ext:
-        naming.check_prefix(prefix)
-        path.mkdir(parents=True, exist_ok=True)
-        return None, path
-    if path.suffix.lower() != f".{ext}":
-        raise KinemaError(f"{path} ends in {path.suffix} but this format writes .{ext}; rename it or change format")
-    for p in (path, meta.sidecar_path(path)):
-        if p.exists() and not overwrite:
+def _whole(value) -> bool:
+    return (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
+        isinstance(value, float) and value.is_integer()
+    )
+
+
+def _check(path, format, frame_rate, loop_count, crf, pix_fmt, quality, filename_prefix, overwrite):
+    """`check_save`, also giving the explicit file (None for a counter name) that `save_video` writes."""
+    if format not in FORMATS:
+        raise KinemaError(f"unknown format {format!r}; choose one of {sorted(FORMATS)}")
+    fmt = FORMATS[format]
+    is_number = isinstance(frame_rate, numbers.Real) and not isinstance(frame_rate, bool)
+    if not is_number or not math.isfinite(frame_rate) or frame_rate <= 0:
+        raise KinemaError(f"frame_rate {frame_rate!r} is not a positive number; Wan2.1 clips play at 16")
+    if not _whole(loop_count) or not 0 <= loop_count <= 65535:
+        raise KinemaError(f"loop_count {loop_count!r} is not a whole number in 0..65535; pass 0 to loop forever")
+    if fmt.codec:
+        if not _whole(crf) or not 0 <= crf <= fmt.max_crf:
             raise KinemaError(
-                f"{p} already exists and will not be overwritten; pass overwrite=True, "
-                "or a directory to get the next free prefix_00001-style name"
+                f"crf {crf!r} is out of range for {format}; use a whole number in 0..{fmt.max_crf} (lower is better; 19 is typical)"
             )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path, path.parent
+        _check_codec(format, fmt, pix_fmt or fmt.pix_fmt)
+    if format == "webp" and (not _whole(quality) or not 0 <= quality <= 100):
+        raise KinemaError(f"quality {quality!r} is not a whole number in 0..100; 90 is typical for lossy webp")
+
+    path = Path(path)
+    try:
+        return _target(path, format, fmt, filename_prefix, overwrite)
+    except OSError as e:  # a folder above that cannot be searched, a read-only or full file system
+        raise naming.write_error(path, e) from None
+
+
+def _target(path: Path, format: str, fmt: Format, prefix: str, overwrite: bool) -> tuple[Path | None, Path]:
+    """(the explicit file, or None for a counter name; the folder it goes in, created and tried)."""
+    if path.is_dir() or not path.suffix or not fmt.ext:
+        naming.check_prefix(prefix)
+        explicit, folder = None, path
+    else:
+        if path.suffix.lower() != f".{fmt.ext}":
+            raise KinemaError(f"{path} ends in {path.suffix} but {format} writes .{fmt.ext}; rename it or change format")
+        for p in (path, meta.sidecar_path(path)):
+            if p.exists() and not overwrite:
+                raise KinemaError(
+                    f"{p} already exists and will not be overwritten; pass overwrite=True, "
+                    "or a directory to get the next free prefix_00001-style name"
+                )
+        explicit, folder = path, path.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    naming.check_writable(folder)
+    return explicit, folder
+
+
+def check_save(
+    path: str | Path = "output",
+    format: str = "h264-mp4",
+    frame_rate: float = 16,
+    loop_count: int = 0,
+    crf: int = 19,
+    pix_fmt: str | None = None,
+    lossless: bool = False,
+    quality: int = 90,
+    filename_prefix: str = "kinema",
+    overwrite: bool = False,
+) -> Path:
+    """Refuse, before minutes of sampling, what `save_video` would refuse after them; return the output folder.
+
+    Everything that does not depend on the frames: the format and its options,
+    the encoder and pixel format in this FFmpeg build, the file name, and an
+    output folder that can be written (it is created if missing). `save_video`
+    runs the same checks, so the two cannot disagree. `lossless` has no
+    invalid value; it is accepted so callers can pass the writer's options as one dict.
+    """
+    return _check(path, format, frame_rate, loop_count, crf, pix_fmt, quality, filename_prefix, overwrite)[1]
 
 
 def save_video(
@@ -259,15 +319,8 @@ def save_video(
     the video codecs, `loop_count` (0 = forever) to gif / webp, `quality` to
     lossy webp. `metadata` (JSON-serialisable) is embedded; see `metadata`.
     """
-    if format not in FORMATS:
-        raise KinemaError(f"unknown format {format!r}; choose one of {sorted(FORMATS)}")
+    explicit, folder = _check(path, format, frame_rate, loop_count, crf, pix_fmt, quality, filename_prefix, overwrite)
     fmt = FORMATS[format]
-    if not frame_rate or frame_rate <= 0:
-        raise KinemaError(f"frame_rate must be positive, got {frame_rate!r}; Wan2.1 clips play at 16")
-    if loop_count < 0:
-        raise KinemaError(f"loop_count must be >= 0 (0 = loop forever), got {loop_count}")
-    if fmt.codec and not 0 <= crf <= fmt.max_crf:
-        raise KinemaError(f"crf {crf} is out of range for {format}; use 0..{fmt.max_crf} (lower is better; 19 is typical)")
     video = to_uint8_frames(frames)  # [F, H, W, 3]
     if video.shape[0] == 0 or video.shape[1] == 0 or video.shape[2] == 0:
         raise KinemaError(f"nothing to save: frames have shape {video.shape}")
@@ -282,34 +335,38 @@ def save_video(
     elif format in ("gif", "webp") and text is not None:
         sidecar = text
 
-    explicit, folder = _resolve(Path(path), fmt.ext, filename_prefix, overwrite)
     naming.remove_stale(folder)
     tmp = naming.temp_path(explicit or folder / f"{filename_prefix}.{fmt.ext or 'frames'}")
+    side_tmp = naming.temp_path(folder / f"{filename_prefix}.json") if sidecar is not None else None
     try:
         if fmt.codec:
-            rate = Fraction(frame_rate).limit_denominator(1001)
+            rate = Fraction(float(frame_rate)).limit_denominator(1001)
             tags = {meta.COMMENT_TAG: text} if text is not None else {}
-            _write_av(video, tmp, format, fmt, rate, crf, pix_fmt or fmt.pix_fmt, lossless, tags)
+            _write_av(video, tmp, fmt, rate, int(crf), pix_fmt or fmt.pix_fmt, lossless, tags)
         elif format == "gif":
-            _write_gif(video, tmp, frame_rate, loop_count)
+            _write_gif(video, tmp, float(frame_rate), int(loop_count))
         elif format == "webp":
-            _write_webp(video, tmp, frame_rate, loop_count, lossless, quality)
+            _write_webp(video, tmp, float(frame_rate), int(loop_count), lossless, int(quality))
         elif format == "png":
             _write_png(video[0], tmp, text)
         else:
             _write_sequence(video, tmp, text)
+        if side_tmp is not None:  # written before anything is published, so a full disk stops both
+            side_tmp.write_text(sidecar, encoding="utf-8")
         final = _publish(tmp, explicit, folder, filename_prefix, fmt.ext, overwrite)
+        if side_tmp is not None:
+            side = meta.sidecar_path(final)
+            try:
+                naming.publish(side_tmp, side, overwrite=explicit is not None and overwrite)
+            except FileExistsError:
+                raise KinemaError(f"{side} appeared while writing {final}; another run is using this name") from None
+    except OSError as e:
+        if e.errno not in errno.errorcode:  # Pillow's encoder errors and FFmpeg's own codes are no I/O failure
+            raise
+        raise naming.write_error(explicit or folder, e) from None
     finally:
         naming.remove(tmp)
-    if sidecar is not None:
-        side = meta.sidecar_path(final)
-        side_tmp = naming.temp_path(side)
-        try:
-            side_tmp.write_text(sidecar, encoding="utf-8")
-            naming.publish(side_tmp, side, overwrite=explicit is not None and overwrite)
-        except FileExistsError:
-            raise KinemaError(f"{side} appeared while writing {final}; another run is using this name") from None
-        finally:
+        if side_tmp is not None:
             naming.remove(side_tmp)
     return final
 
