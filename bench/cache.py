@@ -15,7 +15,6 @@ DiT evaluations at <= 2 points lower on every percentage.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 import time
@@ -24,7 +23,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kinema  # noqa: E402
-import kinema.pipeline.generate as gen  # noqa: E402
 from kinema.sampling.cache import parse_cache  # noqa: E402
 from kinema.toy.evaluate import EVAL_SEED, EvalSettings, evaluate  # noqa: E402
 
@@ -32,26 +30,21 @@ SETTINGS = ["off", "teacache:0.05", "teacache:0.1", "teacache:0.2", "magcache:0.
 TARGET_FEWER, TARGET_DROP = 1.8, 2.0
 
 
-@contextlib.contextmanager
-def counting(counts: dict):
-    """Every generate() call inside adds its DiT block passes to `counts` (evaluate() passes the cache setting)."""
-    original = gen.generate
+class Counting:
+    """A pipeline whose every call adds its DiT block passes to `counts` (evaluate() passes the cache setting)."""
 
-    def generate(*args, **kwargs):
-        out = original(*args, **kwargs)
-        if out["cache"] is not None:
-            counts["computed"] += out["cache"].computed
-            counts["skipped"] += out["cache"].skipped
+    def __init__(self, pipe, counts: dict):
+        self.pipe, self.counts, self.models, self.runtime = pipe, counts, pipe.models, pipe.runtime
+
+    def __call__(self, *args, **kwargs):
+        out = self.pipe(*args, **kwargs)
+        if out.cache is not None:
+            self.counts["computed"] += out.cache.computed
+            self.counts["skipped"] += out.cache.skipped
         else:
-            s = out["settings"]
-            counts["computed"] += s["steps"] * (1 if s["guide_scale"] == 1.0 else 2)  # every step, every branch
+            s = out.settings
+            self.counts["computed"] += s["steps"] * (1 if s["guide_scale"] == 1.0 else 2)  # every step, every branch
         return out
-
-    gen.generate = generate
-    try:
-        yield
-    finally:
-        gen.generate = original
 
 
 def table(rows: dict[str, dict]) -> str:
@@ -91,20 +84,15 @@ def main(argv=None) -> int:
         parse_cache(s, "--settings")  # fail before loading anything
     if args.tiny:
         args.t2v = args.i2v = args.flf2v = 2
-    if args.ckpt_dir is None:
-        from kinema.builtin import builtin_path
-
-        args.ckpt_dir = builtin_path()
-    path = args.ckpt_dir
-    models = gen.Models(kinema.load_dit(path), kinema.load_vae(path), kinema.load_text_encoder(path), kinema.load_clip_vision(path))
+    pipe = kinema.Pipeline.load(args.ckpt_dir)  # None: the built-in model
+    path = pipe.models.source
     rows = {}
     for setting in settings:
         counts = {"computed": 0, "skipped": 0}
         s = EvalSettings(t2v=args.t2v, i2v=args.i2v, flf2v=args.flf2v, vae=0, lora=0, seed=EVAL_SEED,
                          cache=None if setting == "off" else setting, only=("t2v", "i2v", "flf2v"))
         t0 = time.perf_counter()
-        with counting(counts):
-            metrics = evaluate(models, s, show_progress=False)
+        metrics = evaluate(Counting(pipe, counts), s, show_progress=False)
         rows[setting] = {**counts, "metrics": metrics}
         print(f"{setting}: {counts['computed']} computed, {counts['skipped']} skipped ({time.perf_counter() - t0:.0f} s)",
               file=sys.stderr, flush=True)

@@ -30,12 +30,10 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import kinema  # noqa: E402
-from kinema.pipeline.generate import Models, generate  # noqa: E402
 from kinema.sampling.cache import (  # noqa: E402
     CALIBRATION_FILE, MAGCACHE_RETENTION, TABLE, StepCache, fingerprint, read_calibrations, write_calibrations,
 )
@@ -51,10 +49,10 @@ DEFAULT_PROMPTS = [
 
 
 def builtin_jobs(models, n: int, tasks: list[str]) -> list[dict]:
-    """generate() keyword sets: synthetic-world prompts, the i2v / flf2v frames rendered from the same world."""
+    """Pipeline call keyword sets: synthetic-world prompts, the i2v / flf2v frames rendered from the same world."""
     from kinema.toy import world
 
-    d = getattr(models.dit, "sample_defaults", {})
+    d = models.info.sample_defaults
     w, h = (int(v) for v in d.get("size", "64*64").split("*"))
     f = int(d.get("frame_num", 17))
     jobs = []
@@ -131,27 +129,19 @@ def main(argv=None) -> int:
     p.add_argument("--dry_run", action="store_true", help="fit and print, write nothing")
     args = p.parse_args(argv)
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     builtin = args.ckpt_dir is None
-    if builtin:
-        from kinema.builtin import builtin_path
-
-        path = builtin_path()
-    else:
-        path = Path(args.ckpt_dir)
-    models = Models(kinema.load_dit(path, dtype=dtype, device=device), kinema.load_vae(path, device=device),
-                    kinema.load_text_encoder(path, device=device))
-    if builtin or args.task.split("-")[0] in ("i2v", "flf2v"):
-        models.clip = kinema.load_clip_vision(path, device=device)
+    pipe = kinema.Pipeline.load(args.ckpt_dir, dtype=args.dtype, offload=False, attention="sdpa")  # None: built-in
+    models = pipe.models
+    path = Path(args.ckpt_dir) if args.ckpt_dir else None
     jobs = builtin_jobs(models, args.prompts or 24, args.tasks.split(",")) if builtin else checkpoint_jobs(args)
 
     cache, records, t0 = StepCache("record"), [], time.perf_counter()
     for i, job in enumerate(jobs):
-        out = generate(models, steps=args.steps, cache=cache, decode=False, batched_cfg=True, progress=False, **job)
-        records.append(out["cache"].records)
-        print(f"[{i + 1}/{len(jobs)}] {job['task']}: {job['prompt'][:60]!r} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    s = out["settings"]
+        out = pipe(job.pop("prompt"), steps=args.steps, cache=cache, decode=False, batched_cfg=True, progress=False, **job)
+        records.append(out.cache.records)
+        print(f"[{i + 1}/{len(jobs)}] {out.settings['task']}: {out.settings['prompt'][:60]!r} "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+    s = out.settings
     tea, mag, report = fit(records, args.teacache_input)
     tea |= {"first_steps": args.first_steps, "last_steps": args.last_steps}
     cfg = models.dit.config
@@ -159,7 +149,7 @@ def main(argv=None) -> int:
         "match": {"model_type": cfg.model_type, "in_dim": cfg.in_dim, "dim": cfg.dim, "num_layers": cfg.num_layers},
         "fingerprint": fingerprint(models.dit),
         "area": s["width"] * s["height"],
-        "calibrated": {"runs": len(jobs), "tasks": sorted({j["task"] for j in jobs}), "steps": s["steps"],
+        "calibrated": {"runs": len(jobs), "tasks": sorted({j.get("task", "t2v") for j in jobs}), "steps": s["steps"],
                        "shift": s["shift"], "guide_scale": s["guide_scale"], "solver": s["solver"],
                        "size": f"{s['width']}*{s['height']}", "frame_num": s["frame_num"], "date": date.today().isoformat(),
                        "by": "bench/calibrate_cache.py"},

@@ -22,7 +22,7 @@ import time
 import torch
 
 from kinema.loading.dit import dtype_policy
-from kinema.memory.fp8 import MODES, quantize_fp8, weight_bytes
+from kinema.ops.fp8 import MODES, quantize_fp8, weight_bytes
 from kinema.models.dit import WAN_DIT, DiTConfig, WanDiT
 from kinema.models.t5 import UMT5Encoder
 

@@ -76,7 +76,7 @@ def child(argv: list[str]) -> None:
     import kinema.encoders.text as text
     import kinema.media as media
     import kinema.memory.vae_tiling as vae_tiling
-    import kinema.pipeline.generate as generate
+    import kinema.pipeline.sample as sampling
     from kinema.cli.main import main
     from kinema.memory.plan import estimate
 
@@ -104,17 +104,17 @@ def child(argv: list[str]) -> None:
         setattr(owner, name, wrapper)
 
     for owner, name, phase in ((text.TextEncoder, "encode", "text encode"), (image.ClipVisionEncoder, "encode", "image encode"),
-                               (vae_tiling.TiledVAE, "encode", "VAE encode"), (generate, "sample", "sampling"),
+                               (vae_tiling.TiledVAE, "encode", "VAE encode"), (sampling, "sample", "sampling"),
                                (vae_tiling.TiledVAE, "decode", "decode"), (media, "save_video", "save")):
         timed(owner, name, phase)
     planned = {}
-    plan_run = cli_plan.plan_run
+    check_fits = cli_plan.check_fits
 
-    def keep(*args, **kwargs):
-        planned["models"], planned["run"] = out = plan_run(*args, **kwargs)
-        return out
+    def keep(models, run, *args, **kwargs):  # the memory check of every run: what it planned
+        planned["models"], planned["run"] = models, run
+        return check_fits(models, run, *args, **kwargs)
 
-    cli_plan.plan_run = keep
+    cli_plan.check_fits = keep
     base = status_bytes("VmRSS")
     clear.write_text("5")
     code = main(["generate", *argv])

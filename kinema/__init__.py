@@ -1,21 +1,26 @@
 """Kinema: a video-generation engine for the Wan2.1 model family.
 
-The public loaders are imported lazily, so `import kinema` (and the CLI's start)
+    pipe = kinema.Pipeline.load()      # the built-in model, or a checkpoint
+    pipe("a red circle moving right on a black background").save("outputs/")
+
+The public names are imported lazily, so `import kinema` (and the CLI's start)
 stays fast and only the parts a program uses are loaded.
 """
 
-from kinema.errors import CheckpointError, KinemaError
+from kinema.errors import Cancelled, CheckpointError, KinemaError
 
 __version__ = "0.1.0"
 
 _LAZY = {
+    "Pipeline": "kinema.pipeline.pipeline",
+    "Result": "kinema.pipeline.result",
     "load_dit": "kinema.loading.dit",
     "load_vae": "kinema.loading.vae",
     "load_text_encoder": "kinema.loading.t5",
     "load_clip_vision": "kinema.loading.clip",
 }
 
-__all__ = [*_LAZY, "KinemaError", "CheckpointError", "__version__"]
+__all__ = [*_LAZY, "Cancelled", "KinemaError", "CheckpointError", "__version__"]
 
 
 def __getattr__(name: str):

@@ -1,5 +1,5 @@
-"""`make demo`: a video from the built-in model (kinema/builtin), through the public loaders and
-the same `generate` the CLI uses.
+"""`make demo`: a video from the built-in model (kinema/builtin), through kinema.Pipeline, the engine
+the CLI uses.
 
 `write_random_checkpoint` writes a tiny random-weight Wan2.1 set in the official
 folder layout (DiT, umT5 + sentencepiece tokenizer, VAE, CLIP for i2v / flf2v);
@@ -67,26 +67,19 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     import kinema
-    from kinema.builtin import builtin_path
-    from kinema.media import save_video
-    from kinema.pipeline.generate import Models, generate
 
     start = time.perf_counter()
-    path = builtin_path()
-    dit, vae, te = kinema.load_dit(path), kinema.load_vae(path), kinema.load_text_encoder(path)
-    print(f"loaded the built-in model from {path}: DiT {sum(p.numel() for p in dit.parameters()):,} params, "
-          f"VAE {sum(p.numel() for p in vae.parameters()):,}, umT5 {sum(p.numel() for p in te.model.parameters()):,} "
+    pipe = kinema.Pipeline.load()  # the built-in model
+    m = pipe.models
+    print(f"loaded the built-in model: DiT {sum(p.numel() for p in m.dit.parameters()):,} params, "
+          f"VAE {sum(p.numel() for p in m.vae.parameters()):,}, umT5 {sum(p.numel() for p in m.text_encoder.model.parameters()):,} "
           f"in {time.perf_counter() - start:.1f}s")
     t0 = time.perf_counter()
-    result = generate(Models(dit, vae, te), "t2v", prompt=args.prompt, seed=args.seed, progress=True)
-    s = result["settings"]
+    result = pipe(args.prompt, seed=args.seed)
+    s = result.settings
     print(f"generated {s['frame_num']} frames of {s['width']}x{s['height']} ({s['steps']} steps) in {time.perf_counter() - t0:.1f}s")
-    out = Path(args.output_dir)
-    fps = int(dit.sample_defaults.get("fps", 16))
     for fmt in ("h264-mp4", "gif"):
-        saved = save_video(result["video"], out, format=fmt, frame_rate=fps, filename_prefix="demo",
-                           metadata={**s, "fps": fps, "model": "built-in"})
-        print(f"saved {saved}")
+        print(f"saved {result.save(Path(args.output_dir), format=fmt, filename_prefix='demo')}")
     print(f"prompt: {args.prompt!r}; try your own: .venv/bin/kinema generate --prompt \"a blue square moving up on a white background\"")
 
 

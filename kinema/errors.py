@@ -13,3 +13,8 @@ class KinemaError(Exception):
 
 class CheckpointError(KinemaError):
     """A checkpoint that cannot be read or does not fit the model it is loaded into."""
+
+
+class Cancelled(Exception):
+    """A run stopped before its end: a step callback returned False, or the `cancel` event was set.
+    Not a KinemaError: nothing was wrong with the request. Nothing is written for a cancelled run."""

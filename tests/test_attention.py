@@ -28,10 +28,8 @@ def _sdpa(q, k, v, scale=None):
 
 
 @pytest.fixture(autouse=True)
-def _restore_backend():
-    saved = attn._backend, attn._kernel
-    yield
-    attn._backend, attn._kernel = saved
+def _fresh_kernel_cache(monkeypatch):
+    monkeypatch.setattr(attn, "_LOADED", {})  # the fakes below must be imported anew by each test
 
 
 @pytest.fixture
@@ -63,8 +61,8 @@ def _qkv(dtype=torch.float16, d=D):
 @pytest.mark.parametrize("scale", [None, 1.0])
 def test_dispatch_layout_and_output(fakes, name, scale):
     q, k, v = _qkv()
-    attn.set_backend(name)
-    out = attn.attention(q, k, v, scale=scale)
+    assert attn.resolve_backend(name) == name
+    out = attn.attention(q, k, v, scale=scale, backend=name)
     (call,) = fakes
     assert call["name"] == name and call["q"] is q and call["k"] is k and call["v"] is v  # [B, L, H, D], no copies
     assert call["scale"] == scale
@@ -76,7 +74,7 @@ def test_dispatch_layout_and_output(fakes, name, scale):
 
 @pytest.mark.parametrize("name", ["flash_attn", "sageattn"])
 def test_fallbacks_to_sdpa(fakes, monkeypatch, name):
-    attn.set_backend(name)
+    attn.resolve_backend(name)
     q, k, v = _qkv()
     cases = {
         "mask": dict(mask=torch.ones(B, LK, dtype=torch.bool)),
@@ -85,80 +83,82 @@ def test_fallbacks_to_sdpa(fakes, monkeypatch, name):
     }
     for why, case in cases.items():
         qq, kk, vv = _qkv(case.get("dtype", torch.float16), case.get("d", D))
-        out = attn.attention(qq, kk, vv, mask=case.get("mask"))
+        out = attn.attention(qq, kk, vv, mask=case.get("mask"), backend=name)
         assert not fakes, why
         assert torch.allclose(out.float(), _sdpa(qq, kk, vv), atol=2e-2), why
     monkeypatch.setattr(attn, "KERNEL_DEVICES", ("cuda",))  # CPU tensors
-    attn.attention(q, k, v)
+    attn.attention(q, k, v, backend=name)
     assert not fakes
     monkeypatch.setattr(attn, "KERNEL_DEVICES", ("cuda", "cpu"))
     q.requires_grad_(True)
     with torch.enable_grad():
-        attn.attention(q, k, v)
+        attn.attention(q, k, v, backend=name)
     assert [c["name"] for c in fakes] == ([] if name == "sageattn" else ["flash_attn"])  # sageattn has no backward
 
 
 def test_auto_picks_the_best_installed(fakes, monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with caplog.at_level(logging.INFO, logger="kinema"):
-        assert attn.set_backend("auto") == "sageattn"
+        assert attn.resolve_backend("auto", announce=True) == "sageattn"
     assert "Attention backend: sageattn (auto)" in caplog.text
     monkeypatch.setitem(sys.modules, "sageattention", None)  # not installed
-    assert attn.set_backend("auto") == "flash_attn"
+    assert attn.resolve_backend("auto") == "flash_attn"
     monkeypatch.setitem(sys.modules, "flash_attn", None)
-    assert attn.set_backend("auto") == "sdpa" and attn._kernel is None
+    assert attn.resolve_backend("auto") == "sdpa"
     assert attn.available_backends() == ["sdpa"]
 
 
 def test_auto_without_cuda_is_sdpa(fakes, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert attn.available_backends() == ["sdpa", "flash_attn", "sageattn"]
-    assert attn.set_backend("auto") == "sdpa"
+    assert attn.resolve_backend("auto") == "sdpa"
 
 
 def test_unknown_and_missing_backends(monkeypatch):
     with pytest.raises(KinemaError, match="unknown; use one of sdpa, flash_attn, sageattn, auto"):
-        attn.set_backend("xformers")
+        attn.resolve_backend("xformers")
     monkeypatch.setitem(sys.modules, "flash_attn", None)
     monkeypatch.setitem(sys.modules, "sageattention", None)
     with pytest.raises(KinemaError, match="pip install flash-attn"):
-        attn.set_backend("flash_attn")
+        attn.resolve_backend("flash_attn")
     with pytest.raises(KinemaError, match="pip install sageattention"):
-        attn.set_backend("sageattn")
-    assert attn.get_backend() == "sdpa"  # unchanged by the failed calls
+        attn.resolve_backend("sageattn")
+    assert attn._LOADED == {}  # nothing half-imported
 
 
-def test_context_manager_restores(fakes):
-    assert attn.get_backend() == "sdpa"
-    with attn.attention_backend("flash_attn") as chosen:
-        assert chosen == "flash_attn" == attn.get_backend()
-        with attn.attention_backend(None) as same:
-            assert same == "flash_attn"
-    assert attn.get_backend() == "sdpa" and attn._kernel is None
+def test_the_backend_is_per_call_not_global(fakes):
+    """A call names its backend; nothing it does changes what another call (another pipeline) uses."""
+    q, k, v = _qkv()
+    attn.attention(q, k, v, backend="flash_attn")
+    assert [c["name"] for c in fakes] == ["flash_attn"]
+    assert torch.allclose(attn.attention(q, k, v).float(), _sdpa(q, k, v), atol=2e-2) and len(fakes) == 1
 
 
-def test_generate_uses_the_backend(fakes):
-    """generate(attention=...) routes the DiT's attention to the kernel while sampling, then restores sdpa."""
+def test_pipeline_uses_its_backend(fakes):
+    """A pipeline's runtime backend routes the DiT's attention to the kernel; another pipeline keeps sdpa."""
     from kinema.models.dit import DiTConfig, WanDiT
     from kinema.models.vae import WanVAE
-    from kinema.pipeline.generate import Models, generate
+    from kinema.pipeline.models import Models, Runtime
+    from kinema.pipeline.pipeline import Pipeline
 
     vae = WanVAE(dim=8, dim_mult=(1, 2, 2, 2)).eval().requires_grad_(False)
     dit = WanDiT(DiTConfig("t2v", dim=64, ffn_dim=64, text_dim=16, num_heads=2, num_layers=1)).eval().half()
+
     def run(backend):
-        return generate(Models(dit, vae, StubTextEncoder()), "t2v", prompt="a red circle", size=(32, 32), frame_num=1,
-                        steps=2, progress=False, decode=False, attention=backend, seed=0)
+        runtime = Runtime(torch.device("cpu"), torch.float16, torch.float32, attn.resolve_backend(backend))
+        return Pipeline(Models(dit, vae, StubTextEncoder()), runtime)(
+            "a red circle", size=(32, 32), frame_num=1, steps=2, progress=False, decode=False, seed=0)
 
     out = run("flash_attn")
     # 2 steps x (cond + uncond) x (self + cross attention); the VAE / text encoder are outside the block
     assert [c["name"] for c in fakes] == ["flash_attn"] * 8
-    assert out["settings"]["attention"] == "flash_attn" and attn.get_backend() == "sdpa"
+    assert out.settings["attention"] == "flash_attn"
     # the kernel's output (the true attention + 1) is what the blocks used: the latents move off the sdpa run's
     fakes.clear()
     ref = run("sdpa")
-    assert not fakes
-    assert (out["latents"] - ref["latents"]).abs().max() > 1e-2
-    assert torch.equal(run("sdpa")["latents"], ref["latents"])  # and the difference is not run-to-run noise
+    assert not fakes and "attention" not in ref.settings
+    assert (out.latents - ref.latents).abs().max() > 1e-2
+    assert torch.equal(run("sdpa").latents, ref.latents)  # and the difference is not run-to-run noise
 
 
 @pytest.mark.parametrize("argv", [["--attention", "flash_attn"], ["--attention", "xformers"]])
@@ -178,8 +178,7 @@ def test_real_kernel_matches_sdpa(name):
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(2, n, 4, 128, generator=g, device="cuda", dtype=torch.bfloat16) for n in (300, 77, 77))
     want = attn.attention(q, k, v).float()
-    with attn.attention_backend(name):
-        got = attn.attention(q, k, v).float()
+    got = attn.attention(q, k, v, backend=attn.resolve_backend(name)).float()
     tol = 1e-2 if name == "flash_attn" else 5e-2  # sageattn quantises Q and K to int8
     assert ((got - want).abs().max() / want.abs().max()).item() < tol
 

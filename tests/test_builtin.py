@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 import kinema
-from kinema.builtin import MODEL, builtin_path
-from kinema.pipeline.generate import Models, generate
+from kinema.builtin import MODEL
 from kinema.toy import world
 from kinema.toy.analyse import analyse
 from kinema.toy.evaluate import to_uint8
@@ -27,25 +26,25 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def models():
-    path = builtin_path()
-    return Models(kinema.load_dit(path), kinema.load_vae(path), kinema.load_text_encoder(path), kinema.load_clip_vision(path))
+def pipe():
+    return kinema.Pipeline.load()  # no checkpoint: the built-in model
 
 
-def test_builtin_is_small_and_loads_through_the_public_loaders(models):
+def test_builtin_is_small_and_loads_through_the_public_loaders(pipe):
     size = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
     assert size <= 60 * 2**20, f"built-in model is {size / 2**20:.1f} MiB"
+    models = pipe.models
     dit = models.dit
     assert dit.config.model_type == "i2v" and dit.config.in_dim == 36
-    assert set(dit.tasks) >= {"t2v", "t2i", "i2v", "flf2v", "v2v"}
-    assert dit.sample_defaults["size"] == "64*64" and dit.sample_defaults["frame_num"] == 17
+    assert set(models.info.tasks) >= {"t2v", "t2i", "i2v", "flf2v", "v2v"}
+    assert models.info.sample_defaults["size"] == "64*64" and models.info.sample_defaults["frame_num"] == 17
     assert models.text_encoder.tokenizer.source.endswith("spiece.model")
-    assert models.clip.image_size == 64 and models.vae.z_dim == 16
+    assert models.clip.image_size == 64 and models.vae.z_dim == 16 and models.source == str(MODEL.resolve())
 
 
 @pytest.mark.parametrize("prompt,seed", CASES)
-def test_builtin_t2v_passes_the_analyser(models, prompt, seed):
-    video = generate(models, "t2v", prompt=prompt, seed=seed, progress=False)["video"]
+def test_builtin_t2v_passes_the_analyser(pipe, prompt, seed):
+    video = pipe(prompt, seed=seed, progress=False).video
     frames = to_uint8(video)
     assert frames.shape == (17, 64, 64, 3)
     a = analyse(frames)
@@ -54,12 +53,12 @@ def test_builtin_t2v_passes_the_analyser(models, prompt, seed):
     assert np.mean([p and s for p, s in zip(a.present, a.single)]) >= 0.9
 
 
-def test_builtin_i2v_keeps_the_first_frame(models):
+def test_builtin_i2v_keeps_the_first_frame(pipe):
     from kinema.toy.analyse import psnr
 
     spec = world.random_spec(world.clip_rng(99, 0))
     clip = world.render(spec)
-    video = generate(models, "i2v", prompt=spec.caption, image=world.to_tensor(clip[:1])[:, 0], seed=0, progress=False)["video"]
+    video = pipe(spec.caption, task="i2v", image=clip[0], seed=0, progress=False).video
     assert psnr(to_uint8(video)[0], clip[0]) > 16  # an unconditioned sample scores ~10 dB
 
 

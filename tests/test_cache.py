@@ -12,8 +12,11 @@ from conftest import StubTextEncoder
 from kinema.cli.main import main
 from kinema.errors import KinemaError
 from kinema.models.dit import WAN_DIT, DiTConfig, WanDiT
-from kinema.pipeline.generate import Models, generate
+from kinema.models.hooks import BlockHook
+from kinema.pipeline.models import Models
+from kinema.pipeline.pipeline import Pipeline
 from kinema.sampling import schedule
+from kinema.sampling.context import StepContext
 from kinema.sampling.cache import (
     CALIBRATION_FILE, CacheSpec, StepCache, load_calibration, parse_cache, rel_l1, write_calibrations,
 )
@@ -32,9 +35,9 @@ def models():
 
 
 def run(models, cache=None, batched=False, **kw):
-    kw = dict(prompt="a red circle moving right", size=(32, 32), frame_num=5, steps=STEPS, seed=3, decode=False,
-              progress=False, batched_cfg=batched, cache=cache) | kw
-    return generate(models, "t2v", **kw)
+    kw = dict(size=(32, 32), frame_num=5, steps=STEPS, seed=3, decode=False, progress=False, batched_cfg=batched,
+              cache=cache) | kw
+    return Pipeline(models)("a red circle moving right", **kw)
 
 
 def teacache(threshold, coefficients=(0.1,), **extra):
@@ -54,22 +57,22 @@ def pattern(flags) -> str:
 # -- exactness ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("batched", [False, True])
 def test_threshold_zero_is_exactly_uncached(models, batched):
-    plain = run(models, batched=batched)["latents"]
+    plain = run(models, batched=batched).latents
     for cache in (teacache(0.0, coefficients=(1.0, -0.5)), magcache(0.0, 4)):  # the polynomial dips below 0: still no skip
         out = run(models, cache, batched=batched)
-        assert out["cache"].skipped == 0 and out["cache"].computed == 2 * STEPS
-        assert torch.equal(out["latents"], plain)
+        assert out.cache.skipped == 0 and out.cache.computed == 2 * STEPS
+        assert torch.equal(out.latents, plain)
 
 
 # -- the rules ------------------------------------------------------------------------------------
 def test_teacache_skips_by_the_rule(models):
     # A constant rescaled change of 0.1 a step against 0.25: compute, skip, skip, compute, ...; first and last computed.
     out = run(models, teacache(0.25))
-    assert out["cache"].decisions == {"cond": [True, False, False, True, False, False, True, False, False, True]} | {
+    assert out.cache.decisions == {"cond": [True, False, False, True, False, False, True, False, False, True]} | {
         "uncond": [True, False, False, True, False, False, True, False, False, True]}
-    assert (out["cache"].computed, out["cache"].skipped) == (8, 12)
-    assert not torch.equal(out["latents"], run(models)["latents"])
-    assert out["settings"]["cache"] == "teacache:0.25"
+    assert (out.cache.computed, out.cache.skipped) == (8, 12)
+    assert not torch.equal(out.latents, run(models).latents)
+    assert out.settings["cache"] == "teacache:0.25"
 
 
 def test_teacache_accumulates_the_relative_change_of_e(models):
@@ -87,23 +90,23 @@ def test_teacache_accumulates_the_relative_change_of_e(models):
         acc = 0.0 if compute else acc
         expected.append(compute)
     out = run(models, teacache(threshold, coefficients=(1.0, 0.0)))
-    assert out["cache"].decisions["cond"] == expected and not all(expected)
+    assert out.cache.decisions["cond"] == expected and not all(expected)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_magcache_never_skips_more_than_k_in_a_row(models, k):
     out = run(models, magcache(100.0, k))  # ratios of 1: no error, only K limits the skips
-    for flags in out["cache"].decisions.values():
+    for flags in out.cache.decisions.values():
         runs = [len(r) for r in pattern(flags).split("x") if r]
         assert max(runs) == k
         assert pattern(flags[:2]) == "xx"  # retention: the first 20% always computed
-    assert pattern(run(models, magcache(100.0, 2))["cache"].decisions["cond"]) == "xx..x..x.."
+    assert pattern(run(models, magcache(100.0, 2)).cache.decisions["cond"]) == "xx..x..x.."
 
 
 def test_magcache_accumulated_error_stops_skipping(models):
     # ratio 0.9 a step: errors 0.1, then 0.1 + 0.19 = 0.29 -> with a threshold of 0.2 one skip, then compute.
     out = run(models, magcache(0.2, 5, cond=[1.0] + [0.9] * (STEPS - 1)))
-    assert pattern(out["cache"].decisions["cond"]) == "xx.x.x.x.x"
+    assert pattern(out.cache.decisions["cond"]) == "xx.x.x.x.x"
 
 
 # -- cond and uncond ------------------------------------------------------------------------------
@@ -111,13 +114,13 @@ def test_branches_are_separate_and_batching_does_not_change_skips(models):
     # cond's ratios never add error, uncond's always exceed the threshold: cond skips, uncond computes every step.
     cache = lambda: magcache(0.5, 2, cond=[1.0] * STEPS, uncond=[1.0] + [0.2] * (STEPS - 1))  # noqa: E731
     two_pass, batched = run(models, cache()), run(models, cache(), batched=True)
-    assert two_pass["cache"].decisions == batched["cache"].decisions
-    assert pattern(two_pass["cache"].decisions["cond"]) == "xx..x..x.." and all(two_pass["cache"].decisions["uncond"])
-    assert torch.allclose(two_pass["latents"], batched["latents"], atol=1e-5)
+    assert two_pass.cache.decisions == batched.cache.decisions
+    assert pattern(two_pass.cache.decisions["cond"]) == "xx..x..x.." and all(two_pass.cache.decisions["uncond"])
+    assert torch.allclose(two_pass.latents, batched.latents, atol=1e-5)
     for make in (lambda: teacache(0.25), lambda: magcache(100.0, 2)):
         a, b = run(models, make()), run(models, make(), batched=True)
-        assert a["cache"].decisions == b["cache"].decisions
-        assert torch.allclose(a["latents"], b["latents"], atol=1e-5)
+        assert a.cache.decisions == b.cache.decisions
+        assert torch.allclose(a.latents, b.latents, atol=1e-5)
 
 
 def test_hook_reuses_each_branch_residual(models):
@@ -127,15 +130,21 @@ def test_hook_reuses_each_branch_residual(models):
     x, ctx, t = torch.randn(2, 16, 2, 4, 4), torch.randn(2, 5, 16), torch.tensor([999, 999])
     seen = {}
 
-    def spy(*args):
-        seen["tokens"], seen["out"] = args[1], cache.hook(("cond", "uncond"))(*args)
-        return seen["out"]
+    class Spy(BlockHook):  # outside the cache (lower order): sees the stack's input and the cache's output
+        order = 0
+
+        def around_blocks(self, run, tokens, inputs, step):
+            seen["tokens"], seen["out"] = tokens, run(tokens, inputs)
+            return seen["out"]
+
+    def step(i):
+        return StepContext(step=i, steps=STEPS, sigma=0.999, timestep=999, branches=("cond", "uncond"))
 
     with torch.no_grad():
-        dit(x, t, ctx, block_hook=spy)
-        dit(x, t, ctx, block_hook=spy)  # step 1: still in MagCache's retention, computed
+        dit(x, t, ctx, hooks=[cache, Spy()], step=step(0))
+        dit(x, t, ctx, hooks=[cache, Spy()], step=step(1))  # step 1: still in MagCache's retention, computed
         cached = {b: s.residual.clone() for b, s in cache.branches.items()}
-        dit(x * 0.5, t, ctx, block_hook=spy)  # step 2: both rows skip
+        dit(x * 0.5, t, ctx, hooks=[Spy(), cache], step=step(2))  # step 2: both rows skip (hooks in any order)
     assert cache.decisions == {"cond": [True, True, False], "uncond": [True, True, False]}
     assert not torch.allclose(cached["cond"], cached["uncond"])
     for i, b in enumerate(("cond", "uncond")):
@@ -144,8 +153,8 @@ def test_hook_reuses_each_branch_residual(models):
 
 def test_record_mode_records_every_step(models):
     out = run(models, StepCache("record"))
-    rec = out["cache"].records
-    assert set(rec) == {"cond", "uncond"} and out["cache"].skipped == 0
+    rec = out.cache.records
+    assert set(rec) == {"cond", "uncond"} and out.cache.skipped == 0
     for r in rec.values():
         assert all(len(v) == STEPS - 1 for v in r.values())
         assert all(v > 0 for v in r["e"] + r["out"] + r["mag"])

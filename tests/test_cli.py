@@ -75,7 +75,7 @@ def _err(args, capsys):
     return code, err
 
 
-def test_user_errors_exit_2(ckpt, tmp_path, capsys):
+def test_user_errors_exit_2(ckpt, image_ckpts, tmp_path, capsys):
     (tmp_path / "notes.png").write_text("not an image")
     partial = tmp_path / "partial"
     partial.mkdir()
@@ -85,10 +85,18 @@ def test_user_errors_exit_2(ckpt, tmp_path, capsys):
     cases = [
         (_gen(ckpt, "--size", "64x"), "--size '64x' is not W*H"),
         ([a for a in _gen(ckpt) if a not in ("--prompt", PROMPT)], "--prompt is missing"),
-        (_gen(ckpt, "--task", "i2v-14B"), "needs --image"),
-        (_gen(ckpt, "--image", str(tmp_path / "notes.png")), "--image is not used by task t2v-1.3B"),
-        (_gen(ckpt, "--task", "i2v-14B", "--image", str(tmp_path / "missing.png")), "missing.png does not exist"),
-        (_gen(ckpt, "--frame_num", "0"), "--frame_num 0 must be at least 1"),
+        (_gen(ckpt, "--task", "i2v-14B"), "task i2v-14B needs a i2v DiT, but the checkpoint is a t2v model"),
+        (_gen(image_ckpts / "i2v", "--task", "i2v-14B"), "needs --image"),
+        (_gen(ckpt, "--image", str(tmp_path / "notes.png")), "--image is not used by task t2v-1.3B; use task i2v-14B"),
+        (_gen(image_ckpts / "i2v", "--task", "i2v-14B", "--image", str(tmp_path / "missing.png")), "missing.png does not exist"),
+        (_gen(ckpt, "--frame_num", "0"), "--frame_num 0 must be a whole number from 1 to 1025"),
+        (_gen(ckpt, "--size", "99999*99999"), "--size 99999*99999 is too large"),
+        (_gen(ckpt, "--sample_guide_scale", "nan"), "--sample_guide_scale nan is not a finite number"),
+        (_gen(ckpt, "--sample_steps", "0"), "--sample_steps 0 must be a whole number"),
+        (_gen(ckpt, "--base_seed", "-5"), "--base_seed -5 must be a whole number"),
+        (_gen(ckpt, "--denoise", "0"), "--denoise 0.0 is out of range"),
+        (_gen(image_ckpts / "flf2v", "--task", "flf2v-14B", "--first_frame", str(image_ckpts / "first.png")),
+         "needs --last_frame"),
         (_gen(partial), "umT5"),
         (_gen(ckpt, "--save_file", str(existing)), "already exists"),
         (["info", str(tmp_path / "nothing.mp4")], "does not exist"),
@@ -100,9 +108,9 @@ def test_user_errors_exit_2(ckpt, tmp_path, capsys):
     assert existing.read_bytes() == b"keep me"
 
 
-def test_unreadable_image_is_a_clear_error(ckpt, tmp_path, capsys):
+def test_unreadable_image_is_a_clear_error(image_ckpts, tmp_path, capsys):
     (tmp_path / "bad.png").write_text("not an image")
-    code, err = _err(_gen(ckpt, "--task", "i2v-14B", "--image", str(tmp_path / "bad.png")), capsys)
+    code, err = _err(_gen(image_ckpts / "i2v", "--task", "i2v-14B", "--image", str(tmp_path / "bad.png")), capsys)
     assert code == 2 and "bad.png" in err
 
 
@@ -172,3 +180,51 @@ def test_repeat_keeps_vae_tiles(ckpt, tmp_path, capsys):
     again = tmp_path / "again.mp4"
     assert main(["generate", "--from", str(out), "--ckpt_dir", str(ckpt), "--save_file", str(again)]) == 0
     assert np.array_equal(_decode(out)[0], _decode(again)[0])
+
+
+def test_cli_equals_the_api(tmp_path):
+    """The same job through `kinema generate --format png-sequence` and through kinema.Pipeline: the same frames."""
+    import kinema
+    from kinema.media import read_video
+
+    assert main(["generate", "--prompt", PROMPT, "--base_seed", "5", "--format", "png-sequence", "--output_dir",
+                 str(tmp_path), "--filename_prefix", "run"]) == 0
+    frames = read_video(tmp_path / "run_00001").frames.numpy()
+    result = kinema.Pipeline.load()(PROMPT, seed=5, progress=False)  # both: the built-in model with its defaults
+    assert frames.shape == (17, 64, 64, 3) and np.array_equal(frames, result.frames)
+
+
+def test_writer_and_output_errors_come_before_any_model_loads(ckpt, tmp_path, capsys, caplog):
+    """A bad --fps or an output place that cannot be written is refused before loading, not after sampling."""
+    import logging
+
+    (tmp_path / "afile").write_text("in the way")
+    src = tmp_path / "src.mp4"
+    assert main(_gen(ckpt, "--save_file", str(src), "--frame_num", "9")) == 0
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    cases = [
+        (_gen(ckpt, "--fps", "-4", "--save_file", str(tmp_path / "a.mp4")), "-4"),
+        (_gen(ckpt, "--fps", "nan", "--save_file", str(tmp_path / "a.mp4")), "nan"),
+        (_gen(ckpt, "--crf", "99", "--save_file", str(tmp_path / "a.mp4")), "crf 99"),
+        (_gen(ckpt, "--save_file", str(tmp_path / "afile" / "sub" / "a.mp4")), "afile"),
+        (_gen(ckpt, "--save_file", str(tmp_path / "a.mov"), "--format", "gif"), "a.mov"),
+        (_gen(ckpt, "--video", str(cut), "--save_file", str(tmp_path / "v.mp4"), task="v2v"), "truncated"),
+    ]
+    for args, message in cases:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="kinema"):
+            code, err = _err(args, capsys)
+        assert code == 2 and err.startswith("kinema: error:") and message in err, (args, err)
+        assert "Loading models" not in caplog.text, args  # refused before any weight was read
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "cut.mp4", "src.mp4"]  # nothing written, no .partial
+
+
+def test_official_name_for_a_png_sequence(ckpt, tmp_path):
+    """Without --save_file a PNG sequence is a numbered folder named like the official file (no trailing dot)."""
+    from kinema.media import read_video
+
+    assert main(_gen(ckpt, "--format", "png-sequence", "--output_dir", str(tmp_path))) == 0
+    (folder,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert folder.name.startswith("t2v-1.3B_64*48_1_1_a_red_circle") and folder.name.endswith("_00001")
+    assert read_video(folder).frames.shape == (5, 48, 64, 3)

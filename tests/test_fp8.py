@@ -1,4 +1,4 @@
-"""fp8 weights (kinema.memory.fp8): memory, error vs bf16, kept precision, fp8 files, the fp8 matmul, the CLI.
+"""fp8 weights (kinema.ops.fp8): memory, error vs bf16, kept precision, fp8 files, the fp8 matmul, the CLI.
 
 Error bounds are measured, with margin (relative error as conftest.rel_err: max abs
 difference / max abs of the bf16 output). The small DiT gets modulation tables of
@@ -22,7 +22,7 @@ from kinema.errors import CheckpointError, KinemaError
 from kinema.loading.dit import dtype_policy
 from kinema.lora import merge_lora
 from kinema.media import read_metadata, read_video
-from kinema.memory.fp8 import (
+from kinema.ops.fp8 import (
     MODES, FP8Linear, fp8_fast_unavailable, fp8_state_dict, quantize_fp8, set_fp8_fast, weight_bytes,
 )
 from kinema.models.dit import WAN_DIT, DiTConfig, WanDiT

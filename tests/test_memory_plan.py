@@ -16,7 +16,7 @@ from kinema.cli.main import main
 from kinema.demo import write_random_checkpoint
 from kinema.errors import KinemaError
 from kinema.memory import plan as mp
-from kinema.memory.fp8 import weight_bytes
+from kinema.ops.fp8 import weight_bytes
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "memory_plan.py"
 PROMPT = "a red circle moving right on a black background"

@@ -27,13 +27,21 @@ from kinema.cli.main import main
 from kinema.demo import write_random_checkpoint
 from kinema.errors import CheckpointError, KinemaError
 from kinema.memory.block_swap import BlockSwap, check_block_swap
-from kinema.memory.offload import Offloader, get_slot, placement_of, set_slot, tensor_slots
+from kinema.memory.offload import get_slot, set_slot, tensor_slots
 from kinema.memory.streaming import stream_dit
 from kinema.models.dit import DiTConfig, WanDiT
-from kinema.pipeline.generate import Models, generate
+from kinema.pipeline.models import Models, Runtime
+from kinema.pipeline.pipeline import Pipeline
 
 PROMPT = "a red circle moving right on a black background"
-KW = dict(prompt=PROMPT, size=(48, 32), frame_num=5, steps=2, seed=3, progress=False)
+KW = dict(size=(48, 32), frame_num=5, steps=2, seed=3, progress=False)
+CPU = torch.device("cpu")
+
+
+def run(models, task, offload=False, t5_cpu=False, **kw):
+    """(pipeline, result) of one call; with `offload` every model visits the "compute" device (the CPU here)."""
+    pipe = Pipeline(models, Runtime(CPU, torch.float32, torch.float32, offload=offload, t5_cpu=t5_cpu))
+    return pipe, pipe(PROMPT, task=task, **KW, **kw)
 OFFICIAL_ORDER = [("t5", "compute"), ("t5", "storage"), ("clip", "compute"), ("clip", "storage"), ("vae", "compute"),
                   ("vae", "storage"), ("dit", "compute"), ("dit", "storage"), ("vae", "compute"), ("vae", "storage")]
 
@@ -67,10 +75,10 @@ def image():
 # -- offload ---------------------------------------------------------------------------------------------
 def test_offload_is_exact_and_in_the_official_order(ckpt, image):
     models = load_models(ckpt)
-    plain = generate(models, "i2v", image=image, **KW)
-    off = Offloader(models, device="cpu")
-    out = generate(models, "i2v", image=image, offload=off, **KW)
-    assert torch.equal(out["latents"], plain["latents"]) and torch.equal(out["video"], plain["video"])
+    _, plain = run(models, "i2v", image=image)
+    pipe, out = run(models, "i2v", offload=True, image=image)
+    off = pipe.offloader
+    assert torch.equal(out.latents, plain.latents) and torch.equal(out.video, plain.video)
     # umT5 off after encoding, CLIP off after encoding, the DiT off before the VAE decodes.
     assert off.moves == OFFICIAL_ORDER
     # Back home: every tensor is the storage copy the Offloader keeps, not a compute-device copy.
@@ -83,40 +91,37 @@ def test_offload_order_t2v_and_v2v(tmp_path):
     te = kinema.load_text_encoder(tmp_path / "t2v")
     own_memory(te.model)
     models = Models(own_memory(kinema.load_dit(tmp_path / "t2v")), own_memory(kinema.load_vae(tmp_path / "t2v")), te)
-    plain = generate(models, "t2v", **KW)
-    off = Offloader(models, device="cpu")
-    out = generate(models, "t2v", offload=off, **KW)
-    assert torch.equal(out["latents"], plain["latents"])
-    assert off.moves == [("t5", "compute"), ("t5", "storage"), ("dit", "compute"), ("dit", "storage"),
-                         ("vae", "compute"), ("vae", "storage")]
-    off = Offloader(models, device="cpu")
-    again = generate(models, "v2v", video=plain["video"], denoise=0.5, offload=off, **KW)
-    assert torch.equal(again["latents"], generate(models, "v2v", video=plain["video"], denoise=0.5, **KW)["latents"])
-    assert off.moves == [("t5", "compute"), ("t5", "storage"), ("vae", "compute"), ("vae", "storage"),
-                         ("dit", "compute"), ("dit", "storage"), ("vae", "compute"), ("vae", "storage")]
+    _, plain = run(models, "t2v")
+    pipe, out = run(models, "t2v", offload=True)
+    assert torch.equal(out.latents, plain.latents)
+    assert pipe.offloader.moves == [("t5", "compute"), ("t5", "storage"), ("dit", "compute"), ("dit", "storage"),
+                                    ("vae", "compute"), ("vae", "storage")]
+    pipe, again = run(models, "v2v", offload=True, video=plain.video, denoise=0.5)
+    assert torch.equal(again.latents, run(models, "v2v", video=plain.video, denoise=0.5)[1].latents)
+    assert pipe.offloader.moves == [("t5", "compute"), ("t5", "storage"), ("vae", "compute"), ("vae", "storage"),
+                                    ("dit", "compute"), ("dit", "storage"), ("vae", "compute"), ("vae", "storage")]
 
 
-def test_offload_true_and_t5_cpu(ckpt, image):
+def test_offload_and_t5_cpu(ckpt, image):
     models = load_models(ckpt)
-    plain = generate(models, "i2v", image=image, decode=False, **KW)
-    assert torch.equal(generate(models, "i2v", image=image, decode=False, offload=True, **KW)["latents"], plain["latents"])
+    _, plain = run(models, "i2v", image=image, decode=False)
     t5_weight = models.text_encoder.model.token_embedding.weight
-    off = Offloader(models, device="cpu", t5_cpu=True)
-    out = generate(models, "i2v", image=image, decode=False, offload=off, **KW)
-    assert torch.equal(out["latents"], plain["latents"])
-    assert [m for m in off.moves if m[0] == "t5"] == [] and off.moves[:2] == [("clip", "compute"), ("clip", "storage")]
+    pipe, out = run(models, "i2v", offload=True, t5_cpu=True, image=image, decode=False)
+    moves = pipe.offloader.moves
+    assert torch.equal(out.latents, plain.latents)
+    assert [m for m in moves if m[0] == "t5"] == [] and moves[:2] == [("clip", "compute"), ("clip", "storage")]
     assert models.text_encoder.model.token_embedding.weight is t5_weight  # never moved
 
 
 def test_offload_with_block_swap_parks_the_swapped_dit(ckpt, image):
     models = load_models(ckpt)
-    plain = generate(models, "i2v", image=image, decode=False, **KW)
+    _, plain = run(models, "i2v", image=image, decode=False)
     swap = BlockSwap(models.dit, blocks_to_swap=1, prefetch_blocks=1, device="cpu", record=True)
-    off = Offloader(models, device="cpu")
-    assert placement_of(models.dit) is swap and off.placements["dit"] is swap
-    out = generate(models, "i2v", image=image, decode=False, offload=off, **KW)
-    assert torch.equal(out["latents"], plain["latents"])
-    assert off.moves == OFFICIAL_ORDER[:-2]  # decode=False: no VAE decode visit
+    models.placement = swap
+    pipe, out = run(models, "i2v", offload=True, image=image, decode=False)
+    assert pipe.offloader.placements["dit"] is swap
+    assert torch.equal(out.latents, plain.latents)
+    assert pipe.offloader.moves == OFFICIAL_ORDER[:-2]  # decode=False: no VAE decode visit
     assert not swap.window.ready  # parked: no block left on the compute device
 
 
@@ -180,7 +185,7 @@ def test_block_swap_out_of_order_and_remove():
         with pytest.raises(KinemaError, match="already swapped or streamed"):
             BlockSwap(dit, 1, device="cpu")
         swap.remove()
-        assert placement_of(dit) is None and not any(b._forward_pre_hooks for b in dit.blocks)
+        assert not any(b._forward_pre_hooks for b in dit.blocks)
         assert all(home.sent for home in swap.window.homes.values())  # every block back on the compute device
         assert torch.equal(dit(x, t, ctx), ref)
         swap = BlockSwap(dit, 2, 1, device="cpu")
@@ -238,7 +243,8 @@ def test_stream_equals_a_normal_load(tmp_path, layout, quantization, prefetch):
     folder = save_dit(tiny_dit(layers=4, model_type="i2v"), tmp_path / layout,
                       prefix="model.diffusion_model." if layout == "comfyui" else "", shards=3 if layout == "sharded" else 1)
     loaded = own_memory(kinema.load_dit(folder, quantization=quantization))
-    streamed = stream_dit(folder, quantization=quantization, prefetch_blocks=prefetch, record=True)
+    record, placement = stream_dit(folder, quantization=quantization, prefetch_blocks=prefetch, record=True)
+    streamed = record.model
     x, t, ctx = dit_inputs()
     g = torch.Generator().manual_seed(2)
     extra = dict(clip_fea=torch.randn(1, 5, 32, generator=g), y=torch.randn(1, 20, 2, 4, 4, generator=g))
@@ -246,19 +252,20 @@ def test_stream_equals_a_normal_load(tmp_path, layout, quantization, prefetch):
         ref = loaded(x, t, ctx, **extra)
         outs = [streamed(x, t, ctx, **extra) for _ in range(2)]
     assert all(torch.equal(o, ref) for o in outs)
-    stats = placement_of(streamed).stats
+    stats = placement.stats
     assert stats.peak_resident <= prefetch and stats.releases == 2 * 4
     # Between runs only the blocks read ahead for the next run hold their Linear weights; the rest always stays.
     held = {k for k, v in streamed.state_dict().items() if not v.is_meta}
-    ahead = set(placement_of(streamed).window.ready)
+    ahead = set(placement.window.ready)
     assert len(ahead) == prefetch
     for i in range(4):
         linear = {f"blocks.{i}.{n}" for n in ("self_attn.q.weight", "cross_attn.k_img.weight", "ffn.2.weight")}
         assert (linear <= held) if i in ahead else not (linear & held), i
     assert {"head.head.weight", "text_embedding.0.weight", "blocks.3.modulation", "blocks.3.norm3.weight",
             "blocks.3.ffn.0.bias"} <= held
-    placement_of(streamed).remove()  # streaming undone: every block read in, a plain resident model again
-    assert placement_of(streamed) is None and not any(v.is_meta for v in streamed.state_dict().values())
+    placement.remove()  # streaming undone: every block read in, a plain resident model again
+    assert not any(b._forward_pre_hooks for b in streamed.blocks)
+    assert not any(v.is_meta for v in streamed.state_dict().values())
     with torch.no_grad():
         assert torch.equal(streamed(x, t, ctx, **extra), ref)
 
@@ -267,7 +274,8 @@ def test_stream_equals_a_normal_load(tmp_path, layout, quantization, prefetch):
 def test_stream_on_cuda_equals_a_normal_load(tmp_path):
     folder = save_dit(tiny_dit(layers=4), tmp_path / "dit")
     loaded = kinema.load_dit(folder, device="cuda")
-    streamed = stream_dit(folder, device="cuda", prefetch_blocks=2)
+    streamed, _ = stream_dit(folder, device="cuda", prefetch_blocks=2)
+    streamed = streamed.model
     x, t, ctx = (v.cuda() for v in dit_inputs())
     with torch.no_grad():
         ref = loaded(x, t, ctx)
@@ -300,7 +308,7 @@ STREAM_RSS = textwrap.dedent("""
         with torch.device("meta"):
             WanDiT(DiTConfig(dim=64, ffn_dim=64, text_dim=16, num_heads=2, num_layers=1))
         base = peak()
-        dit = stream_dit(sys.argv[1])
+        dit = stream_dit(sys.argv[1])[0].model
         loaded = peak()
         x, t, ctx = torch.randn(1, 16, 2, 8, 8), torch.tensor([900.0]), torch.randn(1, 16, 64)
         out = [dit(x, t, ctx).abs().sum().item() for _ in range(2)]
@@ -329,7 +337,7 @@ def test_streaming_keeps_memory_below_the_file(tmp_path):
     print(f"file {size / 2**20:.0f} MiB, import baseline {r['base'] / 2**20:.0f} MiB, after stream_dit "
           f"{(r['loaded'] - r['base']) / 2**20:.0f} MiB, peak above baseline {above / 2**20:.0f} MiB ({above / size:.2f}x the file)")
     assert above < 0.6 * size, r
-    assert all(v == v and v > 0 for v in r["out"])  # ran, finite
+    assert r["out"][0] == r["out"][1] and r["out"][0] > 0  # finite, and the second streamed pass equals the first
 
 
 # -- the command line ------------------------------------------------------------------------------------
@@ -347,19 +355,23 @@ def image_file(tmp_path_factory):
     return path
 
 
-def test_cli_offload_swap_and_stream_run(ckpt, image_file, tmp_path):
+def test_cli_offload_swap_and_stream_equal_a_plain_run(ckpt, image_file, tmp_path):
+    from kinema.media import read_video
+
     base = _gen(ckpt, "--image", str(image_file))
+    assert main([*base, "--save_file", str(tmp_path / "plain.mp4")]) == 0
+    plain = read_video(tmp_path / "plain.mp4").frames
     for i, extra in enumerate([["--offload_model", "True", "--t5_cpu", "--blocks_to_swap", "2", "--prefetch_blocks", "1"],
                                ["--stream_dit", "--prefetch_blocks", "2"]]):
         target = tmp_path / f"out{i}.mp4"
         assert main([*base, *extra, "--save_file", str(target)]) == 0, extra
-        assert target.stat().st_size > 0
+        assert torch.equal(read_video(target).frames, plain), extra  # the same latents, the same encoder: the same file
 
 
 def test_cli_bad_memory_flags_exit_2(ckpt, image_file, capsys):
     base = _gen(ckpt, "--image", str(image_file))
     cases = [
-        (["--blocks_to_swap", "-1"], "--blocks_to_swap -1 is negative"),
+        (["--blocks_to_swap", "-1"], "--blocks_to_swap -1 must be a whole number >= 0"),
         (["--blocks_to_swap", "3"], "--blocks_to_swap 3 is out of range: this DiT has 2 blocks"),
         (["--prefetch_blocks", "2"], "--prefetch_blocks 2 needs --blocks_to_swap"),
         (["--blocks_to_swap", "2", "--prefetch_blocks", "3"], "--prefetch_blocks 3 must be between 1 and --blocks_to_swap (2)"),

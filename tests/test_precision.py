@@ -8,8 +8,9 @@ from conftest import rel_err
 from safetensors.torch import save_file
 
 import kinema
-from kinema.memory.fp8 import quantize_fp8
-from kinema.memory.precision import guard_fp16
+from kinema.ops.fp8 import quantize_fp8
+from kinema.loading.dit import open_dit
+from kinema.ops.fp16_guard import guard_fp16
 from kinema.models.dit import DiTConfig, WanDiT
 
 CFG = DiTConfig("t2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=16, freq_dim=32)
@@ -46,10 +47,15 @@ def files(tmp_path_factory):
     return out
 
 
+def _load(path, dtype, **kw):
+    """The loaded record: its model and the fp16 guard the loader installed (None unless fp16)."""
+    return open_dit(path, num_heads=CFG.num_heads).load(dtype, **kw)
+
+
 def _run(path, dtype):
-    dit = kinema.load_dit(path, dtype=dtype, num_heads=CFG.num_heads)
+    loaded = _load(path, dtype)
     with torch.no_grad():
-        return dit, dit(*_inputs())
+        return loaded, loaded.model(*_inputs())
 
 
 def test_bf16_and_fp16_error_against_fp32(files):
@@ -58,21 +64,22 @@ def test_bf16_and_fp16_error_against_fp32(files):
     fp16_dit, fp16 = _run(files["normal"], torch.float16)
     assert rel_err(bf16, ref) < BF16_BOUND
     assert rel_err(fp16, ref) < FP16_BOUND  # 3 more mantissa bits than bf16: ~8x smaller error
-    assert not hasattr(bf16_dit, "fp16_guard")  # only fp16 models are guarded
+    assert bf16_dit.fp16_guard is None  # only fp16 models are guarded
     assert fp16_dit.fp16_guard.recomputed == 0
 
 
 def test_fp16_overflow_guard(files, caplog):
-    fp32_dit, ref = _run(files["overflow"], torch.float32)
+    fp32, ref = _run(files["overflow"], torch.float32)
     seen = []
-    fp32_dit.blocks[0].ffn[2].register_forward_hook(lambda m, a, out: seen.append(out.abs().max().item()))
+    fp32.model.blocks[0].ffn[2].register_forward_hook(lambda m, a, out: seen.append(out.abs().max().item()))
     with torch.no_grad():
-        fp32_dit(*_inputs())
+        fp32.model(*_inputs())
     assert max(seen) > FP16_MAX  # the float32 FFN output is beyond fp16's range
 
-    dit = kinema.load_dit(files["overflow"], dtype=torch.float16, num_heads=CFG.num_heads)
+    loaded = _load(files["overflow"], torch.float16)
+    dit = loaded.model
     weights = {k: v.clone() for k, v in dit.state_dict().items()}
-    dit.fp16_guard.remove()
+    loaded.fp16_guard.remove()
     with torch.no_grad():
         assert not torch.isfinite(dit(*_inputs())).all()  # plain fp16: inf in the residual stream, NaN out
 
@@ -89,21 +96,22 @@ def test_fp16_overflow_guard(files, caplog):
 
 
 def test_guard_changes_nothing_when_finite(files):
-    dit, guarded = _run(files["normal"], torch.float16)
-    dit.fp16_guard.remove()
+    loaded, guarded = _run(files["normal"], torch.float16)
+    loaded.fp16_guard.remove()
     with torch.no_grad():
-        assert torch.equal(dit(*_inputs()), guarded)
+        assert torch.equal(loaded.model(*_inputs()), guarded)
     for dtype in (torch.float32, torch.bfloat16):
         assert guard_fp16(kinema.load_dit(files["normal"], dtype=dtype, num_heads=CFG.num_heads)) is None
 
 
 def test_guard_covers_fp8_layers_computing_in_fp16(files):
     _, ref = _run(files["overflow"], torch.float32)
-    dit = kinema.load_dit(files["overflow"], dtype=torch.float16, num_heads=CFG.num_heads, quantization="fp8_e4m3fn_scaled")
+    loaded = _load(files["overflow"], torch.float16, quantization="fp8_e4m3fn_scaled")
+    dit = loaded.model
     assert dit.blocks[0].ffn[0].compute_dtype == torch.float16
     with torch.no_grad():
         out = dit(*_inputs())
-    assert torch.isfinite(out).all() and dit.fp16_guard.recomputed == 1
+    assert torch.isfinite(out).all() and loaded.fp16_guard.recomputed == 1
     assert rel_err(out, ref) < 6e-2  # the fp8 weights' own error: 4.1e-2 measured
     assert dit.blocks[0].ffn[0].compute_dtype == torch.float16 and dit.blocks[0].ffn[0].weight.dtype == torch.float8_e4m3fn
 
@@ -111,10 +119,11 @@ def test_guard_covers_fp8_layers_computing_in_fp16(files):
 def test_quantize_after_guard_is_still_guarded(files):
     """guard_fp16 hooks the blocks, not their Linear layers, so swapping layers later keeps it."""
     _, ref = _run(files["overflow"], torch.float32)
-    dit = kinema.load_dit(files["overflow"], dtype=torch.float16, num_heads=CFG.num_heads)
+    loaded = _load(files["overflow"], torch.float16)
+    dit = loaded.model
     quantize_fp8(dit, "fp8_e4m3fn_scaled")
     with torch.no_grad():
         out = dit(*_inputs())
         assert torch.isfinite(out).all()
-    assert dit.blocks[0].ffn[0].weight.dtype == torch.float8_e4m3fn and dit.fp16_guard.recomputed == 1
+    assert dit.blocks[0].ffn[0].weight.dtype == torch.float8_e4m3fn and loaded.fp16_guard.recomputed == 1
     assert rel_err(out, ref) < 6e-2  # block 0 recomputed: only the fp8 weights' own error is left

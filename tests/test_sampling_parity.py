@@ -206,7 +206,8 @@ def test_start_step(solver, model_fn):
         return model_fn(x, t)
 
     latents = add_noise(x0, noise, sigmas[k])
-    out = sample(counting, latents, sigmas, timesteps, solver, start_step=k, progress=lambda *a: progress.append(a))
+    out = sample(counting, latents, sigmas, timesteps, solver, start_step=k, progress=False,
+                 callback=lambda info: progress.append((info.step + 1, info.steps)))
     assert seen == timesteps[k:].tolist()
     assert progress == [(i, steps) for i in range(k + 1, steps + 1)]
     assert out.shape == SHAPE and torch.isfinite(out).all()

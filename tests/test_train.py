@@ -126,8 +126,9 @@ def test_vae_trainer_learns_resumes_and_exports(vae_model):
 def test_dit_trainer_learns_resumes_and_exports(dit_model):
     from kinema.loading.dit import dtype_policy
 
-    dit = kinema.load_dit(dit_model)
-    assert dit.config.model_type == "i2v" and dit.config.text_len == 16 and "t2v" in dit.tasks
+    pipe = kinema.Pipeline.load(dit_model)
+    dit = pipe.models.dit
+    assert dit.config.model_type == "i2v" and dit.config.text_len == 16 and "t2v" in pipe.models.info.tasks
     # The export holds the EMA weights (ema = 0.9) of the final step, rounded to fp16 outside the fp32 islands.
     # The EMA shadow follows the trainable parameters, the DiT's first.
     final = _final_checkpoint(dit_model)
@@ -140,19 +141,16 @@ def test_dit_trainer_learns_resumes_and_exports(dit_model):
     raw = final["modules"]["dit"]
     assert any(not torch.equal(raw[n].to(stored(n)), ema[n].to(stored(n))) for n in names)  # EMA != raw weights
 
-    from kinema.pipeline.generate import Models, generate
-
-    te = kinema.load_text_encoder(dit_model)
+    te = pipe.models.text_encoder
     assert te.tokenizer.token_ids("a red circle moving right on a black background")[:-1] == te.tokenizer.token_ids(
         "A Red circle moving right on a black background")[:-1]  # word-level, case-folded
-    models = Models(dit, kinema.load_vae(dit_model), te, kinema.load_clip_vision(dit_model))
     for task, extra in (("t2v", {}), ("t2i", {}), ("i2v", {"image": torch.zeros(3, 32, 32)}),
                         ("flf2v", {"first_frame": torch.zeros(3, 32, 32), "last_frame": torch.zeros(3, 32, 32)})):
-        out = generate(models, task, prompt="a red circle moving right on a black background", steps=2, progress=False, **extra)
-        assert out["video"].shape == (3, 1 if task == "t2i" else 5, 32, 32), task
-        assert out["settings"]["width"] == 32  # the model's own default size
+        out = pipe("a red circle moving right on a black background", task=task, steps=2, progress=False, **extra)
+        assert out.video.shape == (3, 1 if task == "t2i" else 5, 32, 32), task
+        assert out.settings["width"] == 32  # the model's own default size
     long = " ".join(["a red circle moving right on a black background"] * 3)  # more tokens than text_len = 16
-    assert generate(models, "t2v", prompt=long, steps=1, progress=False)["video"].shape == (3, 5, 32, 32)
+    assert pipe(long, steps=1, progress=False).video.shape == (3, 5, 32, 32)
 
 
 def test_vae_decoder_only_keeps_the_latents(vae_model, tmp_path):

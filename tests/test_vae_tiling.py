@@ -153,31 +153,34 @@ def test_cli_rejects_bad_vae_tile(value, capsys):
     assert len(err) == 1 and err[0].startswith("kinema: error: --vae_tile") and value in err[0]
 
 
-def test_generate_decodes_through_tiles(vae, monkeypatch):
+def test_pipeline_decodes_through_tiles(vae, monkeypatch):
     from kinema.models.dit import DiTConfig, WanDiT
-    from kinema.pipeline.generate import Models, generate
+    from kinema.pipeline.models import Models
+    from kinema.pipeline.pipeline import Pipeline
 
     torch.manual_seed(0)
     dit = WanDiT(DiTConfig("t2v", dim=32, ffn_dim=32, text_dim=16, num_heads=2, num_layers=1)).eval()
     calls = []
     real = vt.tiled_decode
     monkeypatch.setattr(vt, "tiled_decode", lambda *a: calls.append(a[2]) or real(*a))
-    kw = dict(prompt="a red circle", size=(160, 128), frame_num=5, steps=2, progress=False)
-    plain = generate(Models(dit, vae, StubTextEncoder()), "t2v", vae_tile="off", **kw)
-    tiled = generate(Models(dit, vt.TiledVAE(vae, "64x64", overlap=4), StubTextEncoder()), "t2v", **kw)
-    assert calls == [(16, 16)] and torch.equal(plain["latents"], tiled["latents"])
-    assert _rel(tiled["video"], plain["video"]) < 0.1  # a 4-latent-pixel overlap: wiring, not accuracy
+    kw = dict(size=(160, 128), frame_num=5, steps=2, progress=False)
+    plain = Pipeline(Models(dit, vae, StubTextEncoder()))("a red circle", vae_tile="off", **kw)
+    tiled = Pipeline(Models(dit, vt.TiledVAE(vae, "64x64", overlap=4), StubTextEncoder()))("a red circle", **kw)
+    assert calls == [(16, 16)] and torch.equal(plain.latents, tiled.latents)
+    assert _rel(tiled.video, plain.video) < 0.1  # a 4-latent-pixel overlap: wiring, not accuracy
+    again = Pipeline(Models(dit, vae, StubTextEncoder()))("a red circle", vae_tile="64x64", **kw)
+    assert len(calls) == 2 and again.settings["vae_tile"] == "64x64"
 
 
 def test_cli_passes_vae_tile(tmp_path, monkeypatch):
     from kinema.demo import write_random_checkpoint
-    from kinema.pipeline import generate as gen
+    from kinema.media import read_metadata
 
     seen = []
-    real = gen.generate
-    monkeypatch.setattr(gen, "generate", lambda *a, **k: (seen.append(k["vae_tile"]), real(*a, **k))[1])
+    real = vt.TiledVAE.plan
+    monkeypatch.setattr(vt.TiledVAE, "plan", lambda self, op, shape: (seen.append(self.tile), real(self, op, shape))[1])
     write_random_checkpoint(tmp_path / "ckpt")
     args = ["generate", "--task", "t2v-1.3B", "--ckpt_dir", str(tmp_path / "ckpt"), "--size", "64*48", "--frame_num", "5",
             "--sample_steps", "2", "--prompt", "a red circle", "--save_file", str(tmp_path / "out.mp4")]
-    assert main([*args, "--vae_tile", "512x256"]) == 0 and (tmp_path / "out.mp4").exists()
-    assert seen == ["512x256"]
+    assert main([*args, "--vae_tile", "512x256"]) == 0 and read_metadata(tmp_path / "out.mp4")["vae_tile"] == "512x256"
+    assert seen == [(512, 256)]  # the decode's tile (a t2v DiT has no condition to encode)

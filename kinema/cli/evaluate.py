@@ -29,7 +29,6 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> None:
     import kinema
     from kinema.errors import KinemaError
-    from kinema.pipeline.generate import Models
     from kinema.toy.evaluate import EVAL_SEED, EvalSettings, evaluate, table, to_json
 
     if args.json and Path(args.json).exists():
@@ -44,16 +43,11 @@ def run(args: argparse.Namespace) -> None:
         from kinema.sampling.cache import parse_cache
 
         parse_cache(args.cache, "--cache")  # a bad spec is an error before any model loads
-    path = args.ckpt_dir
-    if path is None:
-        from kinema.builtin import builtin_path
-
-        path = builtin_path()
-    models = Models(kinema.load_dit(path), kinema.load_vae(path), kinema.load_text_encoder(path), kinema.load_clip_vision(path))
+    pipe = kinema.Pipeline.load(args.ckpt_dir)  # None: the built-in model
     s = EvalSettings(t2v=args.t2v, i2v=args.i2v, flf2v=args.flf2v, vae=args.vae, lora=args.lora_samples,
                      seed=EVAL_SEED if args.seed is None else args.seed, steps=args.sample_steps, only=only,
                      cache=args.cache)
-    results = evaluate(models, s, lora=args.lora)
+    results = evaluate(pipe, s, lora=args.lora)
     print(table(results))
     if args.json:
         Path(args.json).write_text(to_json(results))

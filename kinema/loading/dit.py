@@ -12,7 +12,7 @@ comes from config.json when there is one, else dim / 128 as in every released mo
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,8 +22,8 @@ from kinema.loading.fp8 import resolve_quantization
 from kinema.loading.identify import identify, wrong_component_message
 from kinema.loading.keymap import KeyMap, Plan, identity_map
 from kinema.loading.materialize import materialize
-from kinema.memory.fp8 import check_mode, quantize_fp8, set_fp8_fast
-from kinema.memory.precision import guard_fp16
+from kinema.ops.fp16_guard import FP16Guard, guard_fp16
+from kinema.ops.fp8 import check_mode, quantize_fp8, set_fp8_fast
 from kinema.models.dit import DiTConfig, WanDiT
 
 OFFICIAL = identity_map("official Wan2.1 / ComfyUI DiT", strip_prefixes=("model.diffusion_model.", "diffusion_model."))
@@ -62,8 +62,8 @@ DIFFUSERS = KeyMap(
     ignore=(_B + r"attn2\.norm_added_q\.weight",),
 )
 
-# Weights kept in float32 whatever the requested dtype: the reference runs these under fp32 autocast.
-_FP32_ISLANDS = re.compile(r"(time_embedding|time_projection|head)\..*|.*modulation|.*norm.*|img_emb\.(emb_pos|proj\.[04]\..*)")
+# Weights kept in float32 whatever the requested dtype (WanDiT declares them: the reference's fp32 islands).
+_FP32_ISLANDS = re.compile("|".join(f"(?:{p})" for p in WanDiT._keep_in_fp32_modules))
 
 _CANDIDATES = (
     "diffusion_pytorch_model.safetensors.index.json",
@@ -128,38 +128,86 @@ def load_dit(
     """Load a Wan2.1 DiT from a file, a folder or a sharded folder in any supported format.
 
     `dtype` is the dtype of the big matrices; norms, modulation, time embedding and
-    head stay float32 (the reference's fp32 islands).
+    head stay float32 (the reference's fp32 islands, `WanDiT._keep_in_fp32_modules`).
     In float16 a part whose output overflows is recomputed in float32
-    (kinema.memory.precision.guard_fp16; the guard is `model.fp16_guard`).
+    (kinema.ops.fp16_guard; `open_dit(path).load(...)` returns the guard in its record).
 
     `quantization` ('fp8_e4m3fn', 'fp8_e5m2', 'fp8_e4m3fn_scaled') stores the blocks'
-    Linear weights in fp8 and computes in `dtype` (kinema.memory.fp8); a file already
+    Linear weights in fp8 and computes in `dtype` (kinema.ops.fp8); a file already
     in that fp8 format is kept as stored. 'auto' keeps a file's own fp8 layout and
     leaves a bf16 / fp32 file as it is. `fp8_fast` uses the fp8 matmul on GPUs that have it.
     """
-    found = open_dit(path, dtype, num_heads, quantization)
-    model = materialize(found.model, found.plan, found.source, dtype_policy(dtype), device,
-                        what=f"Wan2.1 {found.model.config.model_type} DiT")
-    return finish_dit(model, found.folder_config, fp8_fast)
+    if quantization is not None:
+        check_mode(quantization, allow_auto=True)  # before any file is opened
+    return open_dit(path, num_heads).load(dtype, device, quantization, fp8_fast).model
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a checkpoint says about its own use. Kinema-trained models write both in their config.json:
+    the tasks they were trained for and their sampling defaults (size, frame_num, steps, shift,
+    guide_scale, negative_prompt, fps). Official checkpoints have neither."""
+
+    tasks: tuple[str, ...] = ()
+    sample_defaults: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: dict) -> ModelInfo:
+        return cls(tuple(config.get("tasks", ())), dict(config.get("sample_defaults", {})))
+
+
+@dataclass
+class LoadedDiT:
+    """A loaded DiT and what its loader learnt about it."""
+
+    model: WanDiT
+    info: ModelInfo
+    quantization: str | None  # the fp8 mode its block Linear weights are in; None: --dtype throughout
+    fp16_guard: FP16Guard | None  # fp16 only (kinema.ops.fp16_guard)
+    source: str  # the checkpoint, for messages and metadata
 
 
 @dataclass
 class DiTCheckpoint:
-    """A DiT checkpoint opened and checked, its model built on the meta device (fp8 layers swapped in
-    when asked), not yet read: load_dit materialises all of it, streaming (kinema/memory/streaming.py)
-    all but the blocks' Linear weights."""
+    """A DiT checkpoint opened and checked (headers only), its model built on the meta device, not yet
+    read. The memory plan reads its shapes, `load` materialises all of it, streaming
+    (kinema/memory/streaming.py) all but the blocks' Linear weights. One checkpoint loads once."""
 
     model: WanDiT
     plan: Plan
     source: TensorSource
     folder_config: dict
+    loaded: bool = False
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo.from_config(self.folder_config)
+
+    def quantize(self, quantization: str | None, dtype: torch.dtype) -> str | None:
+        """Swap the meta model's Linear layers for fp8 ones when asked; returns the mode used ('auto' resolved)."""
+        if self.loaded:
+            raise RuntimeError(f"{self.source.name} was already loaded; open it again to load it another time")
+        mode = resolve_quantization(quantization, self.model, self.plan, self.source)
+        if mode is not None:
+            quantize_fp8(self.model, mode, compute_dtype=dtype)
+        return mode
+
+    def load(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+             quantization: str | None = None, fp8_fast: bool = False, skip=None) -> LoadedDiT:
+        """Read the weights (all of them, or all but those `skip(key)` names) into the model on `device`."""
+        mode = self.quantize(quantization, dtype)
+        self.loaded = True
+        materialize(self.model, self.plan, self.source, dtype_policy(dtype), device,
+                    what=f"Wan2.1 {self.model.config.model_type} DiT", skip=skip)
+        if fp8_fast:
+            set_fp8_fast(self.model)
+        guard = guard_fp16(self.model)  # fp16 only: overflowing blocks are recomputed in float32
+        return LoadedDiT(self.model, self.info, mode, guard, self.source.name)
 
 
-def open_dit(path, dtype: torch.dtype = torch.float32, num_heads: int | None = None, quantization: str | None = None,
-             mapped: bool = True) -> DiTCheckpoint:
-    """`mapped=False` reads every tensor with a copy (pread) instead of a view of the memory-mapped file."""
-    if quantization is not None:
-        check_mode(quantization, allow_auto=True)  # before any file is opened
+def open_dit(path, num_heads: int | None = None, mapped: bool = True) -> DiTCheckpoint:
+    """Open a DiT checkpoint: its files, format and architecture, from the headers; no weight is read.
+    `mapped=False` reads every tensor with a copy (pread) instead of a view of the memory-mapped file."""
     files = checkpoint_files(path, "DiT", _CANDIDATES, subfolder="transformer", kind="dit")
     source = TensorSource(files, mapped=mapped)
     found = identify(source.keys())
@@ -179,19 +227,4 @@ def open_dit(path, dtype: torch.dtype = torch.float32, num_heads: int | None = N
     cfg = infer_config(shape, set(plan.keys()), folder_config, num_heads)
     with torch.device("meta"):
         model = WanDiT(cfg)
-    mode = resolve_quantization(quantization, model, plan, source)
-    if mode is not None:
-        quantize_fp8(model, mode, compute_dtype=dtype)
     return DiTCheckpoint(model, plan, source, folder_config)
-
-
-def finish_dit(model: WanDiT, folder_config: dict, fp8_fast: bool = False) -> WanDiT:
-    """What every loaded DiT gets after its weights: the fp8 matmul switch, the fp16 guard, the checkpoint's own settings."""
-    if fp8_fast:
-        set_fp8_fast(model)
-    guard_fp16(model)  # fp16 only: overflowing blocks are recomputed in float32 (kinema/memory/precision.py)
-    # What the checkpoint says about its use (Kinema-trained models write these): the tasks it was
-    # trained for and its sampling defaults. Official checkpoints have neither.
-    model.tasks = tuple(folder_config.get("tasks", ()))
-    model.sample_defaults = dict(folder_config.get("sample_defaults", {}))
-    return model

@@ -174,6 +174,12 @@ class TensorSource:
     def name(self) -> str:
         return str(self.paths[0]) if len(self.paths) == 1 else f"{self.paths[0].parent} ({len(self.paths)} shards)"
 
+    def use_views(self, views: bool) -> None:
+        """Whether safetensors tensors may be views of the mapped file (`mapped` of the constructor)."""
+        for file in set(self._files.values()):
+            if isinstance(file, _SafetensorsFile):
+                file.views = views
+
     @staticmethod
     def _is_marker(key: str) -> bool:
         return key.rpartition(".")[2] in _FP8_MARKERS

@@ -1,7 +1,7 @@
 """Reading weights into fp8 layers: keep a checkpoint's fp8 storage, or quantise while reading.
 
 A loader asked for a quantization swaps the meta model's Linear layers for
-`FP8Linear` placeholders (kinema.memory.fp8) before it materialises the model;
+`FP8Linear` placeholders (kinema.ops.fp8) before it materialises the model;
 each of their weights is then read here, one tensor at a time:
 - stored in fp8 of the requested format (a plain cast, or ComfyUI's scaled fp8
   with its `scale_weight`): kept as stored, never re-quantised;
@@ -19,7 +19,7 @@ from torch import nn
 from kinema.errors import CheckpointError
 from kinema.loading.files import TensorSource
 from kinema.loading.keymap import Plan
-from kinema.memory.fp8 import AUTO, FP8_DTYPES, MODES, check_mode, fp8_targets, mode_name, quantize_weight
+from kinema.ops.fp8 import AUTO, FP8_DTYPES, MODES, check_mode, fp8_targets, mode_name, quantize_weight
 
 
 def resolve_quantization(quantization: str | None, model: nn.Module, plan: Plan, source: TensorSource) -> str | None:

@@ -20,7 +20,7 @@ from kinema.errors import CheckpointError
 from kinema.loading.files import TensorSource
 from kinema.loading.fp8 import read_fp8_weight
 from kinema.loading.keymap import Plan
-from kinema.memory.fp8 import FP8Linear
+from kinema.ops.fp8 import FP8Linear
 
 
 def _fmt(shape) -> str:

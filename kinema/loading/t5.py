@@ -26,7 +26,7 @@ from kinema.loading.fp8 import resolve_quantization
 from kinema.loading.identify import identify, wrong_component_message
 from kinema.loading.keymap import KeyMap, Plan, identity_map
 from kinema.loading.materialize import materialize
-from kinema.memory.fp8 import check_mode, quantize_fp8, set_fp8_fast
+from kinema.ops.fp8 import check_mode, quantize_fp8, set_fp8_fast
 from kinema.models.t5 import UMT5Encoder
 from kinema.text.tokenizer import UMT5Tokenizer, find_tokenizer_file
 

@@ -1,7 +1,7 @@
 """LoRA for the Wan2.1 DiT: adapters for training (`inject_lora`), merging into weights for
 inference (`merge_lora`, `apply_loras`) and LoRA files in the common layouts (`save_lora`, `load_lora`)."""
 
-from kinema.lora.files import apply_loras, load_lora, lora_metadata, parse_lora_spec, read_lora, save_lora
+from kinema.lora.files import apply_loras, load_lora, lora_metadata, parse_lora_spec, read_lora, read_loras, save_lora
 from kinema.lora.network import (
     DEFAULT_TARGETS,
     GROUPS,
@@ -17,6 +17,7 @@ from kinema.lora.network import (
 
 __all__ = [
     "DEFAULT_TARGETS", "GROUPS", "LoRAAdapter", "apply_loras", "check_lora", "inject_lora", "load_lora", "lora_adapters",
-    "lora_metadata", "lora_parameters", "lora_state_dict", "merge_lora", "parse_lora_spec", "read_lora", "remove_lora",
+    "lora_metadata", "lora_parameters", "lora_state_dict", "merge_lora", "parse_lora_spec", "read_lora", "read_loras",
+    "remove_lora",
     "save_lora",
 ]

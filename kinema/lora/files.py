@@ -209,10 +209,16 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
     return path, strength
 
 
-def apply_loras(dit: nn.Module, specs: list[tuple[str | os.PathLike, float]]) -> list[list[str]]:
+def read_loras(specs: list[tuple[str | os.PathLike, float]], model: nn.Module) -> list[tuple[Path, float, LoRAFileWeights]]:
+    """Read and check every LoRA file against `model` (a loaded DiT, or one on the meta device: only shapes
+    matter), before any weight changes: [(path, strength, weights)]."""
+    return [(Path(p), float(s), read_lora(p, model)[0]) for p, s in specs]
+
+
+def apply_loras(dit: nn.Module, specs: list[tuple[str | os.PathLike, float]], loaded=None) -> list[list[str]]:
     """Merge several LoRAs into `dit` in order, each at its strength. Every file is read and checked
-    before any weight changes. Returns the modules changed by each."""
-    loaded = [(Path(p), float(s), read_lora(p, dit)[0]) for p, s in specs]
+    before any weight changes (`loaded`: what `read_loras` gave already). Returns the modules changed by each."""
+    loaded = read_loras(specs, dit) if loaded is None else loaded
     changed = []
     for path, strength, weights in loaded:
         modules = merge_lora(dit, weights, strength)

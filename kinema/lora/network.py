@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kinema.errors import CheckpointError, KinemaError
-from kinema.memory.fp8 import FP8Linear
+from kinema.ops.fp8 import FP8Linear
 
 # The Linear layers of a Wan2.1 DiT block, by the official module names.
 SELF_ATTN = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o")

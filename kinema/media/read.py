@@ -34,7 +34,7 @@ class Video(NamedTuple):
     fps: float
 
 
-def _rgb(im) -> np.ndarray:
+def pil_rgb(im) -> np.ndarray:
     """One Pillow frame -> [H, W, 3] uint8; alpha is composited onto white."""
     from PIL import Image
 
@@ -52,7 +52,7 @@ def read_image(path: str | Path) -> torch.Tensor:
     path = Path(path)
     check_readable(path)
     with open_image(path) as im:
-        return torch.from_numpy(_rgb(im).copy())
+        return torch.from_numpy(pil_rgb(im).copy())
 
 
 def truncated(path: Path, read: int, declared: float | None, why: str) -> KinemaError:
@@ -72,7 +72,7 @@ def _read_animation(path: Path, max_frames: int | None) -> Video:
             for frame in ImageSequence.Iterator(im):
                 if max_frames is not None and len(frames) >= max_frames:
                     break
-                frames.append(_rgb(frame))
+                frames.append(pil_rgb(frame))
                 durations.append(frame.info.get("duration") or 0)
         except (OSError, IndexError, ValueError, SyntaxError) as e:  # how Pillow says the data ran out
             raise truncated(path, len(frames), None, f"Pillow: {e}") from None

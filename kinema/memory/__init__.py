@@ -1,1 +1,1 @@
-"""Memory and speed: precision, fp8 weights, offload, block swap, tiled VAE, caching, compile (one file per idea)."""
+"""Memory and speed around unchanged models: offload, block swap, streaming, tiled VAE, compile, the memory plan (one file per idea)."""

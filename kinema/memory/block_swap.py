@@ -38,9 +38,7 @@ import torch
 from torch import nn
 
 from kinema.errors import KinemaError
-from kinema.memory.offload import (
-    Parked, get_slot, placement_of, register_placement, set_slot, tensor_slots, unregister_placement,
-)
+from kinema.memory.offload import Parked, get_slot, set_slot, tensor_slots
 
 log = logging.getLogger("kinema")
 
@@ -183,8 +181,11 @@ class _Resident:
 
 
 def _check_unplaced(dit: nn.Module) -> None:
-    if placement_of(dit) is not None:
-        raise KinemaError("this DiT's blocks are already swapped or streamed; call dit.block_placement.remove() first.")
+    """Refuse a second placement over blocks a BlockWindow already manages (its hooks are on them)."""
+    for block in dit.blocks:
+        if any(isinstance(h, functools.partial) and isinstance(getattr(h.func, "__self__", None), BlockWindow)
+               for h in block._forward_pre_hooks.values()):
+            raise KinemaError("this DiT's blocks are already swapped or streamed; call remove() on that placement first.")
 
 
 class BlockPlacement:
@@ -197,7 +198,6 @@ class BlockPlacement:
         managed = {(id(m), n) for home in homes.values() for m, n in home.slots}
         self.rest = _Resident(dit, managed, self.device, self.storage)
         self.window = BlockWindow(dit.blocks, homes, prefetch, self.device, record)
-        register_placement(dit, self)
 
     @property
     def stats(self) -> WindowStats:
@@ -215,7 +215,6 @@ class BlockPlacement:
         """Undo the placement: hooks off, and (`to_device`) every block on the compute device with the rest,
         a plain resident module again; `to_device=False` leaves the managed blocks in host memory."""
         self.window.remove(to_device)
-        unregister_placement(self.dit)
 
 
 class BlockSwap(BlockPlacement):

@@ -68,8 +68,9 @@ def _compiled(cls: type, mode: str, backend: str, dynamic: bool | None):
 
 
 def compile_blocks(dit: nn.Module, mode: str | None = None, backend: str = "inductor",
-                   dynamic: bool | None = None, device: torch.device | str | None = None) -> nn.Module:
-    """Run each of `dit.blocks` through one torch.compile'd block forward; returns the DiT.
+                   dynamic: bool | None = None, device: torch.device | str | None = None) -> str:
+    """Run each of the DiT's repeated blocks (`_repeated_blocks`) through one torch.compile'd block forward;
+    returns the mode used (the pipeline records it).
 
     `mode`: 'default', 'reduce-overhead', 'max-autotune' or 'max-autotune-no-cudagraphs'.
     Compilation happens on the first call (see the README for its cost). `backend` other
@@ -77,15 +78,17 @@ def compile_blocks(dit: nn.Module, mode: str | None = None, backend: str = "indu
     blocks will run (default: where the DiT's weights are now; offload and streaming keep them elsewhere)."""
     device = device if device is not None else next(dit.parameters()).device
     mode = check_compile(mode, device) if backend == "inductor" else (mode or "default")
-    for block in dit.blocks:
+    for block in _blocks(dit):
         block.forward = types.MethodType(_compiled(type(block), mode, backend, dynamic), block)
-    dit.compiled = mode
-    return dit
+    return mode
 
 
 def uncompile_blocks(dit: nn.Module) -> nn.Module:
     """Back to eager blocks."""
-    for block in dit.blocks:
+    for block in _blocks(dit):
         block.__dict__.pop("forward", None)
-    dit.__dict__.pop("compiled", None)
     return dit
+
+
+def _blocks(dit: nn.Module) -> nn.ModuleList:
+    return getattr(dit, getattr(type(dit), "_repeated_blocks", "blocks"))

@@ -15,8 +15,8 @@ code; the compute device holds one model at a time.
 
 The same "home on the host" bookkeeping (`Parked`) moves single DiT blocks for
 block swap (kinema/memory/block_swap.py). A DiT run by block swap or streaming
-already places its own weights; the Offloader asks that placement to park and
-unpark instead of moving the DiT itself (`placement_of`).
+already places its own weights; the Offloader asks that placement (the models
+record's `placement`) to park and unpark instead of moving the DiT itself.
 """
 
 from __future__ import annotations
@@ -99,18 +99,8 @@ class Parked:
 
 
 # -- placements that manage their own module (block swap, streaming) ------------------------------------
-def register_placement(module: nn.Module, placement) -> None:
-    """`placement` (with `park()` and `unpark()`) decides where `module`'s weights live; the Offloader defers to it.
-    Kept as `module.block_placement`, as the fp16 guard keeps itself (kinema/memory/precision.py)."""
-    module.block_placement = placement
-
-
-def unregister_placement(module: nn.Module) -> None:
-    module.__dict__.pop("block_placement", None)
-
-
-def placement_of(module: nn.Module):
-    return getattr(module, "block_placement", None)
+# A DiT run by block swap or streaming places its own weights (a BlockPlacement, kinema/memory/block_swap.py):
+# the Offloader is given it (`Models.placement`) and asks it to park and unpark instead of moving the DiT.
 
 
 class _Whole:
@@ -141,10 +131,11 @@ def _module(component) -> nn.Module | None:
 
 
 class Offloader:
-    """Moves the models of a `Models` set (kinema.pipeline.generate) to `device` one at a time.
+    """Moves the models of a `Models` record (kinema.pipeline.models) to `device` one at a time.
 
     Components: "t5", "clip", "dit", "vae". `t5_cpu` keeps the text encoder where it is (on the CPU:
-    the official `--t5_cpu`). `enabled=False` gives an Offloader that moves nothing and whose
+    the official `--t5_cpu`). A DiT with a block placement (`models.placement`: block swap, streaming)
+    is parked and unparked by it. `enabled=False` gives an Offloader that moves nothing and whose
     `device` is the DiT's, so the pipeline has one code path. `moves` records (component, "compute" |
     "storage") for each move, in order.
     """
@@ -164,7 +155,7 @@ class Offloader:
             module = _module(component)
             if module is None or (name == "t5" and t5_cpu):
                 continue
-            placement = placement_of(module)
+            placement = models.placement if name == "dit" else None
             if placement is not None:
                 placement.park()  # everything starts on the storage device
             self.placements[name] = placement or _Whole(module, self.device, self.storage)
@@ -188,8 +179,3 @@ class Offloader:
                 torch.cuda.empty_cache()  # hand the freed blocks back before the next model arrives, as the official code does
 
 
-def offloader(models, offload) -> Offloader:
-    """generate()'s `offload` argument (False / None, True, or an Offloader) -> an Offloader."""
-    if isinstance(offload, Offloader):
-        return offload
-    return Offloader(models, enabled=bool(offload))

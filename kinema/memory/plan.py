@@ -65,11 +65,11 @@ from kinema.errors import CheckpointError, KinemaError
 from kinema.loading import clip as clip_loading
 from kinema.loading import t5 as t5_loading
 from kinema.loading import vae as vae_loading
-from kinema.loading.dit import dtype_policy, open_dit
+from kinema.loading.dit import DiTCheckpoint, dtype_policy, open_dit
 from kinema.loading.files import TensorSource, checkpoint_files
 from kinema.loading.fp8 import resolve_quantization
 from kinema.loading.identify import identify, wrong_component_message
-from kinema.memory.fp8 import FP8_DTYPES, fp8_targets
+from kinema.ops.fp8 import FP8_DTYPES, fp8_targets
 from kinema.memory.vae_tiling import (
     FIXED_BYTES, budget_from_free, choose_tile, decode_bytes, encode_bytes, free_memory, parse_vae_tile,
 )
@@ -111,8 +111,9 @@ class MetaModels:
 
 def read_models(dit, t5, vae, clip=None) -> MetaModels:
     """The architectures of the checkpoints at these paths (files or folders, in any format the loaders
-    read), from their headers alone, with the loaders' own format detection. `clip`: i2v / flf2v only."""
-    found = open_dit(dit)
+    read), from their headers alone, with the loaders' own format detection. `dit` may be a DiTCheckpoint
+    already opened (kinema.loading.dit.open_dit; its meta model is used as it is). `clip`: i2v / flf2v only."""
+    found = dit if isinstance(dit, DiTCheckpoint) else open_dit(dit)
     dit_fp8 = _stored_fp8(found.model, found.plan, found.source)
 
     files = checkpoint_files(Path(t5).expanduser(), t5_loading.WHAT, t5_loading.CANDIDATES, subfolder="text_encoder", kind="t5")
@@ -137,8 +138,7 @@ def read_models(dit, t5, vae, clip=None) -> MetaModels:
         config = clip_loading._infer_config(clip_loading._FORMATS[fmt](None).plan(source), source, None, None, files[0].parent)
         with torch.device("meta"):
             clip_model = CLIPVisionTower(config)
-    return MetaModels(found.model, t5_model, vae_model, clip_model, dit_fp8, t5_fp8,
-                      dict(found.folder_config.get("sample_defaults", {})))
+    return MetaModels(found.model, t5_model, vae_model, clip_model, dit_fp8, t5_fp8, dict(found.info.sample_defaults))
 
 
 def _stored_fp8(model: nn.Module, plan, source: TensorSource) -> str | None:
@@ -308,31 +308,31 @@ class Plan:
                  f"{'with' if r.guided else 'no'} guidance, DiT on {r.device}" + (f" ({' '.join(flags)})" if flags else ""),
                  "", f"{'component':<38} {'device':<6} {'weights':>9} {'activ.':>9}   {'phase':<12} {'phase peak':>10}"]
         for p in self.phases:
-            lines += [f"{self.labels.get(u.component, u.component):<38} {u.device:<6} {_size(u.weights):>9} "
-                      f"{_size(u.activations):>9}   {p.name:<12} {_size(p.total(u.device)):>10}" for u in p.uses if u.running]
+            lines += [f"{self.labels.get(u.component, u.component):<38} {u.device:<6} {human_bytes(u.weights):>9} "
+                      f"{human_bytes(u.activations):>9}   {p.name:<12} {human_bytes(p.total(u.device)):>10}" for u in p.uses if u.running]
         runs = {(u.component, u.device) for p in self.phases for u in p.uses if u.running}
         held: dict[tuple[str, str], int] = {}  # host copies of offloaded models, swapped blocks, ...
         for u in (u for p in self.phases for u in p.uses):
             if not u.running and u.weights and (u.component, u.device) not in runs:
                 held[u.component, u.device] = max(held.get((u.component, u.device), 0), u.weights)
-        lines += [f"{self.labels.get(c, c) + ', held':<38} {d:<6} {_size(n):>9} {'':>9}   {'(others run)':<12}"
+        lines += [f"{self.labels.get(c, c) + ', held':<38} {d:<6} {human_bytes(n):>9} {'':>9}   {'(others run)':<12}"
                   for (c, d), n in held.items()]
         devices = self.devices
         lines += ["", f"{'phase':<14}" + "".join(f"{d:>11}" for d in devices)]
-        lines += [f"{p.name:<14}" + "".join(f"{_size(p.total(d)):>11}" for d in devices) for p in self.phases]
-        lines += ["", "Expected peak: " + ", ".join(f"{d} {_size(self.peak(d)[0])} ({self.peak(d)[1]})" for d in devices)
-                  + ". Phase totals include " + ", ".join(f"{_size(FIXED[d])} on {d}" for d in devices)
+        lines += [f"{p.name:<14}" + "".join(f"{human_bytes(p.total(d)):>11}" for d in devices) for p in self.phases]
+        lines += ["", "Expected peak: " + ", ".join(f"{d} {human_bytes(self.peak(d)[0])} ({self.peak(d)[1]})" for d in devices)
+                  + ". Phase totals include " + ", ".join(f"{human_bytes(FIXED[d])} on {d}" for d in devices)
                   + " of workspace and slack, and count what the run adds to this process (cpu: host RAM)."]
         if self.available:
             short = self.short()
-            lines.append("Free now: " + ", ".join(f"{d} {_size(self.available[d])}" for d in devices if d in self.available)
+            lines.append("Free now: " + ", ".join(f"{d} {human_bytes(self.available[d])}" for d in devices if d in self.available)
                          + (f": does not fit on {', '.join(short)}." if short else ": fits."))
         lines += [f"VAE {op} on tiles of {t[1] * self.vae_ratio}x{t[0] * self.vae_ratio} pixels."
                   for op, t in self.tiles.items() if t is not None]
         return "\n".join(lines)
 
 
-def _size(n: int) -> str:
+def human_bytes(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n >= GiB else f"{n / 2**20:.0f} MiB"
 
 
@@ -556,7 +556,7 @@ def check_fits(models: MetaModels, run: Run, available: dict[str, int] | None = 
     if not short:
         return plan
     what = {"cuda": "GPU memory", "cpu": "RAM"}
-    needs = " and ".join(f"{_size(n)} of {what[d]} (peak in {plan.peak(d)[1]}; {_size(a)} free)" for d, (n, a) in short.items())
+    needs = " and ".join(f"{human_bytes(n)} of {what[d]} (peak in {plan.peak(d)[1]}; {human_bytes(a)} free)" for d, (n, a) in short.items())
     ways = suggest(models, run, available)
     fix = f"It would fit with {', or '.join(ways)}." if ways else "No combination of Kinema's memory flags fits it."
     raise KinemaError(f"this run needs about {needs}, by the memory plan. {fix} "

@@ -30,13 +30,13 @@ import torch
 from torch import nn
 
 from kinema.errors import KinemaError
-from kinema.loading.dit import dtype_policy, finish_dit, open_dit
+from kinema.loading.dit import DiTCheckpoint, LoadedDiT, dtype_policy, open_dit
 from kinema.loading.files import SAFETENSORS_SUFFIXES
-from kinema.loading.materialize import materialize, read_tensor
+from kinema.loading.materialize import read_tensor
 from kinema.memory.block_swap import BlockPlacement
-from kinema.memory.fp8 import MODES, FP8Linear
 from kinema.memory.offload import Slot, set_slot
 from kinema.models.dit import WanDiT
+from kinema.ops.fp8 import MODES, FP8Linear
 
 log = logging.getLogger("kinema")
 
@@ -92,29 +92,29 @@ class FileBlock:
 
 def stream_dit(path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", num_heads: int | None = None,
                quantization: str | None = None, fp8_fast: bool = False, prefetch_blocks: int = 1,
-               record: bool = False) -> WanDiT:
+               record: bool = False) -> tuple[LoadedDiT, BlockPlacement]:
     """A DiT whose blocks' Linear weights are read from `path` each time they run; the rest as `load_dit`.
 
-    Takes `load_dit`'s arguments; `prefetch_blocks` blocks are read ahead (at least 1).
-    `kinema.memory.offload.placement_of(model).stats` counts the reads (`record=True` logs them).
+    Takes `load_dit`'s arguments (`path` may also be a `DiTCheckpoint` from `open_dit`); `prefetch_blocks`
+    blocks are read ahead (at least 1). Returns the loaded record and the placement that reads the blocks:
+    `placement.stats` counts the reads (`record=True` logs them), `placement.remove()` ends streaming.
     """
     device = torch.device(device)
-    ckpt = open_dit(path, dtype, num_heads, quantization, mapped=False)
-    model, policy = ckpt.model, dtype_policy(dtype)
-    keys = streamed_keys(model)
+    ckpt = path if isinstance(path, DiTCheckpoint) else open_dit(path, num_heads)
+    ckpt.source.use_views(False)  # pread copies: the file's pages stay in the page cache, not in this process
+    keys = streamed_keys(ckpt.model)
     if not 1 <= prefetch_blocks <= len(keys):
         raise KinemaError(f"--prefetch_blocks {prefetch_blocks} must be between 1 and the DiT's {len(keys)} blocks when streaming.")
     every = {k for ks in keys.values() for k in ks}
-    what = f"Wan2.1 {model.config.model_type} DiT"
-    materialize(model, ckpt.plan, ckpt.source, policy, device, what=what, skip=every.__contains__)
+    loaded = ckpt.load(dtype, device, quantization, fp8_fast, skip=every.__contains__)
+    model, policy = loaded.model, dtype_policy(dtype)
     homes = {i: FileBlock(model, ks, ckpt, policy) for i, ks in keys.items()}
     if any(p.suffix not in SAFETENSORS_SUFFIXES for p in ckpt.source.paths):
         log.warning("Streaming %s: not a safetensors file, so torch.load maps it and the pages read count in this "
                     "process's memory (the kernel can drop them); convert it to .safetensors to stream it lean.", ckpt.source.name)
-    finish_dit(model, ckpt.folder_config, fp8_fast)
-    BlockPlacement(model, homes, prefetch_blocks, device, "cpu", record)  # kept as model.block_placement
+    placement = BlockPlacement(model, homes, prefetch_blocks, device, "cpu", record)
     per_block = homes[0].nbytes if homes else 0
     log.info("Streaming the DiT's block weights from %s: %.2f GiB per block read each time it runs, %d read ahead; "
              "%.2f GiB resident", ckpt.source.name, per_block / 2**30, prefetch_blocks,
              sum(t.numel() * t.element_size() for t in model.state_dict().values() if not t.is_meta) / 2**30)
-    return model
+    return loaded, placement

@@ -317,11 +317,19 @@ def choose_tile(need, h: int, w: int, budget: int, overlap: int = OVERLAP, warn:
     if need(None) <= budget:
         return None
     least = 2 * overlap
+
+    def counts(length: int) -> list[int]:  # tile counts along one axis whose tiles stay >= least (tiles shrink as n grows)
+        out = [1]
+        for n in range(2, length + 1):
+            if _fit(length, n, overlap) < least:
+                break
+            out.append(n)
+        return out
+
     grids = [
         (ny * nx, abs(_fit(h, ny, overlap) - _fit(w, nx, overlap)), (_fit(h, ny, overlap), _fit(w, nx, overlap)))
-        for ny in range(1, h + 1)
-        for nx in range(1, w + 1)
-        if (ny == 1 or _fit(h, ny, overlap) >= least) and (nx == 1 or _fit(w, nx, overlap) >= least)
+        for ny in counts(h)
+        for nx in counts(w)
     ]
     grids.sort()
     for _, _, tile in grids:

@@ -7,7 +7,13 @@ other formats are key maps onto these names (kinema/loading/dit.py).
 The forward pass is split into parts a sampler can drive on its own:
 `embed` (patchify + optional i2v condition), `time_embed`, `embed_context`,
 `rope`, the `blocks` (each a plain call, so they can be skipped, swapped in and
-out or run on a slice of the sequence), and `head` + `unpatchify`.
+out or run on a slice of the sequence; block hooks compose around them,
+kinema/models/hooks.py), and `head` + `unpatchify`.
+
+What is about the architecture, not about a run, is declared on the class as data
+(as diffusers does): which weights stay float32, which Linear layers fp8 leaves
+alone, which parts the fp16 guard watches, and where the repeated blocks are.
+Loaders, fp8, the fp16 guard, compile and block swap read these declarations.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kinema.models.hooks import BlockInputs, run_hooked
 from kinema.models.layers import LayerNorm32, Linear, RMSNorm32, modulate
 from kinema.ops.attention import attention
 from kinema.ops.rope import apply_rope, rope_table
@@ -71,11 +78,11 @@ class SelfAttention(nn.Module):
         norm = (lambda: RMSNorm32(cfg.dim, cfg.eps)) if cfg.qk_norm else nn.Identity
         self.norm_q, self.norm_k = norm(), norm()
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
         q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), rope)  # [B, L, H, D]
         k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), rope)
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
-        out = attention(q.to(v.dtype), k.to(v.dtype), v)
+        out = attention(q.to(v.dtype), k.to(v.dtype), v, backend=backend)
         return self.o(out.flatten(2))
 
 
@@ -95,12 +102,13 @@ class CrossAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.v.compute_dtype).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, image_context: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, image_context: torch.Tensor | None,
+                backend: str = "sdpa") -> torch.Tensor:
         q = self._heads(self.norm_q(self.q(x)))
-        out = attention(q, self._heads(self.norm_k(self.k(context))), self._heads(self.v(context)))
+        out = attention(q, self._heads(self.norm_k(self.k(context))), self._heads(self.v(context)), backend=backend)
         if image_context is not None:
             k_img = self._heads(self.norm_k_img(self.k_img(image_context)))
-            out = out + attention(q, k_img, self._heads(self.v_img(image_context)))
+            out = out + attention(q, k_img, self._heads(self.v_img(image_context)), backend=backend)
         return self.o(out.flatten(2))
 
 
@@ -118,18 +126,19 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, e, rope, context, image_context=None):
-        """x [B, L, dim] float32 residual stream; e [B, 6, dim] time modulation. x itself is not modified.
+    def forward(self, x, e, rope, context, image_context=None, attention="sdpa"):
+        """x [B, L, dim] float32 residual stream; e [B, 6, dim] time modulation; attention: the backend's name.
+        x itself is not modified.
 
         Without autograd (sampling) the second and third residual adds run in place and the FFN runs
         on slices of FFN_ROWS tokens with its GELU in place, so its [L, ffn_dim] hidden never exists
         whole; each token's result is the same as the one-piece computation."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(1)
-        x = torch.addcmul(x, self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), rope), gate_sa[:, None])
+        x = torch.addcmul(x, self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), rope, attention), gate_sa[:, None])
         if torch.is_grad_enabled():
-            x = x + self.cross_attn(self.norm3(x), context, image_context)
+            x = x + self.cross_attn(self.norm3(x), context, image_context, attention)
             return torch.addcmul(x, self.ffn(modulate(self.norm2(x), shift_ff, scale_ff)), gate_ff[:, None])
-        x.add_(self.cross_attn(self.norm3(x), context, image_context))
+        x.add_(self.cross_attn(self.norm3(x), context, image_context, attention))
         fc1, act, fc2 = self.ffn
         for rows in x.split(FFN_ROWS, dim=1):  # views: updated in place
             h = fc1(modulate(self.norm2(rows), shift_ff, scale_ff))
@@ -167,6 +176,15 @@ class ImageEmbedding(nn.Module):
 
 
 class WanDiT(nn.Module):
+    # Parameters kept in float32 whatever dtype the rest loads in: the reference runs them under fp32 autocast.
+    _keep_in_fp32_modules = (r"(time_embedding|time_projection|head)\..*", r".*modulation", r".*norm.*",
+                             r"img_emb\.(emb_pos|proj\.[04]\..*)")
+    # Linear layers fp8 quantisation leaves in their loaded precision (the peers keep the same ones).
+    _skip_fp8_modules = (r"(patch_embedding|text_embedding|time_embedding|time_projection|head|img_emb)(\..*)?",
+                         r".*norm.*", r".*modulation.*")
+    _repeated_blocks = "blocks"  # the attribute holding the identical transformer blocks (compile, block swap)
+    _fp16_guarded_modules = ("text_embedding", "img_emb")  # watched by the fp16 guard, besides every block
+
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         self.config = cfg
@@ -230,28 +248,28 @@ class WanDiT(nn.Module):
         return x.reshape(x.shape[0], x.shape[1], f * pt, h * ph, w * pw)
 
     # -- the whole pass -----------------------------------------------------------------------------
-    def run_blocks(self, tokens, e0, rope, context, image_context=None) -> torch.Tensor:
-        """The transformer blocks alone: tokens [B, L, dim] -> [B, L, dim], float32 residual stream."""
-        for block in self.blocks:
-            tokens = block(tokens, e0, rope, context, image_context)
-        return tokens
-
-    def forward(self, x, t, context, clip_fea=None, y=None, block_hook=None) -> torch.Tensor:
-        """Flow prediction [B, 16, F, H, W] float32 for noisy latents x at timesteps t given the text context.
-
-        block_hook(dit, tokens, e, e0, rope, context, image_context) -> tokens, when given, stands in
-        for `run_blocks`: step caching (kinema/sampling/cache.py) uses it to reuse a cached residual
-        instead of running the blocks, keeping its state outside the model.
-        """
+    def block_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clip_fea=None, y=None,
+                     attention: str = "sdpa"):
+        """Embedded tokens [B, L, dim] and what every block sees (BlockInputs), for the forward's arguments."""
         tokens, grid = self.embed(x, y)
         e, e0 = self.time_embed(t, x.shape[0])
         context, image_context = self.embed_context(context, clip_fea)
-        rope = self.rope(grid, tokens.device)
-        if block_hook is None:
-            tokens = self.run_blocks(tokens, e0, rope, context, image_context)
-        else:
-            tokens = block_hook(self, tokens, e, e0, rope, context, image_context)
-        return self.unpatchify(self.head(tokens, e), grid)
+        return tokens, BlockInputs(e, e0, self.rope(grid, tokens.device), context, image_context, grid, attention)
+
+    def run_blocks(self, tokens: torch.Tensor, inputs: BlockInputs, hooks=(), step=None) -> torch.Tensor:
+        """The transformer blocks alone, with `hooks` composed around them: [B, L, dim] -> [B, L, dim] float32."""
+        return run_hooked(self.blocks, tokens, inputs, hooks, step)
+
+    def forward(self, x, t, context, clip_fea=None, y=None, hooks=(), step=None, attention="sdpa") -> torch.Tensor:
+        """Flow prediction [B, 16, F, H, W] float32 for noisy latents x at timesteps t given the text context.
+
+        hooks: BlockHooks (kinema/models/hooks.py: step caching, skip-layer guidance, ...) composed around
+        the blocks, their state kept outside the model; step: the sampler's StepContext they read, or None.
+        attention: the self- and cross-attention backend (kinema.ops.attention.resolve_backend's name).
+        """
+        tokens, inputs = self.block_inputs(x, t, context, clip_fea, y, attention)
+        tokens = self.run_blocks(tokens, inputs, hooks, step)
+        return self.unpatchify(self.head(tokens, inputs.e), inputs.grid)
 
     @torch.no_grad()
     def init_weights(self) -> "WanDiT":

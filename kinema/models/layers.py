@@ -17,7 +17,7 @@ from torch import nn
 class Linear(nn.Linear):
     @property
     def compute_dtype(self) -> torch.dtype:
-        """The dtype it computes and returns in; an fp8 layer (kinema.memory.fp8) has a wider one than its weight."""
+        """The dtype it computes and returns in; an fp8 layer (kinema.ops.fp8) has a wider one than its weight."""
         return self.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,14 @@ Tensors are batch-first and head-split: q [B, Lq, H, D], k and v [B, Lk, H, D].
 `mask` is an optional boolean [B, Lk] (True = attend) or an additive float bias
 broadcastable to [B, H, Lq, Lk]. `scale=None` means 1/sqrt(D); T5 passes 1.0.
 
-Backends (`set_backend`, the `attention_backend` context manager, `kinema generate
---attention`): `sdpa` (PyTorch's scaled_dot_product_attention, the default),
-`flash_attn` (FlashAttention-2's `flash_attn_func`) and `sageattn` (SageAttention's
-INT8-QK `sageattn`: faster, approximate), plus `auto`, the best one installed.
+Backends (`kinema generate --attention`, `Pipeline.load(attention=...)`): `sdpa` (PyTorch's
+scaled_dot_product_attention, the default), `flash_attn` (FlashAttention-2's `flash_attn_func`)
+and `sageattn` (SageAttention's INT8-QK `sageattn`: faster, approximate), plus `auto`, the best
+one installed (`resolve_backend`). The backend is an argument of the call, not a process
+global: the DiT takes it in its forward (`attention=`) and hands it to its blocks, so two
+pipelines with different backends run side by side, and torch.compile guards on it like any
+other constant. Only the DiT's attention takes a backend; umT5, CLIP and the VAE use sdpa, as
+the kernels could not run most of their calls anyway.
 The kernels take Kinema's layout as it is ([B, L, H, D]), so no transpose is made.
 A call a kernel cannot take runs on sdpa instead, silently: a mask (umT5), float32
 (the VAE, float32 models), tensors off CUDA, a head_dim beyond the kernel's
@@ -20,8 +24,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +44,7 @@ MAX_HEAD_DIM = {"flash_attn": 256, "sageattn": 128}
 AUTO_ORDER = ("sageattn", "flash_attn")  # fastest first
 KERNEL_DEVICES = ("cuda",)  # device types the kernels run on
 
-_backend = "sdpa"
-_kernel: Callable | None = None
+_LOADED: dict[str, Callable] = {}  # the kernels imported so far, by backend (an import cache; resolve_backend fills it)
 
 
 def _import_kernel(name: str) -> Callable | str:
@@ -61,57 +63,36 @@ def available_backends() -> list[str]:
     return ["sdpa", *(name for name in KERNELS if callable(_import_kernel(name)))]
 
 
-def resolve_backend(name: str) -> str:
-    """A backend name ('auto' becomes the best one installed); a KinemaError for an unknown or missing one."""
+def resolve_backend(name: str, announce: bool = False) -> str:
+    """A backend name ('auto' becomes the best one installed), its kernel imported; a KinemaError for an unknown
+    or missing one. `announce` logs the choice (and that the kernels need CUDA, when there is none)."""
     if name not in CHOICES:
         raise KinemaError(f"attention backend {name!r} is unknown; use one of {', '.join(CHOICES)}.")
     if name == "auto":
-        if not torch.cuda.is_available():
-            return "sdpa"  # the kernels are CUDA-only
-        return next((n for n in AUTO_ORDER if callable(_import_kernel(n))), "sdpa")
-    if name in KERNELS:
-        kernel = _import_kernel(name)
+        chosen = "sdpa" if not torch.cuda.is_available() else next(
+            (n for n in AUTO_ORDER if callable(_import_kernel(n))), "sdpa")  # the kernels are CUDA-only
+    else:
+        chosen = name
+    if chosen in KERNELS and chosen not in _LOADED:
+        kernel = _import_kernel(chosen)
         if not callable(kernel):
             raise KinemaError(kernel)
-    return name
-
-
-def get_backend() -> str:
-    return _backend
-
-
-def set_backend(name: str) -> str:
-    """Make `name` ('auto' included) the backend of every attention call; returns the backend chosen."""
-    global _backend, _kernel
-    chosen = resolve_backend(name)
-    kernel = _import_kernel(chosen) if chosen in KERNELS else None
-    if chosen != _backend or name == "auto":
+        _LOADED[chosen] = kernel
+    if announce:
         log.info("Attention backend: %s%s", chosen, " (auto)" if name == "auto" else "")
-        if kernel is not None and not torch.cuda.is_available():
+        if chosen in KERNELS and not torch.cuda.is_available():
             log.warning("%s runs on CUDA only: without a GPU every attention call uses sdpa", chosen)
-    _backend, _kernel = chosen, kernel
     return chosen
 
 
-@contextmanager
-def attention_backend(name: str | None) -> Iterator[str]:
-    """Use `name` within the block and restore the previous backend after it; None keeps the current one."""
-    global _backend, _kernel
-    previous = _backend, _kernel
-    try:
-        yield set_backend(name) if name is not None else _backend
-    finally:
-        _backend, _kernel = previous
-
-
-def _kernel_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+def _kernel_takes(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     if mask is not None or q.device.type not in KERNEL_DEVICES:
         return False
     if not (q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16)):
         return False
-    if q.shape[-1] > MAX_HEAD_DIM[_backend]:
+    if q.shape[-1] > MAX_HEAD_DIM[backend]:
         return False
-    if _backend == "sageattn" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if backend == "sageattn" and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
     return True
 
@@ -122,12 +103,14 @@ def attention(
     v: torch.Tensor,
     mask: torch.Tensor | None = None,
     scale: float | None = None,
+    backend: str = "sdpa",
 ) -> torch.Tensor:
-    """Softmax attention; returns [B, Lq, H, D] in the dtype of v."""
-    if _kernel is not None and _kernel_takes(q, k, v, mask):
-        if _backend == "flash_attn":
-            return _kernel(q, k, v, softmax_scale=scale)  # [B, Lq, H, D]
-        return _kernel(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale)  # [B, Lq, H, D]
+    """Softmax attention; returns [B, Lq, H, D] in the dtype of v. `backend`: a name `resolve_backend` gave."""
+    if backend != "sdpa" and _kernel_takes(backend, q, k, v, mask):
+        kernel = _LOADED.get(backend) or _LOADED.setdefault(backend, _import_kernel(backend))
+        if backend == "flash_attn":
+            return kernel(q, k, v, softmax_scale=scale)  # [B, Lq, H, D]
+        return kernel(q, k, v, tensor_layout="NHD", is_causal=False, sm_scale=scale)  # [B, Lq, H, D]
     if mask is not None and mask.dtype == torch.bool and mask.dim() == 2:
         mask = mask[:, None, None, :]  # [B, 1, 1, Lk]
     if q.device.type == "cpu" and v.dtype in (torch.bfloat16, torch.float16):

@@ -1,4 +1,4 @@
-"""The image condition of i2v, flf2v and inpainting: one builder for all of them.
+"""Stage: build the condition. The image condition of i2v, flf2v and inpainting: one builder for all of them.
 
 The Wan2.1 i2v/flf2v DiT takes, beside the noise, a 20-channel condition
 y = [4-channel frame mask, 16-channel VAE latent of the known frames with zeros
@@ -12,6 +12,8 @@ count; here the mask follows the actual frame count F = 4k + 1.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -57,3 +59,69 @@ def build_condition(vae, frames: dict[int, torch.Tensor], num_frames: int, heigh
     mask = frame_mask(num_frames, sorted(frames), height // stride, width // stride, vae.temporal_ratio)
     latent = vae.encode(condition_video(frames, num_frames, height, width)[None])  # [1, z, T_lat, h, w]
     return torch.cat([mask[None].to(latent), latent], dim=1)
+
+
+def fit_last_frame(first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """The last frame [3, h, w] fitted to the first's size: scaled (bilinear, antialiased) to cover it, then
+    centre-cropped, the top-left of the crop at floor(excess / 2).
+
+    This is what the official flf2v code says it does ("resize", then "center crop"). What that code does
+    is different, and deliberately not copied: it computes the covering size but never resizes, and passes
+    the size to torchvision's center_crop in (w, h) order, so a last frame of another size is cropped or
+    zero-padded, unscaled, to a transposed size (tests/test_pipeline_parity.py restates it). torchvision's
+    crop offset is round(excess / 2), one pixel off this one when the excess is 3 mod 4."""
+    (h1, w1), (h2, w2) = first.shape[1:], last.shape[1:]
+    if (h1, w1) == (h2, w2):
+        return last
+    ratio = max(w1 / w2, h1 / h2)
+    size = (round(h2 * ratio), round(w2 * ratio))
+    last = F.interpolate(last[None].float(), size=size, mode="bilinear", antialias=True)[0]
+    top, left = (size[0] - h1) // 2, (size[1] - w1) // 2
+    return last[:, top : top + h1, left : left + w1]
+
+
+@dataclass
+class Condition:
+    """What the DiT takes besides noise and text; the same for both guidance branches (images are not guided)."""
+
+    clip_fea: torch.Tensor | None = None  # [1, N, image_dim] CLIP tokens, joined sequence-wise (i2v 257, flf2v 2 x 257)
+    y: torch.Tensor | None = None  # [1, 4 + z, T, h, w] mask + known-frame latents, joined channel-wise to the noise
+
+    def args(self) -> dict:
+        return {"clip_fea": self.clip_fea, "y": self.y}
+
+
+def _no_visit(name: str):
+    return nullcontext()
+
+
+@torch.no_grad()
+def make_condition(task, images: dict[str, torch.Tensor], frame_num: int, height: int, width: int, vae, clip,
+                   dit_config, device, visit=_no_visit) -> Condition:
+    """The condition of one run. `images`: the task's image inputs {name: [3, h, w] in [-1, 1]}
+    (kinema.pipeline.tasks.Task.known_frames says where each goes; flf2v's last frame is fitted to the
+    first's size by the official rule). An i2v-type DiT running a task without images (t2v on a model trained
+    with condition dropout, Wan-Fun / Kinema) gets the empty condition; a t2v DiT none. `visit(name)`: a
+    context the encoders run in (kinema.memory.offload.Offloader.visit)."""
+    if task.images:
+        first = images[task.images[0]]
+        known = {}
+        for name, index in task.known_frames(frame_num).items():
+            known[index] = images[name] if name == task.images[0] else fit_last_frame(first, images[name])
+        with visit("clip"):
+            tokens = torch.cat([clip.encode(f[None].to(clip.device)) for f in known.values()], dim=1)
+        with visit("vae"):
+            y = build_condition(vae, known, frame_num, height, width)
+        return Condition(tokens.to(device), y.to(device))
+    if dit_config.in_dim > vae.z_dim:
+        with visit("vae"):
+            empty = empty_condition(dit_config, vae, frame_num, height, width)
+        return Condition(empty.clip_fea.to(device), empty.y.to(device))
+    return Condition()
+
+
+def empty_condition(dit_config, vae, frame_num: int, height: int, width: int) -> Condition:
+    """The image inputs of an i2v-type DiT when no frame is given (mask 0, the latent of a blank video,
+    CLIP tokens of zeros): how a model trained with condition dropout (Wan-Fun / Kinema) runs t2v."""
+    y = build_condition(vae, {}, frame_num, height, width)
+    return Condition(y.new_zeros(1, 1, dit_config.image_dim), y)

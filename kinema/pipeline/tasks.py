@@ -24,8 +24,14 @@ FLF2V_NEGATIVE_PROMPT = "镜头切换，" + I2V_NEGATIVE_PROMPT  # "camera cut, 
 
 @dataclass(frozen=True)
 class Task:
+    """A task as data: the DiT variant it runs on, the inputs it needs, its official defaults.
+    The pipeline, the command line and the memory plan all read this one declaration."""
+
     name: str  # t2v | i2v | flf2v | t2i | v2v
     model_type: str  # the DiT variant it needs: t2v | i2v | flf2v
+    images: tuple[str, ...] = ()  # image inputs it needs, in frame order: ("image",) or ("first_frame", "last_frame")
+    video: bool = False  # it starts from a source video (v2v)
+    frames: int | None = None  # a fixed frame count (t2i: 1); None: any 4n + 1
     steps: int = 50
     shift: float = 5.0
     shift_480p: float | None = None  # i2v uses a smaller shift at 480p
@@ -33,6 +39,20 @@ class Task:
     frame_num: int = 81
     size: str = "1280*720"
     negative_prompt: str = NEGATIVE_PROMPT
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """Every media input the task takes: its images, and "video" for v2v."""
+        return self.images + (("video",) if self.video else ())
+
+    @property
+    def needs_clip(self) -> bool:
+        """Known frames are also encoded by CLIP (i2v, flf2v)."""
+        return bool(self.images)
+
+    def known_frames(self, frame_num: int) -> dict[str, int]:
+        """Which pixel frame each image input becomes: i2v {"image": 0}; flf2v {"first_frame": 0, "last_frame": F - 1}."""
+        return {name: (0 if i == 0 else frame_num - 1) for i, name in enumerate(self.images)}
 
     def default_shift(self, size: str) -> float:
         if self.shift_480p is not None and size in ("832*480", "480*832"):
@@ -42,10 +62,10 @@ class Task:
 
 TASKS = {
     "t2v": Task("t2v", "t2v"),
-    "t2i": Task("t2i", "t2v", frame_num=1),
-    "v2v": Task("v2v", "t2v"),
-    "i2v": Task("i2v", "i2v", steps=40, shift_480p=3.0, negative_prompt=I2V_NEGATIVE_PROMPT),
-    "flf2v": Task("flf2v", "flf2v", shift=16.0, negative_prompt=FLF2V_NEGATIVE_PROMPT),
+    "t2i": Task("t2i", "t2v", frames=1, frame_num=1),
+    "v2v": Task("v2v", "t2v", video=True),
+    "i2v": Task("i2v", "i2v", images=("image",), steps=40, shift_480p=3.0, negative_prompt=I2V_NEGATIVE_PROMPT),
+    "flf2v": Task("flf2v", "flf2v", images=("first_frame", "last_frame"), shift=16.0, negative_prompt=FLF2V_NEGATIVE_PROMPT),
 }
 
 # The official task names (model size included) map onto the same tasks.
@@ -53,8 +73,16 @@ OFFICIAL_TASKS = {"t2v-1.3B": "t2v", "t2v-14B": "t2v", "i2v-14B": "i2v", "flf2v-
 
 
 def get_task(name: str) -> Task:
-    key = OFFICIAL_TASKS.get(name, name)
+    key = OFFICIAL_TASKS.get(name, name) if isinstance(name, str) else name
     if key not in TASKS:
         names = ", ".join([*OFFICIAL_TASKS, *TASKS])
         raise KinemaError(f"unknown task {name!r}; choose one of: {names}.")
     return TASKS[key]
+
+
+def task_using(input_name: str) -> str:
+    """The name to suggest for a task that takes `input_name` (the official name where there is one)."""
+    for name, task in TASKS.items():
+        if input_name in task.inputs:
+            return next((o for o, t in OFFICIAL_TASKS.items() if t == name), name)
+    raise KeyError(input_name)

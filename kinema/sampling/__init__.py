@@ -1,4 +1,4 @@
-"""Flow-matching sampling: schedules (`schedule`), solver steps (`solvers`) and the one loop (`loop`)."""
+"""Flow-matching sampling: schedules, solver steps, the one loop with its step context and callbacks, step caching."""
 
 from kinema.sampling.loop import sample
 from kinema.sampling.schedule import add_noise, initial_noise, schedule, shift_sigmas, start_step_for_denoise

@@ -27,9 +27,10 @@ per model, matched by its config and, for Kinema's own models, a fingerprint of
 the weights) or in a `cache_calibration.json` beside a checkpoint; they are made
 with bench/calibrate_cache.py (docs/caching.md).
 
-The model stays stateless: `WanDiT.forward(..., block_hook=...)` hands the hook
-the embedded inputs, and the hook decides, per batch row, to run
-`WanDiT.run_blocks` or reuse the cached residual. The state lives here.
+The model stays stateless: a StepCache is a block hook (kinema/models/hooks.py) that
+wraps the whole stack of blocks; from the step context it knows the step and which
+guidance branch each batch row is, and decides per row to run the blocks or reuse
+the cached residual. The state lives here.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 
 from kinema.errors import KinemaError
+from kinema.models.hooks import BlockHook
 
 log = logging.getLogger("kinema")
 
@@ -178,7 +180,6 @@ def rel_l1(a: torch.Tensor, b: torch.Tensor) -> float:
 class _Branch:
     """One guidance branch's stream of steps."""
 
-    step: int = 0  # absolute index of its next sampler step
     residual: torch.Tensor | None = None  # blocks output - input at its last computed step [1, L, dim]
     prev: dict = field(default_factory=dict)  # TeaCache: last modulation input; record: last e, e0, output, residual
     acc: float = 0.0  # TeaCache: accumulated rescaled change; MagCache: accumulated skip error
@@ -188,21 +189,27 @@ class _Branch:
     records: dict = field(default_factory=lambda: {"e": [], "e0": [], "out": [], "mag": []})
 
 
-class StepCache:
-    """Per-run cache state; `hook(branches)` gives the `block_hook` for one DiT call.
+class StepCache(BlockHook):
+    """Per-run cache state, a block hook around the DiT's blocks (pass it in `hooks`).
 
     method: teacache | magcache | record (compute every step and record, per branch
     and step, the relative change of e, e0 and the model output, and the residual
-    magnitude ratio: what bench/calibrate_cache.py fits). `calibration` is the
-    method's part of a calibration entry. Call `begin(steps, start)` before each run.
+    magnitude ratio: what bench/calibrate_cache.py fits; it needs `head`, the DiT's head,
+    which the pipeline sets). `calibration` is the method's part of a calibration entry.
+    Call `begin(steps, start)` before each run. `order` 100: outside per-block hooks, so a
+    skipped step skips them too and a computed one runs them.
     """
 
-    def __init__(self, method: str, threshold: float = 0.0, max_skips: int | None = None, calibration: dict | None = None):
+    order = 100
+
+    def __init__(self, method: str, threshold: float = 0.0, max_skips: int | None = None, calibration: dict | None = None,
+                 head=None):
         if method not in (*METHODS, "record"):
             raise KinemaError(f"unknown step-cache method {method!r}; choose {', '.join(METHODS)}")
         if method in METHODS and not calibration:
             raise KinemaError(f"{method} needs its calibration (coefficients / ratios); see docs/caching.md")
         self.method, self.threshold, self.max_skips, self.calibration = method, threshold, max_skips, calibration or {}
+        self.head = head
         self.begin(1)
 
     def __str__(self) -> str:
@@ -216,7 +223,7 @@ class StepCache:
             raise KinemaError(f"the step-cache calibration {name!r} has no {spec.method} part; "
                               "rerun bench/calibrate_cache.py, or use the other method.")
         log.info("Step cache %s with calibration %r", spec, name)
-        return cls(spec.method, spec.threshold, spec.max_skips, entry[spec.method])
+        return cls(spec.method, spec.threshold, spec.max_skips, entry[spec.method], head=dit.head)
 
     def begin(self, steps: int, start: int = 0) -> StepCache:
         """Forget the last run; the next one samples steps start..steps-1 of a `steps`-step schedule."""
@@ -252,10 +259,8 @@ class StepCache:
         return {b: s.records for b, s in self.branches.items()}
 
     # -- the rules -----------------------------------------------------------------------------
-    def _decide(self, name: str, e: torch.Tensor, e0: torch.Tensor) -> bool:
-        s = self.branches.setdefault(name, _Branch(step=self.start))
-        i = s.step
-        s.step += 1
+    def _decide(self, name: str, i: int, e: torch.Tensor, e0: torch.Tensor) -> bool:
+        s = self.branches.setdefault(name, _Branch())
         if self.method == "record":
             compute = True
         elif self.method == "teacache":
@@ -291,8 +296,10 @@ class StepCache:
         s.acc, s.ratio, s.run = 0.0, 1.0, 0
         return True
 
-    def _record(self, dit, s: _Branch, residual, out, e, e0) -> None:
-        v = dit.head(out, e)  # the model output in token order (unpatchify only reorders it)
+    def _record(self, s: _Branch, residual, out, e, e0) -> None:
+        if self.head is None:
+            raise KinemaError("a recording StepCache needs the DiT's head: StepCache('record', head=dit.head)")
+        v = self.head(out, e)  # the model output in token order (unpatchify only reorders it)
         p, r = s.prev, s.records
         if p:
             r["e"].append(rel_l1(e, p["e"]))
@@ -302,40 +309,42 @@ class StepCache:
         s.prev = {"e": e.clone(), "e0": e0.clone(), "v": v, "residual": residual}
 
     # -- the hook ------------------------------------------------------------------------------
-    def hook(self, branches: tuple[str, ...]):
-        """The `block_hook` for one DiT call whose batch rows are the guidance branches `branches`
-        (("cond",), ("uncond",) or ("cond", "uncond") for batched guidance)."""
-
-        def blocks(dit, tokens, e, e0, rope, context, image_context):
-            if tokens.shape[0] != len(branches):
-                raise ValueError(f"the step cache got a batch of {tokens.shape[0]} for branches {branches}")
-            compute = [self._decide(b, e[i : i + 1], e0[i : i + 1]) for i, b in enumerate(branches)]
-            rows = [i for i, c in enumerate(compute) if c]
-            if len(rows) == len(branches):
-                done = dit.run_blocks(tokens, e0, rope, context, image_context)
-            elif rows:
-                idx = torch.tensor(rows, device=tokens.device)
-                img = None if image_context is None else image_context[idx]
-                done = dit.run_blocks(tokens[idx], e0[idx], rope, context[idx], img)  # [len(rows), L, dim]
-            out = []
-            for i, name in enumerate(branches):
-                s, x = self.branches[name], tokens[i : i + 1]
-                if compute[i]:
-                    y = done[rows.index(i)][None]
-                    if self.method == "record":
-                        self._record(dit, s, y - x, y, e[i : i + 1], e0[i : i + 1])
-                    s.residual = y - x
-                else:
-                    y = x + s.residual
-                out.append(y)
-            return done if len(rows) == len(branches) else torch.cat(out)  # [B, L, dim]
-
-        return blocks
+    def around_blocks(self, run, tokens, inputs, step):
+        """Run the blocks for the batch rows whose branch computes this step; the others add their cached
+        residual. `step.branches` names each row's guidance branch (("cond", "uncond") when batched)."""
+        branches = step.branches
+        if tokens.shape[0] != len(branches):
+            raise ValueError(f"the step cache got a batch of {tokens.shape[0]} for branches {branches}")
+        e, e0 = inputs.e, inputs.e0
+        compute = [self._decide(b, step.step, e[i : i + 1], e0[i : i + 1]) for i, b in enumerate(branches)]
+        rows = [i for i, c in enumerate(compute) if c]
+        if len(rows) == len(branches):
+            done = run(tokens, inputs)
+        elif rows:
+            idx = torch.tensor(rows, device=tokens.device)
+            done = run(tokens[idx], inputs.rows(idx))  # [len(rows), L, dim]
+        out = []
+        for i, name in enumerate(branches):
+            s, x = self.branches[name], tokens[i : i + 1]
+            if compute[i]:
+                y = done[rows.index(i)][None]
+                if self.method == "record":
+                    self._record(s, y - x, y, e[i : i + 1], e0[i : i + 1])
+                s.residual = y - x
+            else:
+                y = x + s.residual
+            out.append(y)
+        return done if len(rows) == len(branches) else torch.cat(out)  # [B, L, dim]
 
 
 def make_cache(cache, dit, area: int | None = None) -> StepCache | None:
-    """generate()'s `cache` argument -> a StepCache or None: a setting string, a CacheSpec, or a StepCache."""
-    if cache is None or isinstance(cache, StepCache):
+    """A run's `cache` argument -> a StepCache or None: a setting string, a CacheSpec, or a StepCache
+    (given its DiT's head when it has none, for record mode)."""
+    if isinstance(cache, StepCache):
+        if cache.head is None:
+            cache.head = dit.head
         return cache
+    if cache is None:
+        return None
     spec = parse_cache(cache) if isinstance(cache, str) else cache
     return None if spec is None else StepCache.from_spec(spec, dit, area)

@@ -1,0 +1,1 @@
+"""The umT5 tokenizer (sentencepiece / tokenizers), with the reference prompt cleaning."""

@@ -2,7 +2,7 @@
 
 Prompts, seeds and clips come from an evaluation world seed that training never
 uses. Every sample is generated with the model's default settings through the
-same `generate` the CLI uses, decoded to 8-bit frames and analysed.
+same kinema.Pipeline the CLI uses, decoded to 8-bit frames and analysed.
 
 Rows and the bars the built-in model must clear:
 - t2v: background, object colour, direction, shape accuracy; frames with the
@@ -60,8 +60,8 @@ def _specs(seed: int, n: int, width: int, height: int, colors=tuple(world.COLORS
     return [world.random_spec(world.clip_rng(seed, i), width, height, colors=colors) for i in range(n)]
 
 
-def _size(models) -> tuple[int, int, int]:
-    d = getattr(models.dit, "sample_defaults", {})
+def _size(pipe) -> tuple[int, int, int]:
+    d = pipe.models.info.sample_defaults
     w, h = (int(v) for v in d.get("size", "64*64").split("*"))
     return w, h, int(d.get("frame_num", 17))
 
@@ -70,15 +70,13 @@ def _pct(values) -> float:
     return 100.0 * float(np.mean(values)) if len(values) else float("nan")
 
 
-def eval_t2v(models, s: EvalSettings, progress=None, colors=tuple(world.COLORS), seed_offset: int = 0) -> tuple[dict, list]:
-    from kinema.pipeline.generate import generate
-
-    w, h, f = _size(models)
+def eval_t2v(pipe, s: EvalSettings, progress=None, colors=tuple(world.COLORS), seed_offset: int = 0) -> tuple[dict, list]:
+    w, h, f = _size(pipe)
     hits = {k: [] for k in ("background", "color", "direction", "shape")}
     frames_ok, records = [], []
     for i, spec in enumerate(_specs(s.seed + seed_offset, s.t2v, w, h, colors)):
-        video = generate(models, "t2v", prompt=spec.caption, seed=s.seed + i, steps=s.steps, batched_cfg=True, cache=s.cache,
-                         progress=False)["video"]
+        video = pipe(spec.caption, task="t2v", seed=s.seed + i, steps=s.steps, batched_cfg=True, cache=s.cache,
+                     progress=False).video
         a = analyse(to_uint8(video))
         m = a.matches(spec)
         for k in hits:
@@ -92,18 +90,16 @@ def eval_t2v(models, s: EvalSettings, progress=None, colors=tuple(world.COLORS),
             "t2v present+single frames %": _pct(frames_ok)}, records
 
 
-def eval_i2v(models, s: EvalSettings, progress=None) -> dict:
-    from kinema.pipeline.generate import generate
-
-    w, h, f = _size(models)
+def eval_i2v(pipe, s: EvalSettings, progress=None) -> dict:
+    w, h, f = _size(pipe)
     out = {"i2v": ([], []), "flf2v": ([], [], [])}
     for task, n in (("i2v", s.i2v), ("flf2v", s.flf2v)):
         for i, spec in enumerate(_specs(s.seed + (1 if task == "i2v" else 2), n, w, h)):
             clip = world.render(spec, w, h, f)
             first, last = (world.to_tensor(clip[j : j + 1])[:, 0] for j in (0, f - 1))
             kwargs = {"image": first} if task == "i2v" else {"first_frame": first, "last_frame": last}
-            video = generate(models, task, prompt=spec.caption, seed=s.seed + i, steps=s.steps, batched_cfg=True,
-                             cache=s.cache, progress=False, **kwargs)["video"]
+            video = pipe(spec.caption, task=task, seed=s.seed + i, steps=s.steps, batched_cfg=True, cache=s.cache,
+                         progress=False, **kwargs).video
             frames = to_uint8(video)
             a = analyse(frames)
             if task == "i2v":
@@ -134,23 +130,28 @@ def eval_vae(vae, s: EvalSettings, width: int, height: int, frames: int) -> dict
     return {"VAE reconstruction PSNR dB": float(np.mean(values))}
 
 
-def eval_lora(models, lora_path: str, s: EvalSettings, progress=None) -> dict:
+def eval_lora(pipe, lora_path: str, s: EvalSettings, progress=None) -> dict:
+    """The share of orange objects with the LoRA merged at strength 1 and at 0, each into a copy of the DiT."""
+    from dataclasses import replace
+
     from kinema.lora import apply_loras
-    from kinema.pipeline.generate import Models
+    from kinema.pipeline.pipeline import Pipeline
 
     res = {}
     for strength in (1.0, 0.0):
-        dit = copy.deepcopy(models.dit)
+        dit = copy.deepcopy(pipe.models.dit)
         if strength:
             apply_loras(dit, [(lora_path, strength)])
         sub = EvalSettings(t2v=s.lora, seed=s.seed + 4, steps=s.steps)
-        _, records = eval_t2v(Models(dit, models.vae, models.text_encoder, models.clip), sub, progress,
-                              colors=tuple(world.EXTRA_COLORS))
+        with_lora = Pipeline(replace(pipe.models, dit=dit, loras=((str(lora_path), strength),) if strength else ()),
+                             pipe.runtime)
+        _, records = eval_t2v(with_lora, sub, progress, colors=tuple(world.EXTRA_COLORS))
         res[f"LoRA orange % at {strength:.1f}"] = _pct([r["got"].split()[1] == "orange" for r in records])
     return res
 
 
-def evaluate(models, s: EvalSettings, lora: str | None = None, show_progress: bool = True) -> dict:
+def evaluate(pipe, s: EvalSettings, lora: str | None = None, show_progress: bool = True) -> dict:
+    """Every row of the evaluation `s` asks for, for the model set of `pipe` (a kinema.Pipeline)."""
     from tqdm import tqdm
 
     total = (s.t2v * ("t2v" in s.only) + (s.i2v + s.flf2v) * any(t in s.only for t in ("i2v", "flf2v"))
@@ -158,14 +159,14 @@ def evaluate(models, s: EvalSettings, lora: str | None = None, show_progress: bo
     bar = tqdm(total=total, desc="kinema eval", unit="sample", disable=not show_progress)
     results, start = {}, time.perf_counter()
     if "t2v" in s.only and s.t2v:
-        results |= eval_t2v(models, s, bar.update)[0]
+        results |= eval_t2v(pipe, s, bar.update)[0]
     if "i2v" in s.only or "flf2v" in s.only:
         sub = EvalSettings(**{**s.__dict__, "i2v": s.i2v if "i2v" in s.only else 0, "flf2v": s.flf2v if "flf2v" in s.only else 0})
-        results |= eval_i2v(models, sub, bar.update)
+        results |= eval_i2v(pipe, sub, bar.update)
     if "vae" in s.only and s.vae:
-        results |= eval_vae(models.vae, s, *_size(models))
+        results |= eval_vae(pipe.models.vae, s, *_size(pipe))
     if lora is not None and "lora" in s.only:
-        results |= eval_lora(models, lora, s, bar.update)
+        results |= eval_lora(pipe, lora, s, bar.update)
     bar.close()
     results["seconds"] = time.perf_counter() - start
     return results

@@ -1,1 +1,1 @@
-"""Training: data, trainers and export."""
+"""Training: data (the synthetic world or captioned videos), the trainers (VAE, DiT + umT5 + CLIP, LoRA), the loop and export."""

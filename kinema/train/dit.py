@@ -24,11 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from kinema.encoders.image import ClipVisionEncoder
 from kinema.encoders.text import TextEncoder
 from kinema.errors import KinemaError
+from kinema.loading.dit import ModelInfo
 from kinema.models.clip import ClipVisionConfig, CLIPVisionTower
 from kinema.models.dit import DiTConfig, WanDiT
 from kinema.models.t5 import UMT5Encoder
@@ -122,7 +122,7 @@ def train_tokenizer(folder: Path, vocab_size: int) -> UMT5Tokenizer:
 
 def encode_text(t5: UMT5Encoder, tokenizer: UMT5Tokenizer, captions: list[str], text_len: int, device) -> torch.Tensor:
     """The pipeline's prompt encoding (TextEncoder.encode + pad_context), with gradients: [B, text_len, dim]."""
-    from kinema.pipeline.generate import pad_context
+    from kinema.pipeline.prompts import pad_context
 
     ids, mask = tokenizer(captions)
     out = t5(ids.to(device), mask.to(device))
@@ -293,7 +293,7 @@ class DiTTask(TrainTask):
         self.dit = WanDiT(DiTConfig("i2v", in_dim=36, dim=cfg.dim, ffn_dim=cfg.ffn_dim, text_dim=cfg.text_dim,
                                     num_heads=cfg.num_heads, num_layers=cfg.num_layers, image_dim=cfg.clip_dim,
                                     text_len=cfg.text_len)).init_weights().to(device)
-        self.dit.tasks, self.dit.sample_defaults = TASKS, self.sample_defaults()
+        self.info = ModelInfo(tuple(TASKS), self.sample_defaults())  # what the exported model will declare
         if cfg.init_from:
             self.load_init(cfg.init_from)
 
@@ -355,9 +355,9 @@ class DiTTask(TrainTask):
     def empty_condition(self, key: tuple[int, int, int]) -> dict:
         """The pipeline's inputs for a step without known frames (y and clip_fea), for (frames, height, width)."""
         if key not in self._empty:
-            from kinema.pipeline.generate import empty_condition
+            from kinema.pipeline.conditioning import empty_condition
 
-            self._empty[key] = {k: v.to(self.device) for k, v in empty_condition(self.dit, self.vae, *key).items()}
+            self._empty[key] = {k: v.to(self.device) for k, v in empty_condition(self.dit.config, self.vae, *key).args().items()}
         return self._empty[key]
 
     def clip_tokens(self, images: torch.Tensor) -> torch.Tensor:
@@ -426,14 +426,16 @@ class DiTTask(TrainTask):
         return loss, {"mode": MODES.index(b["mode"]), "frames": x0.shape[2]}
 
     # -- samples and export -------------------------------------------------------------------------
-    def pipeline_models(self):
-        from kinema.pipeline.generate import Models
+    def pipeline(self):
+        """The models being trained as a kinema.Pipeline (the one `kinema generate` uses), for samples."""
+        from kinema.pipeline.models import Models
+        from kinema.pipeline.pipeline import Pipeline
 
-        return Models(self.dit, self.vae, TextEncoder(self.t5, self.tokenizer), ClipVisionEncoder(self.clip))
+        return Pipeline(Models(self.dit, self.vae, TextEncoder(self.t5, self.tokenizer), ClipVisionEncoder(self.clip),
+                               self.info))
 
     @torch.no_grad()
     def sample(self, folder: Path, step: int) -> None:
-        from kinema.pipeline.generate import generate
         from kinema.toy.analyse import analyse
 
         folder.mkdir(parents=True, exist_ok=True)
@@ -441,10 +443,10 @@ class DiTTask(TrainTask):
         for m in modules:
             m.eval()
         rng = np.random.default_rng(12345)
-        rows, report = [], []
+        rows, report, pipe = [], [], self.pipeline()
         for i in range(4):
             spec = world.random_spec(rng, self.cfg.width, self.cfg.height, colors=tuple(self.cfg.colors))
-            video = generate(self.pipeline_models(), "t2v", prompt=spec.caption, seed=i, progress=False)["video"]
+            video = pipe(spec.caption, task="t2v", seed=i, progress=False).video
             frames = ((video.permute(1, 2, 3, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
             report.append({"prompt": spec.caption, "analysis": analyse(frames).caption()})
             rows.append(np.concatenate(list(frames[::4]), axis=1))
@@ -457,7 +459,7 @@ class DiTTask(TrainTask):
         log.info("dit step %d samples: %s", step, "; ".join(f"{r['prompt']} -> {r['analysis']}" for r in report))
 
     def export(self, folder: Path) -> None:
-        export_model(folder, self.dit, self.t5, self.tokenizer, self.clip, self.cfg.vae, self.sample_defaults())
+        export_model(folder, self.dit, self.t5, self.tokenizer, self.clip, self.cfg.vae, self.info)
 
 
 def nn_init_clip(tower: CLIPVisionTower) -> None:
@@ -466,8 +468,9 @@ def nn_init_clip(tower: CLIPVisionTower) -> None:
 
 
 def export_model(folder: Path, dit: WanDiT, t5: UMT5Encoder, tokenizer: UMT5Tokenizer, clip: CLIPVisionTower, vae_path,
-                 sample_defaults: dict, dtype: torch.dtype = torch.float16) -> None:
-    """A complete model folder in the diffusers pipeline layout, each component in the official key names."""
+                 info: ModelInfo, dtype: torch.dtype = torch.float16) -> None:
+    """A complete model folder in the diffusers pipeline layout, each component in the official key names;
+    `info` (its tasks and sampling defaults) goes into the DiT's config.json."""
     import shutil
 
     from kinema.loading.dit import dtype_policy
@@ -477,8 +480,8 @@ def export_model(folder: Path, dit: WanDiT, t5: UMT5Encoder, tokenizer: UMT5Toke
     keep = lambda k: dtype_policy(torch.float16)(k) == torch.float32  # noqa: E731  fp32 islands stay fp32
     save_component(folder / "transformer", "diffusion_pytorch_model.safetensors", dit.state_dict(), {
         "_class_name": "WanModel", "model_type": cfg.model_type, "dim": cfg.dim, "num_heads": cfg.num_heads,
-        "num_layers": cfg.num_layers, "text_len": cfg.text_len, "tasks": list(getattr(dit, "tasks", TASKS)),
-        "sample_defaults": sample_defaults, "producer": "kinema train dit",
+        "num_layers": cfg.num_layers, "text_len": cfg.text_len, "tasks": list(info.tasks),
+        "sample_defaults": info.sample_defaults, "producer": "kinema train dit",
     }, dtype=dtype, keep_fp32=keep)
     save_component(folder / "text_encoder", "model.safetensors", t5.state_dict(), dtype=dtype)
     (folder / "tokenizer").mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kinema.loading.dit import open_dit
 from kinema.lora import inject_lora, lora_state_dict, save_lora
 from kinema.train.dit import DiTTask, DiTTrainConfig
 
@@ -57,7 +58,8 @@ class LoRATask(DiTTask):
         te = kinema.load_text_encoder(base, device=device)
         self.t5, self.tokenizer = te.model, te.tokenizer
         self.clip = kinema.load_clip_vision(base, device=device).model
-        self.dit = kinema.load_dit(base, device=device)
+        loaded = open_dit(base).load(device=device)
+        self.dit, self.info = loaded.model, loaded.info  # samples use the base model's own tasks and defaults
         for m in (self.vae, self.t5, self.clip, self.dit):
             m.requires_grad_(False)
         torch.manual_seed(cfg.seed)
@@ -68,7 +70,7 @@ class LoRATask(DiTTask):
         return resolve_base(self.cfg.base)  # the LoRA trains on the base model's own latents
 
     def sample_defaults(self) -> dict:
-        return dict(self.dit.sample_defaults)
+        return dict(self.info.sample_defaults)
 
     def modules(self):
         return {"lora": self.adapters}

@@ -16,7 +16,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from kinema.models.vae import FrameCache, WanVAE
 from kinema.toy import world

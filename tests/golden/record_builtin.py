@@ -3,9 +3,10 @@
     python tests/golden/record_builtin.py            # refuses to replace an existing record
     python tests/golden/record_builtin.py --force    # a new record, e.g. after the built-in model changed
 
-This first version drives the engine as `kinema generate` did before the Pipeline existed
-(models assembled as cmd_generate assembled them, then `generate`), so the record is the
-numbers of the code before the refactor.
+The record in the repository was made before kinema.Pipeline existed, by this script's first
+version (git history), which assembled the models as `kinema generate` did then and called its
+`generate`: so the goldens are the numbers of the engine before the refactor, and
+tests/test_golden.py proves the Pipeline reproduces them bit for bit.
 """
 
 from __future__ import annotations
@@ -38,31 +39,22 @@ def make_lora(path: Path) -> None:
     save_lora(path, lora_state_dict(dit), metadata={"what": "Kinema golden-test LoRA (random)"})
 
 
-def run_case(case: Case) -> tuple[torch.Tensor, np.ndarray]:
+def run_case(case: Case, pipelines: dict | None = None):
+    """(latents [16, T, h, w], frames uint8 [F, H, W, 3]) of one case, through kinema.Pipeline. `pipelines`
+    caches one pipeline per set of loading options."""
     import kinema
-    from kinema.builtin import builtin_path
-    from kinema.lora import apply_loras
-    from kinema.media import to_model_range, to_uint8_frames
-    from kinema.memory.block_swap import BlockSwap
-    from kinema.pipeline.generate import Models, generate
-    from kinema.sampling.cache import parse_cache
 
-    path = builtin_path()
-    dit = kinema.load_dit(path, quantization=case.load.get("quantization"))
-    if "lora_strength" in case.load:
-        apply_loras(dit, [(str(LORA), case.load["lora_strength"])])
-    if case.load.get("blocks_to_swap"):
-        BlockSwap(dit, case.load["blocks_to_swap"], 1, device="cpu")
-    models = Models(dit, kinema.load_vae(path), kinema.load_text_encoder(path), kinema.load_clip_vision(path))
+    load = dict(case.load)
+    if "lora_strength" in load:
+        load["loras"] = [(str(LORA), load.pop("lora_strength"))]
+    key = repr(sorted(load.items()))
+    pipelines = {} if pipelines is None else pipelines
+    if key not in pipelines:
+        pipelines[key] = kinema.Pipeline.load(attention="sdpa", **load)
     given = inputs(case)
-    media = {k: to_model_range(torch.from_numpy(np.ascontiguousarray(v))) for k, v in given.items() if k != "prompt"}
-    media = {k: (v if k == "video" else v[:, 0]) for k, v in media.items()}
-    opts = dict(case.options)
-    if "cache" in opts:
-        opts["cache"] = parse_cache(opts["cache"])
-    out = generate(models, case.task, prompt=given["prompt"], seed=case.seed, attention="sdpa", progress=False,
-                   **media, **opts)
-    return out["latents"], to_uint8_frames(out["video"])
+    prompt = given.pop("prompt")
+    result = pipelines[key](prompt, task=case.task, seed=case.seed, progress=False, **given, **case.options)
+    return result.latents, result.frames
 
 
 def main() -> None:
@@ -74,9 +66,9 @@ def main() -> None:
     if not LORA.exists():
         make_lora(LORA)
     torch.manual_seed(0)
-    arrays = {}
+    arrays, pipelines = {}, {}
     for case in CASES:
-        latents, frames = run_case(case)
+        latents, frames = run_case(case, pipelines)
         arrays[f"{case.name}/latents"] = latents.numpy()
         arrays[f"{case.name}/frames"] = frames
         print(f"{case.name}: latents {tuple(latents.shape)}, frames {frames.shape}")

@@ -17,8 +17,9 @@ img_emb, modulation, head`; LightX2V quantises only the blocks' matmuls (its pre
 and post weights: embeddings, time projection, head, stay unquantised); ComfyUI's
 scaled-fp8 Wan files do the same. Only `nn.Linear` layers are ever quantised, so
 norms, modulation tables, the Conv3d patch embedding and `nn.Embedding`s (umT5's
-token and position tables) keep their precision by construction; `KEEP` names the
-Linear layers that stay too. Biases stay in the compute dtype.
+token and position tables) keep their precision by construction; a model class's
+`_skip_fp8_modules` names the Linear layers that stay too (WanDiT's: the embeddings,
+time projection, head and norms). Biases stay in the compute dtype.
 
 At compute, `FP8Linear` upcasts its weight to the compute dtype, multiplies by
 the scale and runs an ordinary matmul: one layer's upcast copy exists at a time.
@@ -55,8 +56,11 @@ AUTO = "auto"  # loaders only: keep a checkpoint's own fp8 layout, leave a highe
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 
-# Linear layers kept in their loaded precision (module names; the DiT's, umT5 has none among its Linears).
-KEEP = re.compile(r"(patch_embedding|text_embedding|time_embedding|time_projection|head|img_emb)(\..*)?|.*norm.*|.*modulation.*")
+
+
+def skipped_modules(model: nn.Module) -> re.Pattern:
+    """The Linear layers (module names) fp8 leaves in their loaded precision: the class's `_skip_fp8_modules`."""
+    return re.compile("|".join(f"(?:{p})" for p in getattr(type(model), "_skip_fp8_modules", ())) or r"(?!)")
 
 
 def check_mode(mode: str, allow_auto: bool = False, what: str = "quantization") -> str:
@@ -151,14 +155,15 @@ class FP8Linear(nn.Linear):
 
 
 # -- whole models -------------------------------------------------------------------------------------
-def fp8_targets(model: nn.Module, keep: re.Pattern = KEEP) -> list[str]:
-    """Names of the Linear layers `quantize_fp8` converts: every nn.Linear outside `keep`."""
+def fp8_targets(model: nn.Module, keep: re.Pattern | None = None) -> list[str]:
+    """Names of the Linear layers `quantize_fp8` converts: every nn.Linear outside `keep` (default: the model's own)."""
+    keep = skipped_modules(model) if keep is None else keep
     return [name for name, m in model.named_modules()
             if isinstance(m, nn.Linear) and not isinstance(m, FP8Linear) and not keep.fullmatch(name)]
 
 
 @torch.no_grad()
-def quantize_fp8(model: nn.Module, mode: str, compute_dtype: torch.dtype | None = None, keep: re.Pattern = KEEP,
+def quantize_fp8(model: nn.Module, mode: str, compute_dtype: torch.dtype | None = None, keep: re.Pattern | None = None,
                  fast: bool = False) -> nn.Module:
     """Replace the model's Linear layers (outside `keep`) by FP8Linear in place; returns the model.
 

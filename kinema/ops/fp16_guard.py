@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kinema.memory.fp8 import FP8Linear
+from kinema.ops.fp8 import FP8Linear
 
 log = logging.getLogger("kinema")
 
@@ -85,28 +85,24 @@ class FP16Guard:
 
 
 def guarded_parts(model: nn.Module) -> list[nn.Module]:
-    """The parts watched: each DiT block and the text / image embeddings; any other model as a whole."""
-    blocks = getattr(model, "blocks", None)
-    if blocks is None:
+    """The parts watched, as the model class declares them: each of its repeated blocks (`_repeated_blocks`)
+    and its `_fp16_guarded_modules` (WanDiT: the text and image embeddings); any other model as a whole."""
+    cls = type(model)
+    if not hasattr(cls, "_repeated_blocks"):
         return [model]
-    parts = list(blocks)
-    parts += [getattr(model, name) for name in ("text_embedding", "img_emb") if hasattr(model, name)]
-    return parts
+    parts = list(getattr(model, cls._repeated_blocks))
+    return parts + [m for name, m in model.named_children() if name in getattr(cls, "_fp16_guarded_modules", ())]
 
 
 def guard_fp16(model: nn.Module, parts: list[nn.Module] | None = None) -> FP16Guard | None:
     """Install the overflow guard on a model that computes in fp16 (None, and nothing done, otherwise).
 
-    Its hooks go first, so they see a part before offload hooks move its weights away.
-
-    The guard is kept as `model.fp16_guard`; `model.fp16_guard.remove()` takes it off."""
+    Its hooks go first, so they see a part before offload hooks move its weights away. The caller keeps
+    the returned guard (the loaders put it in their record, kinema.loading.dit.LoadedDiT): its
+    `recomputed` counts the recomputations and `remove()` takes it off."""
     if not computes_in_fp16(model):
         return None
-    old = getattr(model, "fp16_guard", None)
-    if old is not None:
-        old.remove()
     guard = FP16Guard()
     for part in parts or guarded_parts(model):
         guard.handles.append(part.register_forward_hook(guard.hook, with_kwargs=True, prepend=True))
-    model.fp16_guard = guard
     return guard

@@ -1,0 +1,116 @@
+"""`kinema generate`: the official generate.py flags, as a thin user of kinema.Pipeline.
+
+Every flag is checked before any weight is read: the loading options (LoadOptions.check), the
+output and writer options (kinema.media.check_save), the call itself against the checkpoints'
+headers (prepare_job) and its memory (the memory plan). Then the models load, the job runs and
+the result is saved. Messages name the flags as typed (FLAGS).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+
+from kinema.errors import KinemaError
+
+log = logging.getLogger("kinema")
+
+# How the pipeline's argument names read on the command line, for messages.
+FLAGS = {
+    "ckpt": "--ckpt_dir", "dit": "--dit", "vae": "--vae", "t5": "--t5", "tokenizer": "--tokenizer", "clip": "--clip",
+    "loras": "--lora", "dtype": "--dtype", "quantization": "--quantization", "t5_quantization": "--t5_quantization",
+    "offload": "--offload_model", "t5_cpu": "--t5_cpu", "blocks_to_swap": "--blocks_to_swap",
+    "prefetch_blocks": "--prefetch_blocks", "stream_dit": "--stream_dit", "attention": "--attention",
+    "compile": "--compile", "fp8_fast": "--fp8_fast", "prompt": "--prompt", "negative_prompt": "--negative_prompt",
+    "size": "--size", "frame_num": "--frame_num", "steps": "--sample_steps", "shift": "--sample_shift",
+    "guide_scale": "--sample_guide_scale", "seed": "--base_seed", "solver": "--sample_solver", "denoise": "--denoise",
+    "image": "--image", "first_frame": "--first_frame", "last_frame": "--last_frame", "video": "--video",
+    "cache": "--cache", "vae_tile": "--vae_tile",
+}
+
+
+def load_options(args):
+    """The loading flags as checked LoadOptions and their Runtime."""
+    from kinema.pipeline.load import LoadOptions
+
+    return LoadOptions(
+        ckpt=args.ckpt_dir, dit=args.dit, vae=args.vae, t5=args.t5, tokenizer=args.tokenizer, clip=args.clip,
+        loras=tuple(args.lora or ()), dtype=args.dtype, quantization=args.quantization,
+        t5_quantization=args.t5_quantization, offload=args.offload_model, t5_cpu=args.t5_cpu,
+        blocks_to_swap=args.blocks_to_swap, prefetch_blocks=args.prefetch_blocks, stream_dit=args.stream_dit,
+        attention=args.attention, compile=args.compile, fp8_fast=args.fp8_fast, names=FLAGS,
+    ).check()
+
+
+def call_arguments(args) -> dict:
+    """The flags of the call itself, as Pipeline.__call__'s keyword arguments."""
+    return dict(task=args.task, size=args.size, frame_num=args.frame_num, steps=args.sample_steps,
+                shift=args.sample_shift, guide_scale=args.sample_guide_scale, seed=args.base_seed,
+                solver=args.sample_solver, negative_prompt=args.negative_prompt, image=args.image,
+                first_frame=args.first_frame, last_frame=args.last_frame, video=args.video,
+                denoise=args.denoise, cache=args.cache, vae_tile=args.vae_tile,
+                batched_cfg=args.batched_cfg)
+
+
+def output(args, task: str) -> tuple[str, Path, str]:
+    """(format, file or folder, filename prefix) of the output: --save_file as given; else --filename_prefix
+    counters in --output_dir; else the official default name there (a PNG sequence: that name as the
+    prefix of its numbered folder)."""
+    from kinema.media import FORMATS
+    from kinema.pipeline.result import output_format
+
+    if args.save_file:
+        return output_format(args.save_file, args.format, 1 if task == "t2i" else 0), Path(args.save_file), "kinema"
+    fmt = args.format or ("png" if task == "t2i" else "h264-mp4")
+    if args.filename_prefix:
+        return fmt, Path(args.output_dir), args.filename_prefix
+    stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
+    prompt = (args.prompt or "").replace(" ", "_").replace("/", "_")[:50]
+    stem = f"{args.task}_{args.size or 'default'}_1_1_{prompt}_{stamp}"  # the official default name
+    ext = FORMATS[fmt].ext
+    return (fmt, Path(args.output_dir) / f"{stem}.{ext}", "kinema") if ext else (fmt, Path(args.output_dir), stem)
+
+
+def writer_options(args, prefix: str) -> dict:
+    return dict(loop_count=args.loop_count, pingpong=args.pingpong, crf=args.crf, pix_fmt=args.pix_fmt,
+                lossless=args.lossless, filename_prefix=prefix)
+
+
+def check_output(args, fmt: str, target: Path, prefix: str) -> None:
+    """Every writer option and the output place, before anything loads (a bad --fps must not wait for sampling)."""
+    from kinema.media import check_save
+
+    options = {k: v for k, v in writer_options(args, prefix).items() if k != "pingpong"}
+    check_save(target, format=fmt, frame_rate=16 if args.fps is None else args.fps, **options)
+
+
+def cmd_generate(args) -> None:
+    from kinema.pipeline.job import prepare_job
+    from kinema.pipeline.load import open_checkpoints
+    from kinema.pipeline.pipeline import Pipeline
+    from kinema.pipeline.tasks import get_task
+
+    task = get_task(args.task)
+    if not args.prompt and not args.plan:
+        raise KinemaError("--prompt is missing; say what to generate.")
+    opts, runtime = load_options(args)
+    fmt, target, prefix = output(args, task.name)
+    if not args.plan:
+        check_output(args, fmt, target, prefix)
+    log.info("Generation job args: %s", {k: v for k, v in vars(args).items() if k not in ("debug", "command", "run")})
+    ckpts = open_checkpoints(opts)
+    from kinema.cli.plan import memory_plan, read_target
+
+    meta, target_models = read_target(ckpts)
+    job = prepare_job(target_models, args.prompt or "", names=FLAGS, progress=True, **call_arguments(args))
+    if memory_plan(args, job, opts, runtime, ckpts, meta):
+        return  # --plan: printed, nothing to generate
+    pipe = Pipeline.from_options(opts, runtime, ckpts)
+    log.info("Generating %s ...", "image" if task.name == "t2i" else "video")
+    result = pipe.run(job)
+    log.info("Saving generated %s to %s", "image" if task.name == "t2i" else "video",
+             target if target.suffix else f"{target}/{prefix}_NNNNN")
+    path = result.save(target, format=fmt, fps=args.fps, **writer_options(args, prefix))
+    log.info("Saved %s", path)
+    log.info("Finished.")

@@ -1,0 +1,97 @@
+"""Stage: resolve a call. Every input checked and every setting resolved into a `Job`, before any model runs.
+
+Checked against a `Target` (kinema.pipeline.models: what the model set declares), so the
+command line can check a call against the checkpoints' headers before it loads a weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kinema.errors import KinemaError
+from kinema.memory.vae_tiling import parse_vae_tile
+from kinema.pipeline.guidance import Guidance, guidance_for
+from kinema.pipeline.inputs import image_input, video_input
+from kinema.pipeline.models import Target
+from kinema.pipeline.settings import Settings, resolve_settings
+from kinema.pipeline.tasks import Task, get_task, task_using
+from kinema.sampling.cache import CacheSpec, StepCache, parse_cache
+
+
+@dataclass
+class Job:
+    """One call, checked and resolved: what `Pipeline.run` executes."""
+
+    settings: Settings
+    images: dict[str, torch.Tensor] = field(default_factory=dict)  # the task's image inputs, [3, H, W] in [-1, 1]
+    video: torch.Tensor | None = None  # v2v source [3, F, H, W] in [-1, 1]
+    latents: torch.Tensor | None = None  # a first stage's latents [z, T, h, w]
+    cache: CacheSpec | StepCache | None = None
+    vae_tile: object = "auto"
+    guidance: Guidance = field(default_factory=lambda: guidance_for(False))
+    callback: object = None
+    cancel: object = None
+    decode: bool = True
+    progress: bool = True
+
+
+def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=None, last_frame=None, video=None,
+                latents=None, cache=None, vae_tile="auto", batched_cfg=False, callback=None, cancel=None, decode=True,
+                progress=True, names=None, **settings) -> Job:
+    """A call's arguments (`Pipeline.__call__`'s) -> Job, or one KinemaError naming the value and the fix.
+    `names` maps argument names to the names messages use (the command line's flags)."""
+    names = names or {}
+    spec = get_task(task)
+    check_task(target, spec, task)
+    media = media_inputs(spec, task, {"image": image, "first_frame": first_frame, "last_frame": last_frame,
+                                      "video": video}, names)
+    first = media.get(spec.images[0]) if spec.images else None
+    s = resolve_settings(spec, target.info.sample_defaults, prompt=prompt, geometry=target.geometry, names=names,
+                         image_size=None if first is None else tuple(first.shape[1:]),
+                         video_frames=None if video is None else media["video"].shape[1], **settings)
+    if latents is not None:
+        want = s.latent_shape(target.geometry)
+        if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != want:
+            got = list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise KinemaError(f"latents {got} do not fit: this size and frame count need a tensor {list(want)}.")
+    if callback is not None and not callable(callback):
+        raise KinemaError(f"callback must be callable (info) -> bool | None, got {type(callback).__name__}.")
+    if cancel is not None and not callable(getattr(cancel, "is_set", None)):
+        raise KinemaError(f"cancel must be a threading.Event (anything with is_set()), got {type(cancel).__name__}.")
+    if not isinstance(cache, StepCache):
+        cache = parse_cache(cache, names.get("cache", "cache")) if isinstance(cache, str) or cache is None else cache
+    parse_vae_tile(vae_tile)
+    return Job(s, {k: media[k] for k in spec.images}, media.get("video"), latents, cache, vae_tile,
+               guidance_for(bool(batched_cfg)), callback, cancel, bool(decode), bool(progress))
+
+
+def check_task(target: Target, spec: Task, asked: str) -> None:
+    """Can this model set run this task? Kinema-trained models list their tasks; official ones follow their
+    DiT variant."""
+    if target.info.tasks:
+        if spec.name not in target.info.tasks:
+            raise KinemaError(f"this model was trained for {', '.join(target.info.tasks)}, not {asked}.")
+    elif target.model_type != spec.model_type:
+        raise KinemaError(f"task {asked} needs a {spec.model_type} DiT, but the checkpoint is a {target.model_type} "
+                          "model.")
+    if spec.needs_clip and not target.has_clip:
+        raise KinemaError(f"task {asked} needs the CLIP vision encoder; pass clip=... (--clip) or a checkpoint folder "
+                          "that has it.")
+
+
+def media_inputs(spec: Task, asked: str, given: dict, names: dict) -> dict[str, torch.Tensor]:
+    """The task's media inputs as tensors; an input the task does not use, or one it lacks, is an error."""
+    out = {}
+    for key, value in given.items():
+        label = names.get(key, key)
+        if value is not None and key not in spec.inputs:
+            raise KinemaError(f"{label} is not used by task {asked}; use task {task_using(key)}.")
+        if value is None and key in spec.inputs:
+            raise KinemaError(f"task {asked} needs {label}.")
+    for key, value in given.items():
+        if value is not None:
+            label = names.get(key, key)
+            out[key] = video_input(value, label) if key == "video" else image_input(value, label)
+    return out

@@ -1,0 +1,159 @@
+"""`kinema.Pipeline`: load a model set once, then generate with it, as often and from as many threads as needed.
+
+    pipe = kinema.Pipeline.load()                       # the built-in model; or a checkpoint folder / parts
+    result = pipe("a red circle moving right on a black background")
+    result.save("outputs/")                              # outputs/kinema_00001.mp4, settings embedded
+
+A call is `prepare` (every input checked and every setting resolved, before any model runs)
+then `run`, which composes the stages: encode the prompts, build the condition, prepare the
+latents, sample, decode. The stages are public functions (kinema.pipeline.prompts,
+.conditioning, .latents, .sample) for callers that drive them one by one (workflow nodes).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import replace
+
+import torch
+
+import kinema
+from kinema.errors import KinemaError
+from kinema.memory.offload import Offloader
+from kinema.memory.plan import dit_activations, human_bytes
+from kinema.memory.vae_tiling import TiledVAE, free_memory
+from kinema.pipeline.conditioning import make_condition
+from kinema.pipeline.job import Job, prepare_job
+from kinema.pipeline.latents import prepare_latents
+from kinema.pipeline.load import LoadOptions, load_models, open_checkpoints
+from kinema.pipeline.models import Models, Runtime
+from kinema.pipeline.preview import LatentPreview
+from kinema.pipeline.prompts import encode_prompts
+from kinema.pipeline.result import Result
+from kinema.pipeline.sample import decode_latents, sample_latents
+from kinema.sampling.cache import CacheSpec, calibration_beside, make_cache
+
+log = logging.getLogger("kinema")
+
+
+class Pipeline:
+    """A loaded model set and its runtime; calling it generates. Calls from several threads run one at a time."""
+
+    def __init__(self, models: Models, runtime: Runtime | None = None):
+        self.models = models
+        self.runtime = runtime or _runtime_of(models)
+        self.offloader = (Offloader(models, self.runtime.device, t5_cpu=self.runtime.t5_cpu) if self.runtime.offload
+                          else Offloader(models, enabled=False))
+        self.preview = LatentPreview(models.vae)
+        self._lock = threading.RLock()
+
+    @classmethod
+    def load(cls, ckpt=None, *, dit=None, vae=None, t5=None, tokenizer=None, clip=None, loras=(), dtype=None, device=None,
+             quantization=None, t5_quantization=None, offload=None, t5_cpu=False, blocks_to_swap=0, prefetch_blocks=None,
+             stream_dit=False, attention="auto", compile=False, fp8_fast=False) -> Pipeline:
+        """Load a model set: `ckpt` (an official Wan2.1, diffusers or ComfyUI-style folder) or its parts (`dit`,
+        `vae`, `t5`, `tokenizer`, `clip`: files or folders in any format the loaders read); neither: the built-in
+        model. loras: [(path, strength), ...] merged into the DiT. dtype: the DiT's weights, None = bf16 on CUDA,
+        fp32 on the CPU. device: None = cuda if available, else cpu. The memory options are `kinema generate`'s
+        (README, "Memory and speed"). Every option is checked before any file is read."""
+        opts, runtime = LoadOptions(ckpt, dit, vae, t5, tokenizer, clip, loras, dtype, device, quantization,
+                                    t5_quantization, offload, t5_cpu, blocks_to_swap, prefetch_blocks, stream_dit,
+                                    attention, compile, fp8_fast).check()
+        return cls.from_options(opts, runtime)
+
+    @classmethod
+    def from_options(cls, opts: LoadOptions, runtime: Runtime, checkpoints=None) -> Pipeline:
+        """Load from checked options (`LoadOptions.check`), with checkpoints already opened when given."""
+        return cls(load_models(opts, runtime, checkpoints or open_checkpoints(opts)), runtime)
+
+    # -- a call ------------------------------------------------------------------------------------
+    def __call__(self, prompt, *, task="t2v", size=None, frame_num=None, steps=None, shift=None, guide_scale=None,
+                 seed=0, solver="unipc", negative_prompt=None, image=None, first_frame=None, last_frame=None,
+                 video=None, denoise=1.0, latents=None, cache=None, vae_tile="auto", batched_cfg=False,
+                 callback=None, cancel=None, decode=True, progress=True) -> Result:
+        """Generate one video (or image, task "t2i"). See the README's Python section for every argument;
+        unset values take the model's own defaults, then the task's official ones."""
+        with self._lock:
+            job = self.prepare(prompt, task=task, size=size, frame_num=frame_num, steps=steps, shift=shift,
+                               guide_scale=guide_scale, seed=seed, solver=solver, negative_prompt=negative_prompt,
+                               image=image, first_frame=first_frame, last_frame=last_frame, video=video,
+                               denoise=denoise, latents=latents, cache=cache, vae_tile=vae_tile, batched_cfg=batched_cfg,
+                               callback=callback, cancel=cancel, decode=decode, progress=progress)
+            return self.run(job)
+
+    def prepare(self, prompt, **kw) -> Job:
+        """Check every input and resolve every setting of a call (`__call__`'s arguments), running no model;
+        a call whose DiT activations cannot fit in the memory free now is refused here too."""
+        job = prepare_job(self.models.target, prompt, **kw)
+        self.check_memory(job)
+        return job
+
+    def check_memory(self, job: Job) -> None:
+        """Refuse a call whose DiT activations alone exceed the memory free on the device (the command line's
+        memory plan counts everything; kinema/memory/plan.py)."""
+        s, g, dit = job.settings, self.models.geometry, self.models.dit
+        _, t, h, w = s.latent_shape(g)
+        tokens = t * (h // g.patch[1]) * (w // g.patch[2])
+        batch = 2 if s.guided and job.guidance.name == "batched" else 1
+        need = dit_activations(dit, tokens, batch, self.runtime.dtype)
+        free = free_memory(self.runtime.device)
+        if need > free:
+            raise KinemaError(f"a {s.width}x{s.height}, {s.frame_num}-frame call needs about {human_bytes(need)} for the "
+                              f"DiT's activations alone ({tokens:,} tokens), more than the {human_bytes(free)} free on "
+                              f"{self.runtime.device}; ask for a smaller size or fewer frames.")
+
+    def run(self, job: Job) -> Result:
+        """Execute a prepared call: the stages in order, each model visiting the device for its own stage."""
+        m, rt, s, off = self.models, self.runtime, job.settings, self.offloader
+        cache = make_cache(_beside(job.cache, m.source), m.dit, s.width * s.height)  # calibration read before any model runs
+        vae = m.vae if isinstance(m.vae, TiledVAE) else TiledVAE(m.vae, job.vae_tile)
+        device = off.device
+        with off.visit("t5"):  # the official order: umT5, CLIP, VAE encode, DiT, VAE decode
+            prompts = encode_prompts(m.text_encoder, s.prompt, s.negative_prompt if s.guided else None,
+                                     m.dit.config.text_len, device)
+        condition = make_condition(s.task, job.images, s.frame_num, s.height, s.width, vae, m.clip, m.dit.config,
+                                   device, off.visit)
+        start = prepare_latents(s, m.geometry, device, vae, job.video, job.latents, off.visit)
+        log.info("Generating %s %dx%d, %d frames, %d steps (%s, shift %g, guidance %g, seed %d)", s.task.name, s.width,
+                 s.height, s.frame_num, s.steps - start.start_step, s.solver, s.shift, s.guide_scale, s.seed)
+        with off.visit("dit"):
+            x0 = sample_latents(m.dit, prompts, condition, start, s, guidance=job.guidance, cache=cache,
+                                callback=job.callback, cancel=job.cancel, preview=self.preview, progress=job.progress,
+                                attention=rt.attention)
+        out = decode_latents(vae, x0, off.visit) if job.decode else None
+        return Result(out, x0[0], self.record(job, start.partway, cache), cache)
+
+    def record(self, job: Job, partway: bool, cache=None) -> dict:
+        """Every value the run used: the settings embedded in saved files, which `kinema generate --from` repeats."""
+        m, rt = self.models, self.runtime
+        rec = job.settings.record(partway)
+        rec["fps"] = int(m.info.sample_defaults.get("fps", 16))
+        for key, value in (("cache", cache and str(cache)), ("batched_cfg", job.guidance.name == "batched" or None),
+                           ("attention", rt.attention if rt.attention != "sdpa" else None),
+                           ("vae_tile", job.vae_tile if job.vae_tile != "auto" else None),
+                           ("quantization", m.quantization), ("t5_quantization", m.t5_quantization)):
+            if value:
+                rec[key] = value if not isinstance(value, tuple) else f"{value[0]}x{value[1]}"
+        if m.loras:
+            rec["loras"] = [[p, s] for p, s in m.loras]
+        rec["model"] = m.source or "in-memory"
+        rec["kinema_version"] = kinema.__version__
+        return rec
+
+
+def _beside(cache, source: str | None):
+    """A cache setting with no calibration named takes the one written beside the checkpoint, if any
+    (bench/calibrate_cache.py), before the shipped table."""
+    if isinstance(cache, CacheSpec) and cache.calibration is None:
+        found = calibration_beside(source)
+        return replace(cache, calibration=str(found)) if found else cache
+    return cache
+
+
+def _runtime_of(models: Models) -> Runtime:
+    """The runtime of models built in memory (a trainer's, a test's): where and in what the DiT's weights are."""
+    w = models.dit.patch_embedding.weight  # never an fp32 island, never fp8
+    te = getattr(models.text_encoder, "model", None)
+    enc = next(te.parameters()).dtype if isinstance(te, torch.nn.Module) else torch.float32
+    return Runtime(w.device, w.dtype, enc)

@@ -1,0 +1,45 @@
+"""Stages: sample (the guided DiT through the one sampler loop, with the run's block hooks) and decode."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+
+import torch
+
+from kinema.pipeline.conditioning import Condition
+from kinema.pipeline.guidance import Guidance, Sequential, guided_model
+from kinema.pipeline.latents import Start
+from kinema.pipeline.prompts import Prompts
+from kinema.pipeline.settings import Settings
+from kinema.sampling import sample
+
+log = logging.getLogger("kinema")
+
+
+@torch.no_grad()
+def sample_latents(dit, prompts: Prompts, condition: Condition, start: Start, settings: Settings, *,
+                   guidance: Guidance = Sequential(), hooks=(), cache=None, callback=None, cancel=None, preview=None,
+                   progress: bool = True, attention: str = "sdpa") -> torch.Tensor:
+    """Denoise `start.x` [1, z, T, h, w] from step `start.start_step` to sigma 0; returns x0 [1, z, T, h, w].
+
+    hooks: BlockHooks around the DiT's blocks (kinema/models/hooks.py); `cache`, a StepCache, is one more,
+    reset for this run. callback / cancel / preview: as kinema.sampling.sample. attention: the DiT's backend."""
+    cond = {"context": prompts.cond, **condition.args()}
+    uncond = {"context": prompts.uncond, **condition.args()} if prompts.uncond is not None else None
+    if cache is not None:
+        cache.begin(settings.steps, start.start_step)
+        hooks = (*hooks, cache)
+    model_fn = guided_model(dit, cond, uncond, settings.guide_scale, guidance, hooks, attention)
+    x0 = sample(model_fn, start.x, start.sigmas, start.timesteps, settings.solver, start.start_step, progress,
+                callback, cancel, preview)
+    if cache is not None:
+        log.info("%s", cache.summary())
+    return x0
+
+
+@torch.no_grad()
+def decode_latents(vae, x0: torch.Tensor, visit=lambda name: nullcontext()) -> torch.Tensor:
+    """x0 [1, z, T, h, w] -> video [3, F, H, W] in [-1, 1]; the VAE runs in a `visit("vae")`."""
+    with visit("vae"):  # after the DiT has left the GPU, as in the official code
+        return vae.decode(x0.to(vae.device))[0]
