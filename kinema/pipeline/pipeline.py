@@ -104,7 +104,12 @@ class Pipeline:
                               f"{self.runtime.device}; ask for a smaller size or fewer frames.")
 
     def run(self, job: Job) -> Result:
-        """Execute a prepared call: the stages in order, each model visiting the device for its own stage."""
+        """Execute a prepared call: the stages in order, each model visiting the device for its own stage.
+        Runs hold the pipeline's lock: from several threads they run one after the other."""
+        with self._lock:
+            return self._run(job)
+
+    def _run(self, job: Job) -> Result:
         m, rt, s, off = self.models, self.runtime, job.settings, self.offloader
         cache = make_cache(_beside(job.cache, m.source), m.dit, s.width * s.height)  # calibration read before any model runs
         vae = m.vae if isinstance(m.vae, TiledVAE) else TiledVAE(m.vae, job.vae_tile)
