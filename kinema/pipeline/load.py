@@ -54,9 +54,10 @@ class LoadOptions:
     def name(self, key: str) -> str:
         return self.names.get(key, key)
 
-    def check(self) -> tuple[LoadOptions, Runtime]:
+    def check(self, complete: bool = True) -> tuple[LoadOptions, Runtime]:
         """The options with defaults filled in and checked, and the runtime they give; a KinemaError naming the
-        option for anything that cannot work. Reads no weights (LoRA files are found, not read)."""
+        option for anything that cannot work. Reads no weights (LoRA files are found, not read).
+        complete=False: the options of single parts (a workflow's loader nodes), not of a whole model set."""
         device = _device(self.device, self.name("device"))
         dtype = _dtype(self.dtype, device, self.name("dtype"))
         opts = replace(self, quantization=_fp8_mode(self.quantization, self.name("quantization")),
@@ -66,7 +67,7 @@ class LoadOptions:
                        compile=self._compile_mode(device))
         opts._check_memory_flags()
         opts._check_fp8_fast(device)
-        opts._check_paths()
+        opts._check_paths(complete)
         from kinema.ops.attention import resolve_backend
         from kinema.memory.plan import encoder_dtype
 
@@ -110,10 +111,10 @@ class LoadOptions:
         if reason:
             raise KinemaError(f"{fast}: {reason}. Leave it out: the fp8 weights are then upcast per layer.")
 
-    def _check_paths(self) -> None:
+    def _check_paths(self, complete: bool = True) -> None:
         parts = [self.name(k) for k in ("dit", "vae", "t5")]
         given = [self.dit, self.vae, self.t5]
-        if self.ckpt is None and any(given) and not all(given):
+        if complete and self.ckpt is None and any(given) and not all(given):
             raise KinemaError(f"incomplete checkpoint: pass {self.name('ckpt')}, or all of {', '.join(parts)} "
                               "(or none of them to use the built-in model).")
         if self.ckpt is not None and not Path(self.ckpt).expanduser().is_dir():
@@ -238,7 +239,7 @@ def swap_prefetch(opts: LoadOptions, ckpts: Checkpoints) -> int:
 def load_models(opts: LoadOptions, runtime: Runtime, ckpts: Checkpoints) -> Models:
     """Load every part onto the devices `runtime` says, in the order that keeps the peak lowest."""
     import kinema
-    from kinema.lora import apply_loras, read_loras
+    from kinema.lora import read_loras
 
     t0 = time.perf_counter()
     prefetch = swap_prefetch(opts, ckpts)
@@ -247,30 +248,40 @@ def load_models(opts: LoadOptions, runtime: Runtime, ckpts: Checkpoints) -> Mode
     log.info("Loading models from %s", "the built-in model" if ckpts.builtin else opts.ckpt or "the given files")
     te = kinema.load_text_encoder(ckpts.t5, tokenizer=opts.tokenizer, device="cpu" if runtime.t5_cpu else home,
                                   dtype=runtime.encoder_dtype, quantization=opts.t5_quantization, fp8_fast=opts.fp8_fast)
-    placement = None
-    if opts.stream_dit:
-        from kinema.memory.streaming import stream_dit
-
-        loaded, placement = stream_dit(ckpts.dit_checkpoint, dtype=runtime.dtype, device=runtime.device,
-                                       quantization=opts.quantization, fp8_fast=opts.fp8_fast,
-                                       prefetch_blocks=opts.prefetch_blocks or 1)
-    else:
-        loaded = ckpts.dit_checkpoint.load(runtime.dtype, "cpu" if prefetch else home, opts.quantization, opts.fp8_fast)
+    loaded, placement, compiled = load_dit_part(opts, runtime, ckpts.dit_checkpoint, prefetch, loras)
     dit = loaded.model
-    if loras:
-        apply_loras(dit, list(opts.loras), loras)
-    if prefetch:
-        from kinema.memory.block_swap import BlockSwap
-
-        placement = BlockSwap(dit, opts.blocks_to_swap, prefetch, device=runtime.device)
-    compiled = None
-    if opts.compile:
-        from kinema.memory.compile import compile_blocks
-
-        compiled = compile_blocks(dit, opts.compile, device=runtime.device)  # where it runs, not where offload keeps it
     vae = kinema.load_vae(ckpts.vae, device=home)
     clip = kinema.load_clip_vision(ckpts.clip, dtype=runtime.encoder_dtype, device=home) if ckpts.clip else None
     log.info("Models loaded in %.1fs: %s DiT, %d layers, width %d", time.perf_counter() - t0, dit.config.model_type,
              dit.config.num_layers, dit.config.dim)
     return Models(dit, vae, te, clip, loaded.info, placement, loaded.fp16_guard, compiled, loaded.quantization,
                   opts.t5_quantization, tuple((str(Path(p).resolve()), s) for p, s in opts.loras), ckpts.source)
+
+
+def load_dit_part(opts: LoadOptions, runtime: Runtime, checkpoint: DiTCheckpoint, prefetch: int, loras=None):
+    """The DiT of checked options: loaded (or streamed from disk), its LoRAs merged (`loras`: read_loras' result
+    for opts.loras), block swap set up (`prefetch` > 0), its blocks compiled. Returns (LoadedDiT, placement or
+    None, compile mode or None)."""
+    placement = None
+    if opts.stream_dit:
+        from kinema.memory.streaming import stream_dit
+
+        loaded, placement = stream_dit(checkpoint, dtype=runtime.dtype, device=runtime.device,
+                                       quantization=opts.quantization, fp8_fast=opts.fp8_fast,
+                                       prefetch_blocks=opts.prefetch_blocks or 1)
+    else:
+        loaded = checkpoint.load(runtime.dtype, "cpu" if prefetch else runtime.home, opts.quantization, opts.fp8_fast)
+    if opts.loras:
+        from kinema.lora import apply_loras, read_loras
+
+        apply_loras(loaded.model, list(opts.loras), loras if loras is not None else read_loras(list(opts.loras), loaded.model))
+    if prefetch:
+        from kinema.memory.block_swap import BlockSwap
+
+        placement = BlockSwap(loaded.model, opts.blocks_to_swap, prefetch, device=runtime.device)
+    compiled = None
+    if opts.compile:
+        from kinema.memory.compile import compile_blocks
+
+        compiled = compile_blocks(loaded.model, opts.compile, device=runtime.device)  # where it runs, not where offload keeps it
+    return loaded, placement, compiled

@@ -1,0 +1,1 @@
+"""Kinema's own nodes: the whole Pipeline as one node (the web page's workflows)."""

@@ -1,0 +1,1 @@
+"""VideoHelperSuite's VHS_VideoCombine."""

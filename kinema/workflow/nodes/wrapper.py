@@ -1,0 +1,1 @@
+"""ComfyUI-WanVideoWrapper's nodes, under its class names and input names."""
