@@ -36,6 +36,9 @@ class LoadedDiTPart:
 
 def _bytes_of(obj) -> int:
     mods = [obj.model] if isinstance(obj, LoadedDiTPart) else [getattr(obj, "model", obj)]
+    if hasattr(obj, "models") and hasattr(obj, "runtime"):  # a whole kinema.Pipeline (Kinema's own nodes)
+        mods = [getattr(getattr(obj.models, k, None), "model", getattr(obj.models, k, None))
+                for k in ("dit", "text_encoder", "vae", "clip")]
     total = 0
     for m in mods:
         if isinstance(m, torch.nn.Module):
@@ -113,6 +116,10 @@ class ModelCache:
             return kinema.load_clip_vision(r.path, dtype=dtype, device=device)
 
         return self._get(("clip", r.path, r.dtype, r.device), load)
+
+    def pipeline(self, r):
+        """A whole kinema.Pipeline for a frozen recipe with `load()` (kinema_nodes.PipelineRecipe)."""
+        return self._get(("pipeline", r), r.load)
 
 
 def _device_dtype(device, dtype, encoder: bool = False):
