@@ -66,8 +66,9 @@ def dpmpp_step(x, v, sigmas, i, state):
     return x_next, SolverState(x0s=(m0,))
 
 
-def _unipc_update(x, x0s, sigmas, s, t, order, m_new=None):
-    """UniPC update with B(h) = e^-h - 1 ("bh2") of x from sigmas[s] to sigmas[t] with predict-x0.
+def _unipc_update(x, x0s, sigmas, s, t, order, m_new=None, variant="bh2"):
+    """UniPC update with B(h) = e^-h - 1 ("bh2", Wan's) or B(h) = -h ("bh1") of x from sigmas[s] to sigmas[t]
+    with predict-x0.
 
     x0s are the x0 predictions at sigmas[s], sigmas[s - 1], ... (newest first).
     Without m_new it is the predictor UniP (order 1 or 2); with m_new, the x0
@@ -75,13 +76,16 @@ def _unipc_update(x, x0s, sigmas, s, t, order, m_new=None):
     """
     sigma_s, sigma_t = sigmas[s], sigmas[t]
     m0 = x0s[0]
-    x_t, bh = _exp_integrator(x, m0, sigma_s, sigma_t)  # bh2: B(h) = h*phi_1 = e^-h - 1 for predict-x0
+    x_t, h_phi_1 = _exp_integrator(x, m0, sigma_s, sigma_t)  # h*phi_1 = e^-h - 1 for predict-x0
     h = _lam(sigma_t) - _lam(sigma_s)
+    bh = h_phi_1 if variant == "bh2" else -h  # B(h)
     if order == 2:
         r = (_lam(sigmas[s - 1]) - _lam(sigma_s)) / h
         d1 = (x0s[1] - m0) / r
+    if m_new is None and order == 1:
+        return x_t  # the plain first-order step (bh1's B(h) is infinite at sigma 0)
     if m_new is None:
-        res = 0.5 * d1 if order == 2 else 0
+        res = 0.5 * d1
     else:
         dt = m_new - m0
         if order == 1:
@@ -89,7 +93,7 @@ def _unipc_update(x, x0s, sigmas, s, t, order, m_new=None):
         else:
             # rho solves [[1, 1], [r, 1]] rho = b, b_k = k! hh*phi_{k+1}(hh) / B(h), hh = -h (predict-x0)
             hh = -h
-            hh_phi_2 = bh / hh - 1
+            hh_phi_2 = h_phi_1 / hh - 1
             b1 = hh_phi_2 / bh
             b2 = 2 * (hh_phi_2 / hh - 0.5) / bh  # hh*phi_3(hh) = hh*phi_2(hh) / hh - 1/2
             rho0 = (b1 - b2) / (1 - r)
@@ -97,23 +101,45 @@ def _unipc_update(x, x0s, sigmas, s, t, order, m_new=None):
     return x_t - (1 - sigma_t) * bh * res
 
 
-def unipc_step(x, v, sigmas, i, state):
+def unipc_step(x, v, sigmas, i, state, variant="bh2"):
     """UniPC order 2, bh2: correct the last prediction with the new model output (UniC), then predict (UniP)."""
     m = x - sigmas[i] * v
     if state.x0s:
-        x = _unipc_update(state.last_x, state.x0s[::-1], sigmas, i - 1, i, state.last_order, m_new=m)
+        x = _unipc_update(state.last_x, state.x0s[::-1], sigmas, i - 1, i, state.last_order, m_new=m, variant=variant)
     # warm up from first order; lower_order_final: first order on the last step
     order = min(2, len(sigmas) - 1 - i, len(state.x0s) + 1)
     x0s = (state.x0s + (m,))[-2:]
-    x_next = _unipc_update(x, x0s[::-1], sigmas, i, i + 1, order)
+    x_next = _unipc_update(x, x0s[::-1], sigmas, i, i + 1, order, variant=variant)
     return x_next, SolverState(x0s=x0s, last_x=x, last_order=order)
 
 
+def unipc_bh1_step(x, v, sigmas, i, state):
+    """UniPC order 2 with B(h) = -h (bh1, ComfyUI's `uni_pc`); otherwise as `unipc_step`."""
+    return unipc_step(x, v, sigmas, i, state, variant="bh1")
+
+
+def kdiffusion_dpmpp_2m_step(x, v, sigmas, i, state):
+    """k-diffusion's DPM-Solver++(2M) (ComfyUI's `dpmpp_2m`): the same midpoint rule as `dpmpp_step` but in
+    t = -log(sigma), which is what it computes on a flow model; first order at the first and the last step."""
+    s0, t = sigmas[i], sigmas[i + 1]
+    m0 = x - s0 * v
+    if t == 0:
+        return m0, SolverState(x0s=(m0,))
+    ratio = t / s0  # sigma_fn(t_next) / sigma_fn(t);  -expm1(-h) = 1 - ratio
+    d = m0
+    if state.x0s:
+        r = math.log(sigmas[i - 1] / s0) / math.log(s0 / t)  # h_last / h
+        d = (1 + 1 / (2 * r)) * m0 - (1 / (2 * r)) * state.x0s[-1]
+    return ratio * x + (1 - ratio) * d, SolverState(x0s=(m0,))
+
+
 STEPS = {"euler": euler_step, "unipc": unipc_step, "dpm++": dpmpp_step}
-SOLVERS = tuple(STEPS)
+SOLVERS = tuple(STEPS)  # the official Wan solvers: what the Pipeline and the command line offer
+# ComfyUI's KSampler names whose maths differs from those (kinema/workflow/nodes/comfy.py); the one loop runs them.
+STEPS.update({"unipc_bh1": unipc_bh1_step, "dpmpp_2m": kdiffusion_dpmpp_2m_step})
 
 
 def check_solver(name: str) -> str:
-    if name not in STEPS:
+    if name not in STEPS:  # the ComfyUI-only steps too: the loop runs them for the workflow nodes
         raise KinemaError(f"unknown solver {name!r}; choose one of {', '.join(SOLVERS)}")
     return name
