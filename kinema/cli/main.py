@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train.add_parser(sub)
     evaluate.add_parser(sub)
+    from kinema.cli import run
+
+    run.add_parser(sub)
+    from kinema.cli import serve
+
+    serve.add_parser(sub)
     i = sub.add_parser("info", help="print the generation settings stored in a file")
     i.add_argument("--debug", action="store_true", help="show tracebacks")
     i.add_argument("file")
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         argv = _apply_from(parser, argv)
         args = parser.parse_args(argv)
-        args.run(args)
+        code = args.run(args)  # a command may return its exit code (kinema run: 1 for a refused workflow)
     except KinemaError as exc:
         if debug:
             raise
@@ -197,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kinema: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

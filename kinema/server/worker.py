@@ -1,0 +1,167 @@
+"""The one worker thread: takes jobs from the queue one at a time and runs them through one Executor,
+which keeps models loaded between prompts. Nothing a job does can stop the thread: every failure
+becomes the job's `execution_error` in the history.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import traceback
+
+from kinema.errors import Cancelled
+from kinema.server.hub import Hub
+from kinema.server.queue import Job, JobQueue
+
+log = logging.getLogger("kinema")
+
+# The events ComfyUI keeps in a history entry's status messages.
+STATUS_EVENTS = ("execution_start", "execution_cached", "execution_success", "execution_error", "execution_interrupted")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Worker(threading.Thread):
+    def __init__(self, queue: JobQueue, executor, hub: Hub):
+        super().__init__(name="kinema-worker", daemon=True)
+        self.queue, self.executor, self.hub = queue, executor, hub
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.flags: dict[str, bool] = {}
+        self.current: Job | None = None
+        self.cancel: threading.Event | None = None
+        self.last_node: str | None = None
+        self.idle = threading.Event()
+        self._lock = threading.Lock()
+
+    # -- called by the routes --------------------------------------------------------------------
+    def status(self) -> dict:
+        return {"exec_info": {"queue_remaining": self.queue.remaining()}}
+
+    def queue_changed(self) -> None:
+        self.hub.send("status", {"status": self.status()})
+        self.wake.set()
+
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        with self._lock:
+            job, cancel = self.current, self.cancel
+        if job is None or cancel is None or (prompt_id and prompt_id != job.prompt_id):
+            return False
+        cancel.set()
+        return True
+
+    def set_flag(self, name: str, value: bool) -> None:
+        with self._lock:
+            self.flags[name] = bool(value) or self.flags.get(name, False)
+        self.wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Clean shutdown: the running job is stopped and put back at the front of the queue."""
+        self.stopping.set()
+        self.interrupt()
+        self.wake.set()
+        if self.is_alive():
+            self.join(timeout)
+
+    # -- the thread ------------------------------------------------------------------------------
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self._apply_flags()
+                job = self.queue.take()
+            except Exception:
+                log.exception("worker: the queue could not be read")
+                self.stopping.wait(1.0)
+                continue
+            if job is None:
+                self.idle.set()
+                self.wake.wait(0.5)
+                self.wake.clear()
+                continue
+            self.idle.clear()
+            try:
+                self._run(job)
+            except Exception:  # recording the result failed; keep serving
+                log.exception("worker: job %s could not be recorded", job.prompt_id)
+
+    def _apply_flags(self) -> None:
+        with self._lock:
+            flags, self.flags = self.flags, {}
+        if flags.get("unload_models") or flags.get("free_memory"):
+            n = self.executor.models.free()
+            log.info("unloaded %d models", n)
+
+    def _run(self, job: Job) -> None:
+        sid = job.extra_data.get("client_id") if isinstance(job.extra_data.get("client_id"), str) else None
+        cancel = threading.Event()
+        with self._lock:
+            self.current, self.cancel = job, cancel
+        self.queue_changed()
+        messages: list = []
+        executed: list[str] = []
+        state = {"ended": False}
+
+        def listener(event: str, data: dict) -> None:
+            try:
+                if event in STATUS_EVENTS:
+                    messages.append([event, data])
+                    state["ended"] |= event in ("execution_success", "execution_error", "execution_interrupted")
+                if event == "preview":
+                    self.hub.send_preview(data.get("image"), sid)
+                    return
+                if event == "executing":
+                    self.last_node = data.get("node")
+                    if data.get("node") is None:  # sent by us once the history is written
+                        return
+                if event == "executed" and data.get("node") is not None:
+                    executed.append(str(data["node"]))
+                self.hub.send(event, data, sid)
+            except Exception:
+                log.exception("worker: event %s not forwarded", event)
+
+        outputs: dict = {}
+        status = "success"
+        log.info("running %s (attempt %d)", job.prompt_id, job.attempts)
+        try:
+            outputs = self.executor.execute(job.prompt, job.prompt_id, listener=listener, cancel=cancel,
+                                            extra_data=job.extra_data) or {}
+        except Cancelled:
+            status = "error"
+            if self.stopping.is_set():  # shutdown, not the user's interrupt: run it again at the next start
+                self.queue.release(job.prompt_id)
+                with self._lock:
+                    self.current = self.cancel = None
+                log.info("job %s put back on the queue for the next start", job.prompt_id)
+                return
+            if not state["ended"]:
+                listener("execution_interrupted", {"prompt_id": job.prompt_id, "node_id": self.last_node,
+                                                   "node_type": None, "executed": executed, "timestamp": now_ms()})
+        except Exception as exc:
+            status = "error"
+            if not state["ended"]:  # the executor failed before it could report it
+                log.exception("job %s failed", job.prompt_id)
+                listener("execution_error", {
+                    "prompt_id": job.prompt_id, "node_id": self.last_node, "node_type": None, "executed": executed,
+                    "exception_message": str(exc), "exception_type": type(exc).__name__,
+                    "traceback": traceback.format_exception(exc), "current_inputs": {}, "current_outputs": {},
+                    "timestamp": now_ms()})
+        else:
+            if any(m[0] in ("execution_error", "execution_interrupted") for m in messages):
+                status = "error"
+        meta = {nid: {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid} for nid in outputs}
+        self.queue.finish(job, _jsonable(outputs), status, messages, meta)
+        with self._lock:
+            self.current = self.cancel = None
+        self.last_node = None
+        self.queue_changed()
+        self.hub.send("executing", {"node": None, "prompt_id": job.prompt_id}, sid)
+        log.info("finished %s: %s", job.prompt_id, status)
+
+
+def _jsonable(outputs: dict) -> dict:
+    import json
+
+    return json.loads(json.dumps({str(k): v for k, v in outputs.items()}, default=str))
