@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     from kinema.cli import run
 
     run.add_parser(sub)
+    from kinema.cli import run
+
+    run.add_parser(sub)
     from kinema.cli import serve
 
     serve.add_parser(sub)
