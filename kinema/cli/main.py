@@ -54,9 +54,6 @@ def build_parser() -> argparse.ArgumentParser:
     from kinema.cli import run
 
     run.add_parser(sub)
-    from kinema.cli import run
-
-    run.add_parser(sub)
     from kinema.cli import serve
 
     serve.add_parser(sub)
