@@ -267,9 +267,15 @@ def test_failing_node_is_recorded_and_the_worker_survives(server):
     assert "failed on purpose with 3" in err["exception_message"] and err["prompt_id"] == bad
     entry = httpx.get(f"{server.url}/history/{bad}").json()[bad]
     assert entry["status"]["status_str"] == "error"
-    good = server.post(image_prompt(5, steps=1, delay=0, prefix="after_fail"), cid).json()["prompt_id"]
+    partly = image_prompt(5, steps=1, delay=0, prefix="after_fail")
+    partly["3"] = {"class_type": "KinemaTestSlowImage", "inputs": {**partly["2"]["inputs"], "steps": "many"}}
+    r = server.post(partly, cid).json()  # ComfyUI runs the outputs that validate and reports the others
+    assert list(r["node_errors"]) == ["3"] and r["node_errors"]["3"]["dependent_outputs"] == ["3"]
+    good = r["prompt_id"]
     msgs = messages_until_done(ws, good)
     assert any(isinstance(m, dict) and m["type"] == "execution_success" for m in msgs)
+    assert httpx.get(f"{server.url}/history/{good}").json()[good]["prompt"][4] == ["2"]
+    assert len(list(server.output.glob("after_fail_*.png"))) == 1
     ws.close()
 
 

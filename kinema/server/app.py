@@ -118,7 +118,7 @@ class Engine:
         from kinema.workflow.validate import PromptError, validate_prompt
 
         try:
-            return list(validate_prompt(prompt, self.context()))
+            return validate_prompt(prompt, self.context())  # a list of output ids, .node_errors: outputs left out
         except PromptError as e:
             raise PromptRefused(e.error, e.node_errors) from None
 
@@ -226,11 +226,13 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
                                        "and the server picks one."))
         if client_id is not None:
             extra_data["client_id"] = client_id
+        node_errors = getattr(outputs, "node_errors", None) or {}
+        outputs = list(outputs)
         try:
             queue.put(prompt_id, number, prompt, extra_data, outputs)
         except ValueError as e:  # NaN / infinity somewhere in the prompt: not JSON
             raise PromptRefused(_error("invalid_prompt", f"The prompt holds a value JSON cannot store: {e}."))
-        return {"prompt_id": prompt_id, "number": number, "node_errors": {}}
+        return {"prompt_id": prompt_id, "number": number, "node_errors": node_errors}
 
     def _guarded(fn, what: str):
         """Validation's own refusals pass through; anything else it raises is still the prompt's 400, logged."""
