@@ -21,7 +21,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m kinema.demo
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test browser
 	$(PY) -m pytest -q
 
 test-slow: $(VENV)/.installed-test
@@ -29,6 +29,21 @@ test-slow: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) bench/load_memory.py
+
+# -- the browser tests/test_web_page.py drives: Debian's chromium, installed when missing and run as root
+# (playwright comes with the test extras; `playwright install` needs a CDN, so the system browser is used).
+# Without one the page test is skipped and says why; set KINEMA_CHROMIUM to use another Chromium.
+.PHONY: browser
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium for tests/test_web_page.py (apt-get)"; \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)) >/dev/null 2>&1 || \
+	  echo "apt-get could not install chromium: tests/test_web_page.py will be skipped"; \
+	else \
+	  echo "no chromium and not root: tests/test_web_page.py will be skipped (sudo apt-get install chromium)"; \
+	fi
+# -- end of the browser block
 
 # Wheels the GPU machine's image lacks, for scripts/device_train.sh (carried there as .whl/).
 device-wheels:

@@ -465,6 +465,7 @@ function onMessage({ type, data }) {
       refreshQueue();
       break;
     case "execution_cached":
+      if ((data.nodes || []).length) $("progress-text").textContent = `${data.nodes.length} nodes from the cache`;
       break;
     case "executing":
       if (data.node === null || data.node === undefined) {  // the end of a prompt, its history written
