@@ -473,3 +473,30 @@ def test_token_required_beyond_localhost(tmp_path):
         assert httpx.get(url, headers={"Authorization": "Bearer s3cret", "Origin": "http://evil.example"}).status_code == 403
     finally:
         s.stop()
+
+
+def test_builtin_model_t2v_through_the_server(server):
+    """The ComfyUI core t2v graph on the built-in model, posted as a client would: progress per sampler step,
+    the saved WebP decoded (frames, size, a picture), and fetched back through /view."""
+    from kinema.media import read_video
+    from kinema.server.examples import t2v_prompt
+
+    cid = uuid.uuid4().hex
+    ws = server.ws(cid)
+    ws.recv()
+    r = server.post(t2v_prompt(width=64, height=48, length=5, steps=3, seed=5, prefix="builtin"), cid)
+    assert r.status_code == 200, r.text
+    pid = r.json()["prompt_id"]
+    msgs = messages_until_done(ws, pid, timeout=300)
+    ws.close()
+    events = [m for m in msgs if isinstance(m, dict)]
+    assert [m["type"] for m in events if m["type"].startswith("execution_")][-1] == "execution_success", events[-3:]
+    steps = [m["data"]["value"] for m in events if m["type"] == "progress" and m["data"]["node"] == "8"]
+    assert steps[-1] == 3 and steps == sorted(steps)
+    entry = httpx.get(f"{server.url}/history/{pid}").json()[pid]
+    (saved,) = entry["outputs"]["10"]["images"]
+    path = server.output / saved["subfolder"] / saved["filename"]
+    video = read_video(path)
+    assert tuple(video.frames.shape) == (5, 48, 64, 3) and video.frames.float().std() > 5
+    view = httpx.get(server.url + "/view", params={"filename": saved["filename"], "subfolder": saved["subfolder"]})
+    assert view.status_code == 200 and view.headers["content-type"] == "image/webp" and view.content == path.read_bytes()
