@@ -619,3 +619,24 @@ def test_kinema_run_bad_files(tmp_path, capsys):
     assert "T_Fail (node 2): T_Fail: bad value" in err and "Traceback" not in err
     with pytest.raises(WorkflowError):
         main(["run", str(fail), "--output", str(tmp_path / "o"), "--debug"])
+
+
+def test_kinema_run_ctrl_c_stops_cleanly(tmp_path, capsys):
+    import os
+    import signal
+
+    from kinema.cli.main import main
+
+    p = {"1": {"class_type": "T_Const", "inputs": {"value": 2}},
+         "2": {"class_type": "T_Slow", "inputs": {"x": ["1", 0], "steps": 300}},
+         "3": {"class_type": "T_Save", "inputs": {"x": ["2", 0], "filename_prefix": "never"}}}
+    wf = tmp_path / "slow.json"
+    wf.write_text(json.dumps(p))
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    t0 = time.monotonic()
+    assert main(["run", str(wf), "--output", str(tmp_path / "out")]) == 130
+    assert time.monotonic() - t0 < 3.0  # stopped at a step, not after 300 of them
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "T_Slow #2" in err  # the node's progress bar was shown
+    assert not list((tmp_path / "out").glob("never*"))

@@ -162,8 +162,7 @@ class _Bars:
                 self.bar = tqdm(total=data["max"], desc=f"{kind} #{data['node']}", file=sys.stderr, leave=True)
                 self.node = data["node"]
             self.bar.total = data["max"]
-            self.bar.n = data["value"]
-            self.bar.refresh()
+            self.bar.update(data["value"] - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
