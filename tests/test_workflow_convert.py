@@ -302,3 +302,49 @@ def test_converted_templates_validate_but_for_their_files(tmp_path, name, loader
     errors = {nid: [(e["type"], e["extra_info"].get("input_name")) for e in entry["errors"]]
               for nid, entry in info.value.node_errors.items()}
     assert errors == {nid: [("value_not_in_list", input_name)] for nid, input_name in loaders.items()}
+
+
+def _mutate(rng, value, depth=0):
+    """A random damage somewhere in a JSON structure."""
+    junk = [None, -1, 0, 10**30, float("nan"), "", "x", [], {}, [1, 2], {"id": None}, True, [[[[]]]]]
+    if isinstance(value, dict) and value and depth < 6 and rng.random() < 0.8:
+        key = rng.choice(list(value))
+        if rng.random() < 0.15:
+            del value[key]
+        else:
+            value[key] = _mutate(rng, value[key], depth + 1)
+        return value
+    if isinstance(value, list) and value and depth < 6 and rng.random() < 0.8:
+        i = rng.randrange(len(value))
+        if rng.random() < 0.15:
+            del value[i]
+        else:
+            value[i] = _mutate(rng, value[i], depth + 1)
+        return value
+    return rng.choice(junk)
+
+
+def test_damaged_ui_workflows_give_a_prompt_or_a_clear_error():
+    import copy
+    import random
+
+    from kinema.workflow.validate import PromptError, validate_prompt
+
+    rng = random.Random(7)
+    base = [_template(n) for n in ("text_to_video_wan.json", "image_to_video_wan.json", "wan2.1_flf2v_720_f16.json")]
+    outcomes = {"converted": 0, "refused": 0}
+    for _ in range(200):
+        wf = copy.deepcopy(rng.choice(base))
+        for _ in range(rng.randint(1, 4)):
+            wf = _mutate(rng, wf)
+        try:
+            api = to_api(wf)
+        except KinemaError:
+            outcomes["refused"] += 1
+            continue
+        outcomes["converted"] += 1
+        try:
+            validate_prompt(api)
+        except PromptError:
+            pass
+    assert outcomes["converted"] > 50 and outcomes["refused"] > 0, outcomes  # both paths taken

@@ -239,7 +239,7 @@ def test_node_error_is_reported_and_raised(ex):
     assert "T_Fail (node 2)" in str(info.value) and "no such thing" in str(info.value)
     err = rec.of("execution_error")[0]
     assert set(err) == {"prompt_id", "node_id", "node_type", "executed", "exception_message", "exception_type",
-                        "traceback", "current_inputs", "current_outputs"}
+                        "traceback", "current_inputs", "current_outputs", "timestamp"}
     assert err["node_id"] == "2" and err["node_type"] == "T_Fail" and err["executed"] == ["1"]
     assert err["exception_message"] == "T_Fail: no such thing" and err["traceback"] == []
     assert err["exception_type"] == "kinema.errors.KinemaError"
@@ -281,8 +281,9 @@ def test_progress_preview_and_cancel(ex):
     assert progress[0] == {"value": 1, "max": 50, "prompt_id": "c1", "node": "2"}
     assert [d["value"] for d in progress] == [1, 2, 3]
     assert rec.of("preview") == [{"image": "frame", "node": "2"}]
-    assert rec.of("execution_interrupted") == [{"prompt_id": "c1", "node_id": "2", "node_type": "T_Slow",
-                                                "executed": ["1"]}]
+    interrupted = rec.of("execution_interrupted")
+    assert len(interrupted) == 1 and isinstance(interrupted[0].pop("timestamp"), int)
+    assert interrupted == [{"prompt_id": "c1", "node_id": "2", "node_type": "T_Slow", "executed": ["1"]}]
     assert rec.types()[-1] == "executing" and rec[-1][1]["node"] is None
     assert "T_Out" not in CALLS
 

@@ -266,7 +266,7 @@ class _Run:
 
     def interrupted(self, nid: str, class_type: str):
         self.send("execution_interrupted", {"prompt_id": self.prompt_id, "node_id": nid, "node_type": class_type,
-                                            "executed": list(self.executed)})
+                                            "executed": list(self.executed), "timestamp": _now()})
         raise Cancelled(f"the prompt was interrupted at node {nid} ({class_type})")
 
     def failed(self, nid: str, class_type: str, exc: Exception, kwargs: dict):
@@ -276,7 +276,7 @@ class _Run:
             "exception_message": str(exc), "exception_type": _type_name(exc),
             "traceback": [] if user_error else traceback.format_tb(exc.__traceback__),
             "current_inputs": {k: [_format_value(v)] for k, v in kwargs.items()},
-            "current_outputs": list(self.executed),
+            "current_outputs": list(self.executed), "timestamp": _now(),
         }
         self.send("execution_error", event)
         message = str(exc) if user_error else f"{_type_name(exc)}: {exc}"
