@@ -78,7 +78,8 @@ def _unipc_update(x, x0s, sigmas, s, t, order, m_new=None, variant="bh2"):
     m0 = x0s[0]
     x_t, h_phi_1 = _exp_integrator(x, m0, sigma_s, sigma_t)  # h*phi_1 = e^-h - 1 for predict-x0
     h = _lam(sigma_t) - _lam(sigma_s)
-    bh = h_phi_1 if variant == "bh2" else -h  # B(h)
+    # B(h); a step from sigma 1 (lambda -inf) has h infinite, where only bh2's bounded B(h) -> -1 makes sense
+    bh = h_phi_1 if variant == "bh2" or math.isinf(h) else -h
     if order == 2:
         r = (_lam(sigmas[s - 1]) - _lam(sigma_s)) / h
         d1 = (x0s[1] - m0) / r

@@ -595,15 +595,17 @@ def save_target(ctx, filename_prefix: str, node_name: str):
     return folder, stem, counter + 1, subfolder
 
 
-def _metadata(ctx) -> dict:
+def _metadata(ctx, hidden: dict) -> dict:
+    """ComfyUI's: the API prompt under "prompt", and each extra_pnginfo entry (the UI "workflow") by its key."""
     meta = {}
-    if getattr(ctx, "prompt", None):
-        meta["prompt"] = ctx.prompt
-    meta.update(getattr(ctx, "extra_pnginfo", None) or {})
+    prompt = hidden.get("prompt") or getattr(ctx, "prompt", None)
+    if prompt:
+        meta["prompt"] = prompt
+    meta.update(hidden.get("extra_pnginfo") or getattr(ctx, "extra_pnginfo", None) or {})
     return meta
 
 
-def _write(ctx, node_name, frames, filename_prefix, ext, **writer):
+def _write(ctx, node_name, frames, filename_prefix, ext, hidden: dict, **writer):
     """One file `prefix_00001_.ext` through kinema.media.save_video (never overwrites; .partial until done)."""
     from kinema.media import save_video
 
@@ -613,7 +615,7 @@ def _write(ctx, node_name, frames, filename_prefix, ext, **writer):
         if not path.exists():
             break
         counter += 1
-    save_video(frames, path, metadata=_metadata(ctx) or None, **writer)
+    save_video(frames, path, metadata=_metadata(ctx, hidden) or None, **writer)
     return {"filename": path.name, "subfolder": subfolder, "type": "output"}, counter
 
 
@@ -626,12 +628,12 @@ _HIDDEN = {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}
 
 @node("SaveImage", required={"images": LINK("IMAGE"), "filename_prefix": STRING("ComfyUI")}, hidden=_HIDDEN,
       output_node=True, category="image")
-def save_image(ctx, images, filename_prefix="ComfyUI"):
+def save_image(ctx, images, filename_prefix="ComfyUI", **hidden):
     """Each image as `prefix_00001_.png`, the prompt and workflow in its metadata."""
     results = []
     frames = _uint8(images)
     for frame in frames:
-        saved, _ = _write(ctx, "SaveImage", frame[None], filename_prefix, "png", format="png")
+        saved, _ = _write(ctx, "SaveImage", frame[None], filename_prefix, "png", hidden, format="png")
         results.append(saved)
     return NodeOutput((), {"images": results})
 
@@ -640,8 +642,8 @@ def save_image(ctx, images, filename_prefix="ComfyUI"):
                                     "fps": FLOAT(6.0, 0.01, 1000.0, 0.01), "lossless": BOOLEAN(True),
                                     "quality": INT(80, 0, 100), "method": CHOICE(["default", "fastest", "slowest"])},
       hidden=_HIDDEN, output_node=True, category="image/animation")
-def save_animated_webp(ctx, images, filename_prefix, fps, lossless, quality, method="default"):
-    saved, _ = _write(ctx, "SaveAnimatedWEBP", _uint8(images), filename_prefix, "webp", format="webp",
+def save_animated_webp(ctx, images, filename_prefix, fps, lossless, quality, method="default", **hidden):
+    saved, _ = _write(ctx, "SaveAnimatedWEBP", _uint8(images), filename_prefix, "webp", hidden, format="webp",
                       frame_rate=float(fps), lossless=bool(lossless), quality=int(quality))
     return NodeOutput((), {"images": [saved], "animated": [len(images) != 1]})
 
@@ -651,8 +653,8 @@ def save_animated_webp(ctx, images, filename_prefix, fps, lossless, quality, met
                             "crf": FLOAT(32.0, 0, 63.0, 1, tooltip="Higher crf means lower quality with a smaller "
                                          "file size, lower crf means higher quality higher filesize.")},
       hidden=_HIDDEN, output_node=True, category="image/video")
-def save_webm(ctx, images, filename_prefix, codec, fps, crf):
-    saved, _ = _write(ctx, "SaveWEBM", _uint8(images), filename_prefix, "webm", format="webm", frame_rate=float(fps),
+def save_webm(ctx, images, filename_prefix, codec, fps, crf, **hidden):
+    saved, _ = _write(ctx, "SaveWEBM", _uint8(images), filename_prefix, "webm", hidden, format="webm", frame_rate=float(fps),
                       crf=int(crf))
     return NodeOutput((), {"images": [saved], "animated": [True]})
 
@@ -667,12 +669,12 @@ def create_video(ctx, images, fps, audio=None):
 @node("SaveVideo", required={"video": LINK("VIDEO"), "filename_prefix": STRING("video/ComfyUI"),
                              "format": CHOICE(["auto", "mp4"], "auto"), "codec": CHOICE(["auto", "h264"], "auto")},
       hidden=_HIDDEN, output_node=True, category="image/video", display_name="Save Video")
-def save_video_node(ctx, video: VideoValue, filename_prefix="video/ComfyUI", format="auto", codec="auto"):
+def save_video_node(ctx, video: VideoValue, filename_prefix="video/ComfyUI", format="auto", codec="auto", **hidden):
     """The video as `prefix_00001_.mp4` (H.264), the prompt and workflow in its metadata."""
     if video.audio is not None:
         raise _error("SaveVideo", "video", "has audio, which Kinema's writers cannot mux yet; leave CreateVideo's "
                      "audio unconnected.")
-    saved, _ = _write(ctx, "SaveVideo", _uint8(video.frames), filename_prefix, "mp4", format="h264-mp4",
+    saved, _ = _write(ctx, "SaveVideo", _uint8(video.frames), filename_prefix, "mp4", hidden, format="h264-mp4",
                       frame_rate=float(video.fps))
     return NodeOutput((), {"images": [saved], "animated": [True]})
 
