@@ -641,3 +641,29 @@ def test_kinema_run_ctrl_c_stops_cleanly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "interrupted" in err and "T_Slow #2" in err  # the node's progress bar was shown
     assert not list((tmp_path / "out").glob("never*"))
+
+
+def test_deeply_nested_values_are_refused(ex):
+    deep = 0
+    for _ in range(20000):
+        deep = [deep]
+    for value in (deep, {"__value__": deep}):
+        p = chain()
+        p["5"]["inputs"]["label"] = value
+        with pytest.raises(PromptError) as info:
+            ex.execute(p, "deep")
+        json.dumps(info.value.node_errors)
+        str(info.value)
+
+
+def test_non_deterministic_node_always_runs(ex):
+    from dataclasses import replace
+
+    NODES["T_Const"] = replace(NODES["T_Const"], deterministic=False)
+    try:
+        ex.execute(chain(), "a")
+        CALLS.clear()
+        ex.execute(chain(), "b")
+        assert CALLS == ["T_Const", "T_Seed", "T_Const", "T_Add", "T_Out"]  # both constants and all that follows
+    finally:
+        NODES["T_Const"] = replace(NODES["T_Const"], deterministic=True)

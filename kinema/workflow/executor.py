@@ -8,8 +8,8 @@ are kept. Messages go to a listener in ComfyUI's websocket types, order and shap
 
 from __future__ import annotations
 
-import copy
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -64,11 +64,14 @@ def _format_value(x):
     return str(x)[:200]
 
 
+_UNIQUE = itertools.count()
+
+
 def _json_key(value) -> str:
     try:
         return json.dumps(value, sort_keys=True, default=repr)
     except (TypeError, ValueError, RecursionError):
-        return repr(value)
+        return f"uncomparable {next(_UNIQUE)}"  # a value that cannot be written down never hits the cache
 
 
 class Executor:
@@ -84,7 +87,6 @@ class Executor:
         self.models = models if models is not None else ModelCache()
         self._cache: dict[str, _Cached] = {}
         self._lock = threading.Lock()
-        self._runs = 0
 
     def context(self, **kw) -> ExecutionContext:
         return ExecutionContext(self.folders, self.output_dir, self.input_dir, self.temp_dir, self.models, **kw)
@@ -111,10 +113,9 @@ class _Run:
         self.cancel = cancel if cancel is not None else threading.Event()
         self.extra_data = extra_data
         prompt = to_api(prompt) if is_ui_format(prompt) else prompt
-        self.prompt = copy.deepcopy(prompt) if isinstance(prompt, dict) else prompt  # validation coerces in place
+        self.prompt = _copy(prompt)  # validation coerces values in place
         self.ctx = ex.context(cancel=self.cancel, prompt_id=prompt_id, prompt=self.prompt,
                               extra_pnginfo=extra_data.get("extra_pnginfo"), preview=extra_data.get("preview", True))
-        ex._runs += 1
         self.executed: list[str] = []
 
     def send(self, event: str, data: dict) -> None:
@@ -207,7 +208,7 @@ class _Run:
                     widgets[name] = value
                     parts.append(f"{name}={_json_key(value)}")
             if not definition.deterministic:
-                parts.append(f"run {id(self)} {self.ex._runs}")
+                parts.append(f"run {next(_UNIQUE)}")
             elif definition.fingerprint is not None:
                 parts.append(f"fingerprint={self.fingerprint(nid, definition, widgets)}")
             sig[nid] = hashlib.sha256("\n".join(parts).encode()).hexdigest()
@@ -218,9 +219,9 @@ class _Run:
             value = definition.fingerprint(self.node_ctx(nid), **widgets)
         except Exception as exc:  # the node runs and reports the problem itself
             log.debug("fingerprint of node %s failed: %s", nid, exc)
-            return f"failed {id(self)} {self.ex._runs}"
+            return f"failed {next(_UNIQUE)}"
         if isinstance(value, float) and math.isnan(value):  # ComfyUI's IS_CHANGED: NaN means always changed
-            return f"nan {id(self)} {self.ex._runs}"
+            return f"nan {next(_UNIQUE)}"
         return _json_key(value)
 
     def node_ctx(self, nid: str) -> ExecutionContext:
@@ -281,6 +282,20 @@ class _Run:
         self.send("execution_error", event)
         message = str(exc) if user_error else f"{_type_name(exc)}: {exc}"
         raise WorkflowError(f"{class_type} (node {nid}): {message}", nid, class_type, event) from exc
+
+
+def _copy(prompt):
+    """The levels validation writes to (the prompt, each record, its inputs), copied; values are shared."""
+    if not isinstance(prompt, dict):
+        return prompt
+    out = {}
+    for nid, record in prompt.items():
+        if isinstance(record, dict):
+            record = dict(record)
+            if isinstance(record.get("inputs"), dict):
+                record["inputs"] = dict(record["inputs"])
+        out[nid] = record
+    return out
 
 
 def _safe_info(definition: NodeDef, ctx) -> dict:
