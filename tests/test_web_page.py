@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -64,13 +65,16 @@ def browser_exe(request):
 
 @pytest.fixture(scope="module")
 def server(browser_exe, tmp_path_factory):
-    root = tmp_path_factory.mktemp("web")
+    yield from serve(tmp_path_factory.mktemp("web"))
+
+
+def serve(root: Path, *extra: str):
     (root / "models" / "loras").mkdir(parents=True)
     port = free_port()
     kinema = Path(sys.executable).with_name("kinema")
     cmd = [str(kinema) if kinema.exists() else sys.executable, *([] if kinema.exists() else ["-m", "kinema.cli.main"]),
            "serve", "--port", str(port), "--output", str(root / "output"), "--input", str(root / "input"),
-           "--models", str(root / "models")]
+           "--models", str(root / "models"), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     log = open(root / "server.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=root)
@@ -80,37 +84,49 @@ def server(browser_exe, tmp_path_factory):
         try:
             urllib.request.urlopen(base + "/system_stats", timeout=2).read()
             break
+        except urllib.error.HTTPError:  # up, and asking for its token
+            break
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
                 pytest.fail(f"kinema serve did not start:\n{(root / 'server.log').read_text()[-3000:]}")
             time.sleep(0.2)
-    yield base, root
-    proc.terminate()
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        yield base, root
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
 
 
 @pytest.fixture(scope="module")
-def page(request, browser_exe, server):
+def browser(request, browser_exe):
     from playwright.sync_api import sync_playwright
 
-    exe = browser_exe
     with sync_playwright() as p:
         try:
-            browser = p.chromium.launch(executable_path=exe, args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
+            b = p.chromium.launch(executable_path=browser_exe,
+                                  args=["--no-sandbox", "--autoplay-policy=no-user-gesture-required"])
         except Exception as e:  # a browser that cannot start here (no display libraries, ...)
-            skip(request, f"{exe} did not start under playwright: {str(e).splitlines()[0]}")
-        pg = browser.new_page(viewport={"width": 1280, "height": 1000})
-        errors = []
-        pg.on("pageerror", lambda e: errors.append(str(e)))
-        pg.goto(server[0] + "/")
-        pg.errors = errors
-        yield pg
-        browser.close()
+            skip(request, f"{browser_exe} did not start under playwright: {str(e).splitlines()[0]}")
+        yield b
+        b.close()
+
+
+def open_page(browser, url, **context):
+    pg = browser.new_context(viewport={"width": 1280, "height": 1000}, **context).new_page()
+    pg.errors = []
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    pg.goto(url)
+    return pg
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    return open_page(browser, server[0] + "/")
 
 
 # Records every change of the progress bar and the preview image, with the page's clock.
@@ -226,13 +242,81 @@ def test_page_runs_t2v_and_run_again(page, server):
     pg.screenshot(path=str(ROOT / "docs" / "web-page.png"), full_page=True)
 
 
-def test_page_reports_missing_inputs_and_loads_a_workflow(page, server):
-    pg = page
+def test_page_uploads_an_image_and_a_video(page, server):
+    import numpy as np
+    from PIL import Image
+
+    from kinema.media import save_video
+
+    pg, root = page, server[1]
+    rng = np.random.default_rng(1)
+    still = root / "first.png"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(still)
     pg.click("#tasks [data-task=i2v]")
-    assert pg.is_visible(".upload[data-for=image]") and not pg.is_visible(".upload[data-for=video]")
+    pg.fill("#prompt", PROMPT)
+    pg.fill("#frame_num", "9")
+    pg.fill("#steps", "3")
+    pg.set_input_files("#file-image", str(still))
+    pg.wait_for_function("document.querySelector('.upload[data-for=image] .status').textContent === 'first.png'",
+                         timeout=10_000)
+    pg.wait_for_function("document.querySelector('.upload[data-for=image] .thumb').naturalWidth === 64",
+                         timeout=10_000)  # the upload shown back through /view?type=input
+    assert (root / "input" / "first.png").read_bytes() == still.read_bytes()
+    before = pg.eval_on_selector("#result-media", "v => v.dataset.promptId")
     pg.click("#generate")
-    pg.wait_for_function("[...document.querySelectorAll('.message.error')].some(m => m.textContent.includes('i2v "
-                         "needs image'))", timeout=5_000)
+    i2v = wait_result(pg, not_id=before)
+    name = pg.eval_on_selector("#download", "a => a.download")
+    meta = read_metadata(root / "output" / name)
+    assert meta["task"] == "i2v" and meta["frame_num"] == 9
+    prompt = json.load(urllib.request.urlopen(server[0] + "/history/" + i2v))[i2v]["prompt"][2]
+    assert {"class_type": "LoadImage", "inputs": {"image": "first.png"}} in prompt.values()
+
+    # v2v: a clip uploaded through /upload/image (as VHS's page does) and read by KinemaLoadVideo.
+    clip = root / "source.mp4"
+    save_video(rng.integers(0, 256, (9, 64, 64, 3), dtype=np.uint8), clip, format="h264-mp4", frame_rate=8)
+    pg.click("#tasks [data-task=v2v]")
+    assert pg.is_visible("#denoise") and not pg.is_visible(".upload[data-for=image]")
+    pg.set_input_files("#file-video", str(clip))
+    pg.wait_for_function("document.querySelector('.upload[data-for=video] .status').textContent === 'source.mp4'",
+                         timeout=10_000)
+    pg.fill("#denoise", "0.5")
+    pg.click("#generate")
+    v2v = wait_result(pg, not_id=i2v)
+    meta = read_metadata(root / "output" / pg.eval_on_selector("#download", "a => a.download"))
+    assert meta["task"] == "v2v" and meta["denoise"] == 0.5 and meta["frame_num"] == 9
+    prompt = json.load(urllib.request.urlopen(server[0] + "/history/" + v2v))[v2v]["prompt"][2]
+    assert any(n["class_type"] == "KinemaLoadVideo" and n["inputs"]["video"] == "source.mp4" for n in prompt.values())
+    assert pg.errors == []
+
+
+def ui_workflow(seed: int) -> dict:
+    """A ComfyUI UI-format graph of Kinema's nodes (widgets_values in declaration order, the seed's control
+    value after it), as the graph editor saves one."""
+    loader = {"id": 10, "type": "KinemaPipelineLoader", "mode": 0, "inputs": [],
+              "outputs": [{"name": "pipeline", "type": "KINEMA_PIPELINE", "links": [1]}],
+              "widgets_values": ["builtin", "default", "disabled", "auto", 0, "auto", "auto", "auto", "none", 1.0,
+                                 "none", 1.0]}
+    gen = {"id": 11, "type": "KinemaGenerate", "mode": 0,
+           "inputs": [{"name": "pipeline", "type": "KINEMA_PIPELINE", "link": 1}],
+           "outputs": [{"name": "frames", "type": "IMAGE", "links": [2]}, {"name": "fps", "type": "FLOAT", "links": []},
+                       {"name": "settings", "type": "STRING", "links": [3]}],
+           "widgets_values": ["t2i", "a green triangle", "", 64, 64, 1, 2, seed, "fixed", -1.0, 0.0, "euler", "off",
+                              "auto", 1.0]}
+    save = {"id": 12, "type": "KinemaSaveVideo", "mode": 0,
+            "inputs": [{"name": "images", "type": "IMAGE", "link": 2}, {"name": "settings", "type": "STRING", "link": 3}],
+            "outputs": [], "widgets_values": [8.0, "png", "ui"]}
+    return {"last_node_id": 12, "last_link_id": 3, "nodes": [loader, gen, save],
+            "links": [[1, 10, 0, 11, 0, "KINEMA_PIPELINE"], [2, 11, 0, 12, 0, "IMAGE"], [3, 11, 2, 12, 1, "STRING"]],
+            "version": 0.4}
+
+
+def test_page_reports_missing_inputs_and_loads_workflows(page, server):
+    pg, root = page, server[1]
+    pg.click("#tasks [data-task=flf2v]")
+    assert pg.is_visible(".upload[data-for=last_frame]") and not pg.is_visible(".upload[data-for=video]")
+    pg.click("#generate")
+    pg.wait_for_function("[...document.querySelectorAll('.message.error')].some(m => m.textContent.includes('flf2v "
+                         "needs first frame'))", timeout=5_000)
 
     # An API-format prompt file: offered in a banner, its settings put into the form.
     prompt = {"1": {"class_type": "KinemaPipelineLoader", "inputs": {"ckpt": "builtin", "dtype": "default",
@@ -245,7 +329,7 @@ def test_page_reports_missing_inputs_and_loads_a_workflow(page, server):
               "3": {"class_type": "KinemaSaveVideo", "inputs": {"images": ["2", 0], "fps": ["2", 1],
                                                                "settings": ["2", 2], "format": "png",
                                                                "filename_prefix": "loaded"}}}
-    path = server[1] / "api.json"
+    path = root / "api.json"
     path.write_text(json.dumps(prompt))
     pg.set_input_files("#load-file", str(path))
     pg.wait_for_selector("#loaded:not([hidden])", timeout=5_000)
@@ -254,8 +338,60 @@ def test_page_reports_missing_inputs_and_loads_a_workflow(page, server):
     assert pg.input_value("#seed") == "11" and pg.input_value("#solver") == "euler"
     before = pg.eval_on_selector("#result-media", "v => v.dataset.promptId")
     pg.click("#loaded-queue")
-    wait_result(pg, not_id=before)
+    api_run = wait_result(pg, not_id=before)
     assert pg.eval_on_selector("#result-media", "v => v.tagName") == "IMG"
     assert "loaded_00001.png" in pg.get_attribute("#download", "href")
     assert pg.eval_on_selector("#result-media", "v => v.naturalWidth") == 64
+
+    # A UI-format workflow goes to POST /prompt as it is; the server converts it.
+    path = root / "ui.json"
+    path.write_text(json.dumps(ui_workflow(seed=12)))
+    pg.set_input_files("#load-file", str(path))
+    pg.wait_for_function("document.getElementById('loaded-text').textContent.includes('UI format')", timeout=5_000)
+    pg.click("#loaded-queue")
+    wait_result(pg, not_id=api_run)
+    assert "ui_00001.png" in pg.get_attribute("#download", "href")
+    meta = read_metadata(root / "output" / "ui_00001.png")
+    assert meta["seed"] == 12 and meta["prompt"] == "a green triangle" and meta["solver"] == "euler"
+
+    # A broken workflow is refused with a message; the page carries on.
+    bad = ui_workflow(seed=13)
+    bad["nodes"][1]["type"] = "NoSuchNode"
+    path.write_text(json.dumps(bad))
+    pg.set_input_files("#load-file", str(path))
+    pg.wait_for_selector("#loaded:not([hidden])", timeout=5_000)
+    pg.click("#loaded-queue")
+    pg.wait_for_function("[...document.querySelectorAll('.message.error')].some(m => m.textContent.includes("
+                         "'NoSuchNode'))", timeout=10_000)
+    path.write_text("{not json")
+    pg.set_input_files("#load-file", str(path))
+    pg.wait_for_function("[...document.querySelectorAll('.message.error')].some(m => m.textContent.includes("
+                         "'is not valid JSON'))", timeout=5_000)
     assert pg.errors == []
+
+
+def test_page_with_a_token(browser, tmp_path_factory):
+    """A server with --token: the page opened as /?token=T sends it on every request (and the websocket and
+    /view); the browser's basic-auth login (the token as password) works as well."""
+    gen = serve(tmp_path_factory.mktemp("token"), "--token", "s3cret")
+    base, root = next(gen)
+    try:
+        for n, (url, credentials) in enumerate([(base + "/?token=s3cret", None),
+                                                (base + "/", {"username": "me", "password": "s3cret"})]):
+            pg = open_page(browser, url, http_credentials=credentials)  # a fresh context: no cookie
+            pg.wait_for_function("document.querySelector('#ckpt option[value=builtin]') !== null", timeout=20_000)
+            pg.wait_for_function("document.getElementById('connection').textContent === 'connected'", timeout=20_000)
+            pg.click("#tasks [data-task=t2i]")
+            pg.fill("#prompt", "a white circle")
+            pg.fill("#width", "64")
+            pg.fill("#height", "64")
+            pg.fill("#steps", "2")
+            pg.fill("#seed", str(n))
+            pg.click("#generate")
+            wait_result(pg)
+            assert pg.eval_on_selector("#result-media", "v => v.naturalWidth") == 64
+            assert pg.get_attribute("#download", "href").endswith("token=s3cret") == (credentials is None)
+            assert pg.errors == []
+            pg.context.close()
+    finally:
+        gen.close()
