@@ -204,6 +204,10 @@ def test_cache_keeps_the_latest_prompt_only(ex):
     CALLS.clear()
     ex.execute(chain(value=2), "c")  # the first prompt's outputs were dropped with it
     assert CALLS == ["T_Const", "T_Seed", "T_Add", "T_Out"]  # node 3 (value 5) is shared, cached
+    ex.reset()
+    CALLS.clear()
+    ex.execute(chain(value=2), "d")
+    assert len(CALLS) == 5
 
 
 def test_values_coerced_before_running(ex):

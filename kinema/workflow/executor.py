@@ -96,6 +96,11 @@ class Executor:
         ctx = self.context()
         return {name: _safe_info(d, ctx) for name, d in sorted(NODES.items())}
 
+    def reset(self) -> None:
+        """Forget every cached node output (ComfyUI's POST /free with free_memory); models stay loaded."""
+        with self._lock:
+            self._cache.clear()
+
     # -- running a prompt ----------------------------------------------------------------------------------
     def execute(self, prompt: dict, prompt_id: str, *, listener: Listener | None = None,
                 cancel: threading.Event | None = None, extra_data: dict | None = None) -> dict:
