@@ -90,12 +90,21 @@ def t_flaky(ctx, x):
     return (x,)
 
 
+CTRL_C_AT = {"step": None}  # the step at which T_Slow presses Ctrl-C (SIGINT to this process)
+
+
 @standin("T_Slow", required={"x": LINK("NUMBER"), "steps": INT(5, min=1, max=1000)}, outputs=("NUMBER",))
 def t_slow(ctx, x, steps):
+    import os
+    import signal
+
     CALLS.append("T_Slow")
     for i in range(steps):
         if ctx.cancel.is_set():
             raise Cancelled("stopped")
+        if i == CTRL_C_AT["step"]:
+            CTRL_C_AT["step"] = None
+            os.kill(os.getpid(), signal.SIGINT)
         time.sleep(0.01)
         ctx.progress(i + 1, steps, preview="frame" if i == 0 else None)
     return (x,)
@@ -627,9 +636,6 @@ def test_kinema_run_bad_files(tmp_path, capsys):
 
 
 def test_kinema_run_ctrl_c_stops_cleanly(tmp_path, capsys):
-    import os
-    import signal
-
     from kinema.cli.main import main
 
     p = {"1": {"class_type": "T_Const", "inputs": {"value": 2}},
@@ -637,8 +643,7 @@ def test_kinema_run_ctrl_c_stops_cleanly(tmp_path, capsys):
          "3": {"class_type": "T_Save", "inputs": {"x": ["2", 0], "filename_prefix": "never"}}}
     wf = tmp_path / "slow.json"
     wf.write_text(json.dumps(p))
-    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
+    CTRL_C_AT["step"] = 20
     t0 = time.monotonic()
     assert main(["run", str(wf), "--output", str(tmp_path / "out")]) == 130
     assert time.monotonic() - t0 < 3.0  # stopped at a step, not after 300 of them
