@@ -546,3 +546,38 @@ def test_ksampler_graph_against_the_pipeline(tmp_path):
     assert 0.05 < diff < 2 and departure > 1e-2, (diff, departure)  # measured 0.44 levels, latents 0.23 apart
     first = comfy.ksampler_sigmas("euler", "simple", steps, 3.0)
     assert first[0] == 1.0 and abs(sigmas[0].item() - 0.999 * 3 / (1 + 2 * 0.999)) < 1e-6
+
+
+def test_vae_nodes(comfy_models, tmp_path):
+    """VAEEncode crops to the VAE's stride (centred) and to 4n + 1 frames; VAEDecode gives the frames as one
+    batch; VAEDecodeTiled (Kinema's tiles) stays close to the untiled decode; CLIPVisionEncode crops square."""
+    root, _ = comfy_models
+    ctx = make_ctx(tmp_path, ModelFolders(root))
+    (vae,) = comfy.vae_loader(ctx, VAE_NAME)
+    torch.manual_seed(2)
+    pixels = torch.rand(7, 70, 131, 3)
+    (latent,) = comfy.vae_encode(ctx, pixels, vae)
+    assert latent["samples"].shape == (1, 16, 2, 8, 16)  # 5 frames of 64x128 (70 -> 64 rows, 131 -> 128 columns)
+    v = ctx.models.vae(vae)
+    want = v.encode(pixels[None, :5, 3:67, 1:129].permute(0, 4, 1, 2, 3) * 2 - 1)
+    assert torch.allclose(latent["samples"], want, atol=1e-5)
+    (frames,) = comfy.vae_decode(ctx, latent, vae)
+    assert frames.shape == (5, 64, 128, 3) and 0 <= frames.min() and frames.max() <= 1
+    two = {"samples": torch.cat([latent["samples"], latent["samples"]])}
+    assert comfy.vae_decode(ctx, two, vae)[0].shape == (10, 64, 128, 3)
+    from kinema.memory.vae_tiling import TiledVAE
+
+    big = {"samples": torch.randn(1, 16, 1, 16, 40)}
+    (untiled,) = comfy.vae_decode(ctx, big, vae)
+    (tiled,) = comfy.vae_decode_tiled(ctx, big, vae, 128, 64, 64, 8)  # 3 x 1 tiles of 16 latent pixels
+    assert torch.equal(tiled, comfy._to_image(TiledVAE(v, (128, 128), overlap=16).decode(big["samples"])))
+    err = (tiled - untiled).abs()
+    assert tiled.shape == untiled.shape and 0 < err.mean() < 5e-3 and err.max() < 0.1, (err.mean(), err.max())
+    (cv,) = comfy.clip_vision_loader(ctx, CLIP_NAME)
+    clip = ctx.models.clip_vision(cv)
+    image = torch.rand(1, 40, 60, 3)
+    none = comfy.clip_vision_encode(ctx, cv, image, "none")[0].tokens
+    center = comfy.clip_vision_encode(ctx, cv, image, "center")[0].tokens
+    assert none.shape == center.shape == (1, 257, 64)
+    assert torch.allclose(none, clip.encode(image.movedim(-1, 1) * 2 - 1), atol=1e-5)
+    assert torch.allclose(center, clip.encode(image[:, :, 10:50].movedim(-1, 1) * 2 - 1), atol=1e-5)

@@ -15,8 +15,8 @@ Where the numbers differ from ComfyUI's, and why:
   variance-exploding parametrisation and ends at sigma 0.001. dpmpp_2m is k-diffusion's (in -log sigma).
 - An i2v DiT sampled without an image condition gets ComfyUI's zeros, except the built-in model, which gets
   the condition it was trained with for t2v (the latent of a blank video), as kinema.Pipeline gives it.
-- VAEDecodeTiled tiles with Kinema's TiledVAE (tile and overlap in pixels); the VAE decodes causally frame
-  by frame, so temporal_size / temporal_overlap have nothing to split and are accepted only.
+- VAEDecodeTiled tiles with Kinema's TiledVAE (tile and overlap in pixels, the overlap at least Kinema's own);
+  the VAE decodes causally frame by frame, so temporal_size / temporal_overlap have nothing to split.
 - SaveAnimatedWEBP's `method` is Pillow's default (4) whatever is chosen; SaveWEBM writes VP9 only; the
   prompt and workflow go into the writers' metadata (JSON, read back by kinema.media.read_metadata).
 """
@@ -549,13 +549,14 @@ def vae_decode(ctx, samples, vae):
                                   "temporal_size": INT(64, 8, 4096, 4), "temporal_overlap": INT(8, 4, 4096, 4)},
       outputs=("IMAGE",), category="_for_testing")
 def vae_decode_tiled(ctx, samples, vae, tile_size, overlap=64, temporal_size=64, temporal_overlap=8):
-    from kinema.memory.vae_tiling import MIN_TILE, TiledVAE
+    """Decoded on tile_size-pixel tiles; overlapping by `overlap` pixels or by Kinema's own overlap (16 latent
+    pixels, at most half a tile), whichever is larger: its seam blend needs that much."""
+    from kinema.memory.vae_tiling import MIN_TILE, OVERLAP, TiledVAE
 
     v = _vae(ctx, vae, "VAEDecodeTiled")
     r = v.spatial_ratio
     tile = max(tile_size // r * r, MIN_TILE * r)
-    overlap = min(overlap, tile // 4) // r  # ComfyUI caps the overlap at a quarter tile
-    return (_decode(TiledVAE(v, (tile, tile), overlap=max(overlap, 1)), samples["samples"]),)
+    return (_decode(TiledVAE(v, (tile, tile), overlap=max(overlap // r, OVERLAP)), samples["samples"]),)
 
 
 @node("VAEEncode", required={"pixels": LINK("IMAGE"), "vae": LINK("VAE")}, outputs=("LATENT",), category="latent")
