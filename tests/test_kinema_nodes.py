@@ -13,7 +13,9 @@ import torch
 import kinema
 from kinema.errors import Cancelled, KinemaError
 from kinema.media import read_metadata, read_video, save_video
+from kinema.builtin import builtin_path
 from kinema.workflow.context import ExecutionContext, ModelCache, Progress
+from kinema.workflow.folders import ModelFolders
 from kinema.workflow.nodes import kinema_nodes as kn
 from kinema.workflow.types import NODES, NodeOutput
 
@@ -22,35 +24,20 @@ SMALL = dict(task="t2v", prompt=PROMPT, negative_prompt="", width=64, height=64,
              guide_scale=-1.0, shift=0.0, solver="unipc", cache="off", vae_tile="auto")
 
 
-class Folders:
-    """The built-in model's names plus a loras/ folder: what ModelFolders lists, for these nodes' needs."""
-
-    def __init__(self, root: Path):
-        self.root = root
-
-    def list(self, kind):
-        folder = self.root / kind
-        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-
-    def path(self, kind, name):
-        p = self.root / kind / name
-        if not p.exists():
-            raise KinemaError(f"{name} is not in {self.root / kind}")
-        return p
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("nodes")
     for d in ("models/diffusion_models", "models/vae", "models/text_encoders", "output", "input", "temp"):
         (root / d).mkdir(parents=True)
     (root / "models/diffusion_models/lone_dit.safetensors").write_bytes(b"")
+    (root / "models/diffusion_models/mini").symlink_to(builtin_path() / "transformer")  # a DiT folder (config.json)
     return root, ModelCache()
 
 
 def make_ctx(world, **kw):
     root, cache = world
-    return ExecutionContext(Folders(root / "models"), root / "output", root / "input", root / "temp", models=cache, **kw)
+    return ExecutionContext(ModelFolders(root / "models"), root / "output", root / "input", root / "temp", models=cache,
+                            **kw)
 
 
 def run(name, ctx, **inputs):
@@ -179,7 +166,7 @@ def test_errors_name_the_node_and_input(world):
         run("KinemaGenerate", ctx, pipeline=recipe, **{**SMALL, "height": 0})
     with pytest.raises(KinemaError, match="KinemaGenerate.steps"):
         run("KinemaGenerate", ctx, pipeline=recipe, **{**SMALL, "steps": 5000})
-    with pytest.raises(KinemaError, match="lone_dit.safetensors' is a single DiT file; choose its text_encoder and vae"):
+    with pytest.raises(KinemaError, match="lone_dit.safetensors' is a DiT alone; choose its text_encoder and vae"):
         run("KinemaPipelineLoader", ctx, ckpt="lone_dit.safetensors", dtype="default", quantization="disabled",
             attention="auto", blocks_to_swap=0)
     with pytest.raises(KinemaError, match="KinemaPipelineLoader.blocks_to_swap"):
@@ -190,7 +177,8 @@ def test_errors_name_the_node_and_input(world):
 def test_object_info(world):
     ctx = make_ctx(world)
     info = NODES["KinemaPipelineLoader"].object_info(ctx)
-    assert info["input"]["required"]["ckpt"][0] == ["builtin", "lone_dit.safetensors"]
+    assert info["input"]["required"]["ckpt"][0] == ["builtin", "lone_dit.safetensors", "mini"]
+    assert info["input"]["optional"]["vae"][0] == ["auto", "kinema_builtin_vae.safetensors"]
     assert info["output"] == ["KINEMA_PIPELINE"]
     gen = NODES["KinemaGenerate"].object_info(ctx)
     assert gen["input"]["required"]["seed"][1]["control_after_generate"] is True
@@ -199,3 +187,22 @@ def test_object_info(world):
     save = NODES["KinemaSaveVideo"].object_info(ctx)
     assert save["output_node"] is True and "h264-mp4" in save["input"]["required"]["format"][0]
     assert NODES["KinemaLoadVideo"].object_info(ctx)["input"]["required"]["video"][1]["video_upload"] is True
+
+
+def test_a_dit_folder_with_parts_from_the_folders(world):
+    """ckpt from diffusion_models/ plus text_encoder and vae from their folders: the same model set as builtin,
+    so the same frames; a LoRA name that is not in loras/ is refused naming the folder."""
+    ctx = make_ctx(world)
+    (recipe,) = run("KinemaPipelineLoader", ctx, ckpt="mini", dtype="default", quantization="disabled",
+                    attention="auto", blocks_to_swap=0, text_encoder="kinema_builtin_umt5.safetensors",
+                    vae="kinema_builtin_vae.safetensors")
+    assert recipe.dit.endswith("mini") and recipe.ckpt is None and recipe.vae.endswith("vae")
+    frames, _, s = run("KinemaGenerate", ctx, pipeline=recipe, **SMALL)
+    same, _, _ = run("KinemaGenerate", ctx, pipeline=builtin_recipe(ctx), **SMALL)
+    assert torch.equal(frames, same) and json.loads(s)["model"].endswith("transformer")  # the link resolved
+    with pytest.raises(KinemaError, match="ckpt builtin uses its own parts; set vae to auto"):
+        run("KinemaPipelineLoader", ctx, ckpt="builtin", dtype="default", quantization="disabled", attention="auto",
+            blocks_to_swap=0, vae="kinema_builtin_vae.safetensors")
+    with pytest.raises(KinemaError, match="loras file 'missing.safetensors' not found"):
+        run("KinemaPipelineLoader", ctx, ckpt="builtin", dtype="default", quantization="disabled", attention="auto",
+            blocks_to_swap=0, lora_1="missing.safetensors")

@@ -90,8 +90,8 @@ def _quantizations(ctx=None) -> list[str]:
 @node("KinemaPipelineLoader", category=CATEGORY, display_name="Kinema Pipeline Loader", outputs=("KINEMA_PIPELINE",),
       output_names=("pipeline",),
       required={
-          "ckpt": CHOICE(_checkpoints, default=BUILTIN, tooltip="builtin: the shipped model; a checkpoint folder or "
-                         "a DiT file in diffusion_models/ (a file needs text_encoder and vae)"),
+          "ckpt": CHOICE(_checkpoints, default=BUILTIN, tooltip="builtin: the shipped model; a checkpoint folder, "
+                         "or a DiT file or folder in diffusion_models/ with text_encoder and vae chosen below"),
           "dtype": CHOICE(DTYPES, tooltip="the DiT's weights; default: bf16 on CUDA, fp32 on the CPU"),
           "quantization": CHOICE(_quantizations, default="disabled", tooltip="store the DiT's block weights in fp8"),
           "attention": CHOICE(ATTENTION),
@@ -125,12 +125,12 @@ def load_pipeline(ctx, ckpt, dtype, quantization, attention, blocks_to_swap, tex
         where = {}
     else:
         path = ctx.folders.path("diffusion_models", ckpt)
-        if Path(path).is_dir():
+        if Path(path).is_dir() and not (parts["t5"] or parts["vae"]):  # a whole checkpoint folder
             where = {"ckpt": str(path)}
-        else:
+        else:  # a DiT file or DiT folder, with its parts from the other folders
             missing = [k for k, v in (("text_encoder", parts["t5"]), ("vae", parts["vae"])) if not v]
             if missing:
-                raise KinemaError(f"KinemaPipelineLoader: ckpt {ckpt!r} is a single DiT file; choose its "
+                raise KinemaError(f"KinemaPipelineLoader: ckpt {ckpt!r} is a DiT alone; choose its "
                                   f"{' and '.join(missing)} (files in text_encoders/ and vae/).")
             where = {"dit": str(path)}
     recipe = PipelineRecipe(**where, **{k: v for k, v in parts.items() if v}, loras=loras,
