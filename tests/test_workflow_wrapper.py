@@ -315,21 +315,83 @@ def test_t2v_example_workflow_runs(ctx):
     assert ui["30"]["gifs"][0]["filename"] == "WanVideo2_1_T2V_00002.mp4"
 
 
-def test_i2v_example_workflow_runs(ctx):
+def test_i2v_example_workflow_runs(tmp_path, models):
+    """The wrapper's I2V example, UI format, through the Executor (its first i2v node, WanVideoImageClipEncode,
+    still with the input name `clip` it had in March 2025)."""
     from PIL import Image
 
-    prompt = json.loads((WORKFLOWS / "wanvideo_480p_I2V_example_01_api.json").read_text())
-    Image.fromarray((np.indices((96, 128)).sum(0) % 255).astype(np.uint8)).convert("RGB").save(ctx.input_dir / "oldman_upscaled.png")
-    prompt = with_sets(prompt, {"22.model": DIT, "22.base_precision": "fp32", "22.quantization": "disabled",
-                                "11.model_name": T5, "11.precision": "fp32", "21.model_name": VAE, "21.precision": "fp32",
-                                "13.model_name": CLIP, "13.precision": "fp32", "32.blocks_to_swap": 0,
-                                "17.generation_width": 64, "17.generation_height": 48, "17.num_frames": 5,
-                                "27.steps": 2})
-    if "LoadImage" not in NODES or prompt["18"]["class_type"] != "LoadImage":
-        pytest.skip("ComfyUI's LoadImage node is not registered")
-    ui = run_prompt(prompt, ctx)
+    from kinema.workflow.convert import to_api
+    from kinema.workflow.executor import Executor
+
+    ex = Executor(folders(), tmp_path / "output", tmp_path / "input", tmp_path / "temp", models=models)
+    ex.input_dir.mkdir(parents=True)
+    image = np.stack([*np.meshgrid(np.linspace(0, 255, 128), np.linspace(0, 255, 96)), np.full((96, 128), 40.0)], -1)
+    Image.fromarray(image.astype(np.uint8)).save(ex.input_dir / "oldman_upscaled.png")
+    ui_workflow = json.loads((WORKFLOWS / "wanvideo_480p_I2V_example_01.json").read_text())
+    prompt = with_sets(to_api(ui_workflow), {
+        "22.model": DIT, "22.base_precision": "fp32", "22.quantization": "disabled", "11.model_name": T5,
+        "11.precision": "fp32", "21.model_name": VAE, "21.precision": "fp32", "13.model_name": CLIP,
+        "13.precision": "fp32", "32.blocks_to_swap": 0, "17.generation_width": 64, "17.generation_height": 64,
+        "17.num_frames": 5, "27.steps": 2})
+    ui = ex.execute(prompt, "i2v")
     rec = ui["30"]["gifs"][0]
     assert rec["filename"] == "WanVideo2_1_00001.mp4"
     video = read_video(rec["fullpath"])
-    # the official i2v size rule at 64x48 pixels for a 4:3 image: 48 x 64 (rows x columns)
+    # the official i2v size rule at about 64x64 pixels for a 4:3 image: 48 rows x 64 columns
     assert video.frames.shape == (5, 48, 64, 3) and abs(video.fps - 16) < 1e-3
+    assert ui["38"]["text"] == ["5x64x48"]  # GetImageSizeAndCount saw the decoded frames
+
+
+# -- the same examples as files: UI format -> the Executor ------------------------------------------------
+T2V_SETS = {"22.model": DIT, "22.base_precision": "fp32", "22.quantization": "disabled", "11.model_name": T5,
+            "11.precision": "fp32", "38.model_name": VAE, "38.precision": "fp32", "39.blocks_to_swap": 2,
+            "37.width": 64, "37.height": 64, "37.num_frames": 5, "27.steps": 3, "16.positive_prompt": PROMPT,
+            # The March 2025 block swap node had one widget; ComfyUI's frontend gives widgets added since their
+            # defaults when it loads such a workflow (kinema.workflow.convert does not yet).
+            "39.offload_img_emb": False, "39.offload_txt_emb": False}
+
+
+def test_ui_examples_convert_and_run_through_the_executor(tmp_path, models):
+    from kinema.workflow.convert import to_api
+    from kinema.workflow.executor import Executor
+
+    for name in ("wanvideo_T2V_example_01", "wanvideo_480p_I2V_example_01"):
+        api = to_api(json.loads((WORKFLOWS / f"{name}.json").read_text()))
+        stored = json.loads((WORKFLOWS / f"{name}_api.json").read_text())
+        assert {k: (v["class_type"], v["inputs"]) for k, v in api.items()} == \
+               {k: (v["class_type"], v["inputs"]) for k, v in stored.items()}, name
+
+    ex = Executor(folders(), tmp_path / "output", tmp_path / "input", tmp_path / "temp", models=models)
+    ui_workflow = json.loads((WORKFLOWS / "wanvideo_T2V_example_01.json").read_text())
+    events = []
+    with pytest.raises(KinemaError, match=r"WanVideoSampler\.feta_args: Enhance-A-Video"):
+        ex.execute(with_sets(to_api(ui_workflow), T2V_SETS), "p1", listener=lambda e, d: events.append((e, d)))
+    failed = [d for e, d in events if e == "execution_error"]
+    assert len(failed) == 1 and failed[0]["node_type"] == "WanVideoSampler" and failed[0]["node_id"] == "27"
+
+    for n in ui_workflow["nodes"]:
+        if n["type"] == "HyVideoEnhanceAVideo":
+            n["mode"] = 2  # muted in the editor
+    prompt = with_sets(to_api(ui_workflow), T2V_SETS)
+    events.clear()
+    ui = ex.execute(prompt, "p2", listener=lambda e, d: events.append((e, d)),
+                    extra_data={"extra_pnginfo": {"workflow": ui_workflow}})
+    rec = ui["30"]["gifs"][0]
+    assert rec["filename"] == "WanVideo2_1_T2V_00001.mp4" and rec["type"] == "output"
+    video = read_video(rec["fullpath"])
+    assert video.frames.shape == (5, 64, 64, 3) and abs(video.fps - 16) < 1e-3
+    steps = [d for e, d in events if e == "progress" and d["node"] == "27"]
+    assert [d["value"] for d in steps] == [1, 2, 3] and steps[-1]["max"] == 3
+    assert any(e == "preview" and d["node"] == "27" for e, d in events)  # step previews from the sampler
+    from kinema.media import read_metadata
+
+    assert read_metadata(rec["fullpath"])["workflow"]["nodes"]  # the UI workflow embedded, as VHS does
+
+    events.clear()
+    prompt["27"]["inputs"]["seed"] = 7  # only the sampler and what follows run again
+    ui = ex.execute(prompt, "p3", listener=lambda e, d: events.append((e, d)))
+    cached = next(d["nodes"] for e, d in events if e == "execution_cached")
+    assert {"11", "16", "22", "37", "38", "39"} <= set(cached) and not {"27", "28", "30"} & set(cached)
+    assert ui["30"]["gifs"][0]["filename"] == "WanVideo2_1_T2V_00002.mp4"
+    other = read_video(ui["30"]["gifs"][0]["fullpath"]).frames.float()
+    assert (other - video.frames.float()).abs().mean() > 1  # a different seed, a different clip
