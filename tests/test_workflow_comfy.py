@@ -291,7 +291,11 @@ def test_load_image_mask_fingerprint_and_escape(tmp_path):
     assert mask[0, :2].eq(1).all() and mask[0, 2:].eq(0).all()
     Image.fromarray(rgba[..., :3]).save(tmp_path / "input" / "b.jpg")
     assert comfy.load_image(ctx, "b.jpg")[1].shape == (1, 64, 64)
-    assert comfy._input_files(ctx) == ["a.png", "b.jpg"]
+    (tmp_path / "input" / "sub").mkdir()
+    Image.fromarray(rgba).save(tmp_path / "input" / "sub" / "c.png")
+    (tmp_path / "input" / "notes.txt").write_text("x")
+    assert comfy._input_files(ctx) == ["a.png", "b.jpg", "sub/c.png"]
+    assert comfy.load_image(ctx, "sub/c.png")[0].shape == (1, 6, 8, 3)
     before = comfy._image_fingerprint(ctx, image="a.png")
     Image.fromarray(255 - rgba, "RGBA").save(tmp_path / "input" / "a.png")
     assert comfy._image_fingerprint(ctx, image="a.png") != before
@@ -581,3 +585,20 @@ def test_vae_nodes(comfy_models, tmp_path):
     assert none.shape == center.shape == (1, 257, 64)
     assert torch.allclose(none, clip.encode(image.movedim(-1, 1) * 2 - 1), atol=1e-5)
     assert torch.allclose(center, clip.encode(image[:, :, 10:50].movedim(-1, 1) * 2 - 1), atol=1e-5)
+
+
+def test_ui_format_given_to_the_executor_as_it_is(comfy_models, tmp_path):
+    """The t2v template's model names are the fixture's files: only its size and steps are changed (in the UI
+    format's widget values) and the workflow goes to the executor unconverted; seed control 'randomize' stays."""
+    pytest.importorskip("kinema.workflow.executor")
+    from kinema.workflow.executor import Executor
+
+    root, _ = comfy_models
+    workflow = _template("text_to_video_wan.json")
+    nodes = {n["type"]: n for n in workflow["nodes"]}
+    nodes["EmptyHunyuanLatentVideo"]["widgets_values"] = [48, 32, 9, 1]
+    nodes["KSampler"]["widgets_values"][2] = 2  # steps
+    ex = Executor(ModelFolders(root, builtin=False), tmp_path / "output", tmp_path / "input", tmp_path / "temp")
+    ui = ex.execute(workflow, "p1")
+    (saved,) = ui.values()
+    assert _frames(tmp_path / "output" / "video" / saved["images"][0]["filename"]) == (9, 32, 48)

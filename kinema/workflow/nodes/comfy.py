@@ -13,6 +13,8 @@ Where the numbers differ from ComfyUI's, and why:
 - uni_pc / uni_pc_bh2 are Wan's flow UniPC (order 2, lambda = log((1 - sigma) / sigma), B(h) = -h or e^-h - 1)
   on ComfyUI's sigmas (penultimate sigma dropped, as ComfyUI does); ComfyUI's runs order 3 in a
   variance-exploding parametrisation and ends at sigma 0.001. dpmpp_2m is k-diffusion's (in -log sigma).
+- Several start (or end) frames: the condition's mask marks each known pixel frame (the engine's builder);
+  ComfyUI marks whole latent frames. One image, as in every published workflow, gives the same mask.
 - An i2v DiT sampled without an image condition gets ComfyUI's zeros, except the built-in model, which gets
   the condition it was trained with for t2v (the latent of a blank video), as kinema.Pipeline gives it.
 - VAEDecodeTiled tiles with Kinema's TiledVAE (tile and overlap in pixels, the overlap at least Kinema's own);
@@ -65,10 +67,14 @@ def _files(kind: str):
 
 
 def _input_files(ctx) -> list[str]:
+    """The images in the input folder, uploads to a subfolder as 'sub/name.png' (what /upload/image answers)."""
     folder = getattr(ctx, "input_dir", None)
     if folder is None or not Path(folder).is_dir():
         return []
-    return sorted(f.name for f in Path(folder).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+    root = Path(folder)
+    return sorted(f.relative_to(root).as_posix() for f in root.rglob("*")
+                  if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                  and not any(p.startswith(".") for p in f.relative_to(root).parts))
 
 
 def _error(node_name: str, input_name: str, why: str) -> KinemaError:
