@@ -131,8 +131,10 @@ def page(browser, server):
 
 # Records every change of the progress bar and the preview image, with the page's clock.
 WATCH = """() => {
-  window.samples = []; window.previews = 0;
+  window.samples = []; window.previews = 0; window.queued = [];
   const bar = document.getElementById('progress'), img = document.getElementById('preview');
+  new MutationObserver(() => document.querySelectorAll('#queue li').forEach(li => queued.push(li.textContent)))
+    .observe(document.getElementById('queue'), {childList: true, subtree: true});
   new MutationObserver(() => samples.push([performance.now(), Number(bar.value), Number(bar.max)]))
     .observe(bar, {attributes: true, attributeFilter: ['value', 'max']});
   new MutationObserver(() => { if (img.src.startsWith('blob:')) previews++; })
@@ -182,6 +184,7 @@ def test_page_runs_t2v_and_run_again(page, server):
     times = [t for t, v, m in samples if m == STEPS and 0 < v <= STEPS]
     assert times[-1] - times[0] > 100, samples  # rising over time (ms), as the steps ran
     assert pg.evaluate("previews") >= STEPS // 2  # step previews from the websocket's binary frames
+    assert any("running · t2v: " + PROMPT in q for q in pg.evaluate("queued")), pg.evaluate("queued")
 
     # The result plays: its duration is frames / fps and its clock advances.
     pg.evaluate("document.getElementById('result-media').play()")
@@ -353,6 +356,29 @@ def test_page_reports_missing_inputs_and_loads_workflows(page, server):
     assert "ui_00001.png" in pg.get_attribute("#download", "href")
     meta = read_metadata(root / "output" / "ui_00001.png")
     assert meta["seed"] == 12 and meta["prompt"] == "a green triangle" and meta["solver"] == "euler"
+
+    # A Kinema PNG (its text chunk) and a gif / webp sidecar .json give their settings back to the form.
+    pg.fill("#seed", "0")
+    pg.set_input_files("#load-file", str(root / "output" / "ui_00001.png"))
+    pg.wait_for_function("document.getElementById('seed').value === '12'", timeout=5_000)
+    assert pg.input_value("#prompt") == "a green triangle"
+    sidecar = root / "clip.gif.json"
+    sidecar.write_text(json.dumps({**meta, "task": "t2v", "seed": 77, "frame_num": 9, "format": "gif"}))
+    pg.set_input_files("#load-file", str(sidecar))
+    pg.wait_for_function("document.getElementById('seed').value === '77'", timeout=5_000)
+    assert pg.eval_on_selector("#tasks [aria-selected=true]", "b => b.dataset.task") == "t2v"
+    assert pg.input_value("#frame_num") == "9" and pg.input_value("#format") == "gif"
+
+    # Stop: POST /interrupt ends a long run part-way, said on the page.
+    pg.fill("#steps", "200")
+    pg.fill("#frame_num", "17")
+    pg.evaluate(WATCH)
+    pg.click("#generate")
+    pg.wait_for_function("samples.some(([t, v, m]) => m === 200 && v >= 2)", timeout=30_000)
+    pg.click("#interrupt")
+    pg.wait_for_function("document.getElementById('progress-text').textContent === 'interrupted'", timeout=10_000)
+    assert pg.is_visible(".message.info >> text=interrupted")
+    assert max(v for _, v, m in pg.evaluate("samples") if m == 200) < 200
 
     # A broken workflow is refused with a message; the page carries on.
     bad = ui_workflow(seed=13)
