@@ -577,7 +577,14 @@ function historyCard(id, entry) {
   card.dataset.promptId = id;
   const media = document.createElement("div");
   media.className = "media";
-  if (files.length) media.append(mediaElement(files[files.length - 1], { controls: false }));
+  if (files.length) {  // still until hovered: a long history must not play dozens of clips at once
+    const el = mediaElement(files[files.length - 1], { controls: false, autoplay: false });
+    if (el.tagName === "VIDEO") {
+      media.onmouseenter = () => el.play().catch(() => {});
+      media.onmouseleave = () => el.pause();
+    }
+    media.append(el);
+  }
   else media.textContent = status.status_str === "error" ? "failed" : "no file";
   const title = document.createElement("p");
   title.className = "title";
