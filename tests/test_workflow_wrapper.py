@@ -112,6 +112,10 @@ def test_t2v_sampler_equals_pipeline(ctx, pipe, scheduler, solver):
         assert (images - expect).abs().max().item() <= 1e-6
         other = sample(ctx, model, t5, embeds, seed=43)  # and the seed matters
         assert (other - got).abs().max().item() > 1e-2
+        # an i2v-type model's t2v through WanVideoImageToVideoEncode with no image: the same empty condition
+        (empty,) = call("WanVideoImageToVideoEncode", ctx, width=64, height=64, num_frames=17, noise_aug_strength=0.0,
+                        start_latent_strength=1.0, end_latent_strength=1.0, vae=vae)
+        assert (sample(ctx, model, t5, empty) - got).abs().max().item() <= 1e-6
 
 
 def test_i2v_and_flf2v_equal_pipeline(ctx, pipe):
@@ -171,6 +175,28 @@ def test_cache_and_v2v_equal_pipeline(ctx, pipe):
     ref = pipe(PROMPT, size="64*64", frame_num=17, steps=STEPS, shift=3.0, guide_scale=4.0, seed=42, negative_prompt="",
                latents=latent["samples"][0], denoise=0.5, decode=False, progress=False)
     assert (got[0] - ref.latents.cpu()).abs().max().item() <= 1e-6
+
+
+def test_lora_select_chains_into_the_model_recipe(tmp_path):
+    from kinema.workflow.folders import ModelFolders
+
+    (tmp_path / "loras" / "style").mkdir(parents=True)
+    for name in ("a.safetensors", "style/b.safetensors"):
+        (tmp_path / "loras" / name).write_bytes(b"")
+    ctx = ExecutionContext(ModelFolders(tmp_path), tmp_path, tmp_path, tmp_path)
+    assert NODES["WanVideoLoraSelect"].inputs["lora"].choices(ctx) == ["a.safetensors", "style/b.safetensors"]
+    (one,) = call("WanVideoLoraSelect", ctx, lora="a.safetensors", strength=0.75)
+    (two,) = call("WanVideoLoraSelect", ctx, lora="style/b.safetensors", strength=0.0, prev_lora=one)  # 0: left out
+    (three,) = call("WanVideoLoraSelect", ctx, lora="style/b.safetensors", strength=-0.5, prev_lora=two)
+    (swap,) = call("WanVideoBlockSwap", ctx, blocks_to_swap=3, offload_img_emb=False, offload_txt_emb=False,
+                   prefetch_blocks=2)
+    (model,) = call("WanVideoModelLoader", ctx, model=DIT, base_precision="bf16", quantization="fp8_e4m3fn",
+                    load_device="offload_device", attention_mode="sdpa", lora=three, block_swap_args=swap)
+    assert model.loras == ((str(tmp_path / "loras" / "a.safetensors"), 0.75),
+                           (str(tmp_path / "loras" / "style" / "b.safetensors"), -0.5))
+    assert (model.dtype, model.quantization, model.blocks_to_swap, model.prefetch_blocks) == ("bf16", "fp8_e4m3fn", 3, 2)
+    with pytest.raises(KinemaError, match="WanVideoLoraSelect.merge_loras"):
+        call("WanVideoLoraSelect", ctx, lora="a.safetensors", strength=1.0, merge_loras=False)
 
 
 # -- what Kinema does not have yet is an error naming the node and input ---------------------------

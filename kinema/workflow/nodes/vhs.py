@@ -101,7 +101,8 @@ def video_combine(ctx, images, frame_rate, loop_count, filename_prefix="AnimateD
     choices = _widget_values(format)
     pix_fmt = pix_fmt or defaults.get("pix_fmt")
     if "pix_fmt" in choices and pix_fmt not in choices["pix_fmt"]:
-        raise KinemaError(f"{n}.pix_fmt {pix_fmt!r} does not go with {format}; use one of {', '.join(choices['pix_fmt'])}.")
+        raise KinemaError(f"{n}.pix_fmt {pix_fmt!r} does not go with {format}; "
+                          f"use one of {', '.join(choices['pix_fmt'])}.")
     if format == "video/ProRes":
         if profile not in PRORES_PIX_FMT:
             raise KinemaError(f"{n}.profile {profile!r} is not supported; use one of {', '.join(PRORES_PIX_FMT)}.")
@@ -127,7 +128,8 @@ def video_combine(ctx, images, frame_rate, loop_count, filename_prefix="AnimateD
         metadata = {**({"prompt": prompt} if prompt else {}), **(extra_pnginfo or {})}
     folder.mkdir(parents=True, exist_ok=True)
     out = save_video(video, folder, format=writer, frame_rate=float(frame_rate),
-                     loop_count=0 if is_video else int(loop_count), crf=int(crf if crf is not None else defaults.get("crf", 19)),
+                     loop_count=0 if is_video else int(loop_count),
+                     crf=int(crf if crf is not None else defaults.get("crf", 19)),
                      pix_fmt=pix_fmt, lossless=bool(lossless), filename_prefix=name, metadata=metadata or None)
     files = [str(out)]
     first = out.with_suffix(".png").name  # the video's counter: prefix_00001.png beside prefix_00001.mp4, as VHS
