@@ -16,7 +16,7 @@ from kinema.errors import Cancelled, KinemaError
 from kinema.workflow.context import ExecutionContext, ModelCache, Progress
 from kinema.workflow.folders import ModelFolders
 from kinema.workflow.nodes import comfy
-from kinema.workflow.values import Conditioning, DiTRecipe, TextEncoderRecipe, VAERecipe
+from kinema.workflow.values import Conditioning
 
 TEMPLATES = Path(__import__("comfyui_workflow_templates_json").__file__).parent / "templates"
 WORDS = "a an the red green blue yellow white purple circle square triangle moving left right up down on black gray background"
@@ -274,7 +274,8 @@ def test_loader_nodes_and_errors(comfy_models, tmp_path):
     k = NODES["KSampler"].object_info()["input"]["required"]
     assert {"euler", "dpmpp_2m", "uni_pc", "uni_pc_bh2"} <= set(k["sampler_name"][0]) and "simple" in k["scheduler"][0]
     assert k["seed"][1]["control_after_generate"] and k["denoise"][1] == {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}
-    assert NODES["SaveVideo"].object_info()["output_node"] and NODES["LoadImage"].object_info(ctx)["input"]["required"]["image"][1]["image_upload"]
+    assert NODES["SaveVideo"].object_info()["output_node"]
+    assert NODES["LoadImage"].object_info(ctx)["input"]["required"]["image"][1]["image_upload"]
 
 
 def test_load_image_mask_fingerprint_and_escape(tmp_path):

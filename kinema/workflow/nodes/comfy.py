@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from kinema.errors import KinemaError
-from kinema.workflow.folders import BUILTIN, ModelFolders
+from kinema.workflow.folders import ModelFolders
 from kinema.workflow.types import BOOLEAN, CHOICE, FLOAT, INT, LINK, STRING, NodeOutput, node
 from kinema.workflow.values import (ClipVisionOutput, ClipVisionRecipe, Conditioning, DiTRecipe, TextEncoderRecipe,
                                     VAERecipe, VideoValue)
@@ -686,4 +686,4 @@ def save_video_node(ctx, video: VideoValue, filename_prefix="video/ComfyUI", for
     return NodeOutput((), {"images": [saved], "animated": [True]})
 
 
-__all__ = ["BUILTIN", "common_upscale", "ksampler_sigmas", "run_sampler", "save_target", "scheduler_sigmas"]
+__all__ = ["common_upscale", "ksampler_sigmas", "run_sampler", "save_target", "scheduler_sigmas"]
