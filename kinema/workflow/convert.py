@@ -147,6 +147,9 @@ class _Graph:
                 i += 1  # the frontend's "control after generate" widget
             elif inp.upload and nxt == inp.upload:
                 i += 1  # the upload button
+        for name, inp in widgets:  # a workflow saved before a widget existed: the frontend gives it its default
+            if name not in out and inp.default is not None:
+                out[name] = inp.default
         return out
 
     def api_node(self, nid: str, node: dict) -> dict:
