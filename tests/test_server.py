@@ -380,7 +380,9 @@ def test_sigkill_mid_job_then_restart(tmp_path):
     ws = s.ws(cid)
     ws.recv()
     a = s.post(image_prompt(1, steps=400, delay=0.05, prefix="a"), cid).json()["prompt_id"]
-    rest = [s.post(image_prompt(20 + i, steps=1, delay=0, prefix=f"r{i}"), cid).json()["prompt_id"] for i in range(3)]
+    # r0 goes to the front: after a restart only the interrupted job's own rule puts A before it
+    rest = [s.post(image_prompt(20 + i, steps=4, delay=0.25, prefix=f"r{i}"), cid, front=i == 0).json()["prompt_id"]
+            for i in range(3)]
 
     def kill_during_a(server, ws):
         while True:
@@ -401,7 +403,10 @@ def test_sigkill_mid_job_then_restart(tmp_path):
     s = Server(tmp_path, output=out, port=s.port)
     ws = s.wait_ready().ws(cid)
     ws.recv()
-    assert [i[1] for i in httpx.get(s.url + "/queue").json()["queue_running"]] == [a]  # again, first
+    running = []
+    while not running:
+        running = [i[1] for i in httpx.get(s.url + "/queue").json()["queue_running"]]
+    assert running == [a]  # again, first
     kill_during_a(s, ws)
     s = Server(tmp_path, output=out, port=s.port).wait_ready()
     try:
@@ -500,3 +505,27 @@ def test_builtin_model_t2v_through_the_server(server):
     assert tuple(video.frames.shape) == (5, 48, 64, 3) and video.frames.float().std() > 5
     view = httpx.get(server.url + "/view", params={"filename": saved["filename"], "subfolder": saved["subfolder"]})
     assert view.status_code == 200 and view.headers["content-type"] == "image/webp" and view.content == path.read_bytes()
+
+
+def test_sigterm_puts_the_running_job_back(tmp_path):
+    """A clean stop (SIGTERM, Ctrl-C) interrupts the running job and queues it again first, its attempt not counted."""
+    out = tmp_path / "output"
+    s = Server(tmp_path, output=out).wait_ready()
+    ws = s.ws("t")
+    ws.recv()
+    a = s.post(image_prompt(4, steps=40, delay=0.05, prefix="term"), "t").json()["prompt_id"]
+    while not (isinstance(m := ws.recv(), str) and json.loads(m)["type"] == "progress"):
+        pass
+    ws.close()
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+    db = sqlite3.connect(out / ".kinema" / "queue.sqlite")
+    assert db.execute("SELECT prompt_id, state, attempts, resume FROM queue").fetchall() == [(a, "pending", 0, 1)]
+    db.close()
+    s = Server(tmp_path, output=out, port=s.port).wait_ready()
+    try:
+        hist = wait_history(s, 1)
+        assert hist[a]["status"]["status_str"] == "success"
+        assert len(list(out.glob("term_*"))) == 1
+    finally:
+        s.stop()
