@@ -371,10 +371,9 @@ def test_i2v_example_workflow_runs(tmp_path, models):
 # -- the same examples as files: UI format -> the Executor ------------------------------------------------
 T2V_SETS = {"22.model": DIT, "22.base_precision": "fp32", "22.quantization": "disabled", "11.model_name": T5,
             "11.precision": "fp32", "38.model_name": VAE, "38.precision": "fp32", "39.blocks_to_swap": 2,
-            "37.width": 64, "37.height": 64, "37.num_frames": 5, "27.steps": 3, "16.positive_prompt": PROMPT,
-            # The March 2025 block swap node had one widget; ComfyUI's frontend gives widgets added since their
-            # defaults when it loads such a workflow (kinema.workflow.convert does not yet).
-            "39.offload_img_emb": False, "39.offload_txt_emb": False}
+            "37.width": 64, "37.height": 64, "37.num_frames": 5, "27.steps": 3, "16.positive_prompt": PROMPT}
+# The March 2025 block swap node had one widget: the ones added since take their defaults in to_api, as ComfyUI's
+# frontend gives them when it loads such a workflow (offload_img_emb / offload_txt_emb False, in the stored API copy).
 
 
 def test_ui_examples_convert_and_run_through_the_executor(tmp_path, models):

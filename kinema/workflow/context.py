@@ -102,9 +102,10 @@ class ModelCache:
     def vae(self, r: VAERecipe):
         import kinema
 
-        def load():
+        def load():  # the VAE computes in fp32 or bf16: bf16 (and fp16, asked for) only on CUDA, fp32 on the CPU
             device, _ = _device_dtype(r.device, None)
-            return kinema.load_vae(r.path, device=device)
+            dtype = torch.bfloat16 if device.type == "cuda" and r.dtype in ("bf16", "fp16") else torch.float32
+            return kinema.load_vae(r.path, dtype=dtype, device=device)
 
         return self._get(("vae", r.path, r.dtype, r.device), load)
 
@@ -135,9 +136,18 @@ def _load_dit(r: DiTRecipe) -> LoadedDiTPart:
     from kinema.memory.block_swap import check_block_swap
     from kinema.pipeline.load import LoadOptions, load_dit_part
 
+    fp8_fast = r.fp8_fast and r.quantization not in (None, "auto")
+    if fp8_fast:
+        from kinema.ops.fp8 import fp8_fast_unavailable
+
+        reason = fp8_fast_unavailable(LoadOptions(device=r.device).check(complete=False)[1].device)
+        if reason:  # ComfyUI's `_fast` modes fall back the same way where fp8 matmuls are missing
+            log.warning("fp8 fast matmuls are not available (%s): the fp8 weights are upcast per layer instead", reason)
+            fp8_fast = False
     opts, runtime = LoadOptions(dit=r.path, loras=r.loras, dtype=r.dtype, device=r.device, quantization=r.quantization,
                                 blocks_to_swap=r.blocks_to_swap, prefetch_blocks=r.prefetch_blocks,
-                                attention=r.attention, compile=r.compile or False).check(complete=False)
+                                attention=r.attention, compile=r.compile or False,
+                                fp8_fast=fp8_fast).check(complete=False)
     ckpt = open_dit(r.path)
     prefetch = check_block_swap(ckpt.model.config.num_layers, r.blocks_to_swap, r.prefetch_blocks) if r.blocks_to_swap else 0
     loaded, placement, compiled = load_dit_part(opts, runtime, ckpt, prefetch)

@@ -31,11 +31,12 @@ class DiTRecipe:
     prefetch_blocks: int | None = None
     compile: str | None = None
     device: str | None = None
+    fp8_fast: bool = False  # fp8 matmuls (ComfyUI's `fp8_e4m3fn_fast`); upcast per layer where the device has none
 
     def load_key(self) -> tuple:
         """What decides the loaded weights (shift does not)."""
         return (self.path, self.dtype, self.quantization, self.loras, self.attention, self.blocks_to_swap,
-                self.prefetch_blocks, self.compile, self.device)
+                self.prefetch_blocks, self.compile, self.device, self.fp8_fast)
 
 
 @dataclass(frozen=True)

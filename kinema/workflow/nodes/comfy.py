@@ -128,7 +128,7 @@ def unet_loader(ctx, unet_name, weight_dtype):
     if weight_dtype not in WEIGHT_DTYPES:
         raise _error("UNETLoader", "weight_dtype", f"{weight_dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}.")
     path = _model_path(ctx, "UNETLoader", "unet_name", "diffusion_models", unet_name)
-    return (DiTRecipe(path, quantization=WEIGHT_DTYPES[weight_dtype]),)
+    return (DiTRecipe(path, quantization=WEIGHT_DTYPES[weight_dtype], fp8_fast=weight_dtype.endswith("_fast")),)
 
 
 @node("CLIPLoader", required={"clip_name": CHOICE(_files("text_encoders")), "type": CHOICE(CLIP_TYPES)},
@@ -196,7 +196,7 @@ def _image_fingerprint(ctx, image=None, **_):
 
 
 @node("LoadImage", required={"image": CHOICE(_input_files, upload="image")}, outputs=("IMAGE", "MASK"),
-      category="image", deterministic=False, fingerprint=_image_fingerprint)
+      category="image", fingerprint=_image_fingerprint)
 def load_image(ctx, image):
     """An image (every frame of an animation of one size) from the input folder, and its alpha as a MASK
     (1 where transparent; a 64x64 zero mask without alpha), as ComfyUI reads it."""
