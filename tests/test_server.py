@@ -529,3 +529,90 @@ def test_sigterm_puts_the_running_job_back(tmp_path):
         assert len(list(out.glob("term_*"))) == 1
     finally:
         s.stop()
+
+
+def test_jobs_view(server):
+    cid = uuid.uuid4().hex
+    ws = server.ws(cid)
+    ws.recv()
+    pid = server.post(image_prompt(8, steps=1, delay=0, prefix="jobs"), cid).json()["prompt_id"]
+    messages_until_done(ws, pid)
+    ws.close()
+    page = httpx.get(server.url + "/api/jobs", params={"status": "completed,failed,cancelled", "limit": 200}).json()
+    job = next(j for j in page["jobs"] if j["id"] == pid)
+    assert job["status"] == "completed" and job["outputs_count"] == 1
+    assert job["preview_output"]["filename"].startswith("jobs_") and job["preview_output"]["nodeId"] == "2"
+    assert job["execution_end_time"] >= job["execution_start_time"] > 0
+    assert page["pagination"]["total"] == len(httpx.get(server.url + "/history").json())
+    assert [j["create_time"] for j in page["jobs"]] == sorted((j["create_time"] for j in page["jobs"]), reverse=True)
+    one = httpx.get(f"{server.url}/api/jobs/{pid}").json()
+    assert one["workflow"]["prompt"]["2"]["class_type"] == "KinemaTestSlowImage" and "2" in one["outputs"]
+    assert httpx.get(server.url + "/api/jobs", params={"status": "pending,in_progress"}).json()["jobs"] == []
+    assert httpx.get(server.url + "/api/jobs", params={"status": "bogus"}).status_code == 400
+    assert httpx.get(server.url + "/api/jobs/nope").status_code == 404
+
+
+def test_comfy_frontend(tmp_path):
+    """--comfy-frontend: ComfyUI's own page and the user routes it calls (settings, user files), confined."""
+    pkg = pytest.importorskip("comfyui_frontend_package", reason="pip install comfyui-frontend-package to test it")
+    s = Server(tmp_path, "--comfy-frontend").wait_ready()
+    try:
+        page = httpx.get(s.url + "/")
+        assert page.status_code == 200
+        assert page.text == (Path(pkg.__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
+        assert httpx.get(s.url + "/api/users").json() == {"storage": "server", "migrated": True}
+        assert httpx.post(s.url + "/api/settings/Comfy.TutorialCompleted", json=True).status_code == 200
+        assert httpx.get(s.url + "/api/settings").json() == {"Comfy.TutorialCompleted": True}
+        assert httpx.get(s.url + "/api/settings/Comfy.TutorialCompleted").json() is True
+        wf = json.dumps({"nodes": [], "links": []})
+        r = httpx.post(s.url + "/api/userdata/workflows%2Fmine.json", content=wf, params={"full_info": "true"})
+        assert r.status_code == 200 and r.json()["path"] == "workflows/mine.json"
+        assert httpx.get(s.url + "/api/userdata/workflows%2Fmine.json").text == wf
+        listing = httpx.get(s.url + "/api/userdata", params={"dir": "workflows", "recurse": "true"}).json()
+        assert listing == ["mine.json"]
+        for bad in ("..%2F..%2Fqueue.sqlite", "%2Fetc%2Fpasswd", "workflows%2F..%2F..%2F..%2Fx", ".hidden"):
+            assert httpx.post(f"{s.url}/api/userdata/{bad}", content=b"x").status_code in (400, 403, 404), bad
+            assert httpx.get(f"{s.url}/api/userdata/{bad}").status_code in (400, 403, 404), bad
+        assert httpx.delete(s.url + "/api/userdata/workflows%2Fmine.json").status_code == 204
+        assert httpx.get(s.url + "/api/extensions").json()  # the frontend's own core extensions
+        assert httpx.get(s.url + "/api/features").json()["max_upload_size"] > 0
+    finally:
+        s.stop()
+    assert not list((s.output / ".kinema").rglob("*.partial*"))
+
+
+def test_comfy_frontend_runs_a_graph_in_chromium(tmp_path):
+    """ComfyUI's own editor against Kinema in headless Chromium: it starts with no page error, takes the built-in t2v
+    graph, and its Run queues it; the video is written and decoded."""
+    import shutil
+
+    pytest.importorskip("comfyui_frontend_package", reason="pip install comfyui-frontend-package to test it")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium on PATH (Debian: apt-get install chromium)")
+    from kinema.media import read_video
+    from kinema.server.examples import t2v_prompt
+
+    s = Server(tmp_path, "--comfy-frontend").wait_ready()
+    errors = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            page = browser.new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(s.url + "/", wait_until="load", timeout=90000)
+            page.wait_for_function("window.app && window.app.graph", timeout=90000)
+            graph = t2v_prompt(width=64, height=48, length=5, steps=2, seed=3, prefix="frontend")
+            page.evaluate("async (p) => { await window.app.loadApiJson(p, 'kinema.json'); }", graph)
+            assert page.evaluate("window.app.graph._nodes.length") == len(graph)
+            page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+            hist = wait_history(s, 1, timeout=180)
+            browser.close()
+        (entry,) = hist.values()
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        (saved,) = entry["outputs"]["10"]["images"]
+        assert tuple(read_video(s.output / saved["filename"]).frames.shape) == (5, 48, 64, 3)
+        assert not errors, errors
+    finally:
+        s.stop()

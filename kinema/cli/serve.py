@@ -121,7 +121,8 @@ def cmd_serve(args) -> None:
     config = ServerConfig(output_dir=output, input_dir=Path(args.input).expanduser(), models_dir=args.models,
                           extra_model_paths=args.extra_model_paths, token=args.token, max_body_mb=args.max_body_mb,
                           max_upload_mb=args.max_upload_mb, memory_budget_gb=args.memory_budget,
-                          web_root=comfy_frontend_root() if args.comfy_frontend else None)
+                          web_root=comfy_frontend_root() if args.comfy_frontend else None,
+                          comfy_frontend=args.comfy_frontend)
     app = create_app(config)
     shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
     log.info("kinema serve: http://%s:%d/ (output %s)", shown, args.port, output)

@@ -59,6 +59,7 @@ class ServerConfig:
     max_upload_mb: float = 100
     memory_budget_gb: float | None = None
     web_root: Path | None = None  # None: the package's page (kinema/server/web)
+    comfy_frontend: bool = False  # web_root is ComfyUI's frontend: add the routes it calls (comfy_frontend.py)
     max_nodes: int = MAX_NODES
 
     def __post_init__(self):
@@ -226,6 +227,7 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
                                        "and the server picks one."))
         if client_id is not None:
             extra_data["client_id"] = client_id
+        extra_data.setdefault("create_time", int(time.time() * 1000))  # as ComfyUI: the jobs view sorts by it
         node_errors = getattr(outputs, "node_errors", None) or {}
         outputs = list(outputs)
         try:
@@ -302,6 +304,37 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
         if "delete" in data:
             await run_in_threadpool(queue.delete_history, _id_list(data["delete"]))
         return Response(status_code=200)
+
+    @api.get("/jobs")
+    def get_jobs(request: Request):
+        from kinema.server.jobs import ALL_STATES, all_jobs
+
+        q = request.query_params
+        states = [s for s in q.get("status", "").split(",") if s] or list(ALL_STATES)
+        if not set(states) <= set(ALL_STATES):
+            raise HTTPException(400, f"status must be among {', '.join(ALL_STATES)}, got {q.get('status')!r}")
+        offset = _int_param("offset", q.get("offset"), 0) or 0
+        limit = _int_param("limit", q.get("limit"), 1)
+        running, pending = queue.current()
+        jobs = all_jobs(running, pending, queue.history(), states, q.get("workflow_id"), q.get("sort_by", "created_at"),
+                        q.get("sort_order", "desc"))
+        page = jobs[offset:] if limit is None else jobs[offset:offset + limit]
+        return {"jobs": page, "pagination": {"offset": offset, "limit": limit, "total": len(jobs),
+                                             "has_more": offset + len(page) < len(jobs)}}
+
+    @api.get("/jobs/{prompt_id}")
+    def get_job(prompt_id: str):
+        from kinema.server.jobs import history_job, queued_job
+
+        entry = queue.history(prompt_id=prompt_id).get(prompt_id)
+        if entry is not None:
+            return history_job(prompt_id, entry, full=True)
+        running, pending = queue.current()
+        for items, state in ((running, "in_progress"), (pending, "pending")):
+            for item in items:
+                if item[1] == prompt_id:
+                    return queued_job(item, state)
+        raise HTTPException(404, f"no job {prompt_id}")
 
     # -- files ---------------------------------------------------------------------------------------
     @api.get("/view")
@@ -425,6 +458,11 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
         finally:
             hub.detach(client)
 
+    if config.comfy_frontend:
+        from kinema.server.comfy_frontend import frontend_router
+
+        api.include_router(frontend_router(config.output_dir / ".kinema" / "user" / "default",
+                                           int(config.max_upload_mb * (1 << 20))))
     app.include_router(api)
     app.include_router(api, prefix="/api")
 
