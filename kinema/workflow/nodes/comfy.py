@@ -25,6 +25,8 @@ Where the numbers differ from ComfyUI's, and why:
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import os
 from dataclasses import replace
@@ -405,9 +407,19 @@ def _is_builtin(recipe: DiTRecipe) -> bool:
         return False
 
 
-def _branch(ctx, cond: Conditioning, dit, latent: torch.Tensor, recipe: DiTRecipe, device, node_name: str, which: str):
+def _empty_condition(ctx, dit, latent: torch.Tensor):
+    """The built-in model's empty image condition for this latent (one VAE encode of a blank video)."""
+    from kinema.pipeline.conditioning import empty_condition
+
+    t, h, w = latent.shape[2:]
+    vae = ctx.models.vae(VAERecipe(str(_builtin_part("vae"))))
+    return empty_condition(dit.config, vae, (t - 1) * vae.temporal_ratio + 1, h * vae.spatial_ratio, w * vae.spatial_ratio)
+
+
+def _branch(ctx, cond: Conditioning, dit, latent: torch.Tensor, recipe: DiTRecipe, device, node_name: str, which: str,
+            empty=None):
     """The DiT's keyword inputs of one guidance branch: the text padded to its length, and the image condition
-    (an i2v DiT given none: the empty one; see the module docstring)."""
+    (an i2v DiT given none: the empty one, `empty()`, built once for both branches; see the module docstring)."""
     from kinema.pipeline.prompts import pad_context
 
     if not isinstance(cond, Conditioning):
@@ -418,11 +430,8 @@ def _branch(ctx, cond: Conditioning, dit, latent: torch.Tensor, recipe: DiTRecip
     needs_y = cfg.in_dim > latent.shape[1]
     if needs_y and y is None:
         if _is_builtin(recipe):
-            from kinema.pipeline.conditioning import empty_condition
-
-            vae = ctx.models.vae(VAERecipe(str(_builtin_part("vae"))))
-            empty = empty_condition(cfg, vae, (t - 1) * vae.temporal_ratio + 1, h * vae.spatial_ratio, w * vae.spatial_ratio)
-            y, clip = empty.y, clip if clip is not None else empty.clip_fea
+            blank = empty() if empty is not None else _empty_condition(ctx, dit, latent)
+            y, clip = blank.y, clip if clip is not None else blank.clip_fea
         else:
             y = torch.zeros(1, cfg.in_dim - latent.shape[1], t, h, w)
     if needs_y and clip is None:
@@ -458,8 +467,9 @@ def run_sampler(ctx, recipe: DiTRecipe, x: torch.Tensor, sigmas: torch.Tensor, t
 
     part = ctx.models.dit(recipe)
     device = _place(part)
-    cond = _branch(ctx, positive, part.model, x, recipe, device, node_name, "positive")
-    uncond = _branch(ctx, negative, part.model, x, recipe, device, node_name, "negative") if cfg != 1.0 else None
+    empty = functools.cache(lambda: _empty_condition(ctx, part.model, x))
+    cond = _branch(ctx, positive, part.model, x, recipe, device, node_name, "positive", empty)
+    uncond = _branch(ctx, negative, part.model, x, recipe, device, node_name, "negative", empty) if cfg != 1.0 else None
     model_fn = guided_model(part.model, cond, uncond, float(cfg), Sequential(), (), part.runtime.attention)
     total = len(timesteps)
     preview = _preview_fn(ctx, recipe) if getattr(ctx, "preview", False) else None
