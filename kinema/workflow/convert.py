@@ -35,6 +35,8 @@ def to_api(workflow: dict) -> dict:
     returned unchanged (validation judges it)."""
     if not is_ui_format(workflow):
         return workflow
+    import kinema.workflow.nodes  # noqa: F401  (widgets map onto the registered node definitions)
+
     try:
         return _Graph(workflow).prompt()
     except KinemaError:

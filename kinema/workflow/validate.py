@@ -69,6 +69,8 @@ def format_errors(err: dict, node_errors: dict) -> str:
 
 def validate_prompt(prompt, ctx=None) -> Outputs:
     """The output node ids to run (an `Outputs` list), or PromptError."""
+    import kinema.workflow.nodes  # noqa: F401  (registers every node)
+
     try:
         return _validate(prompt, ctx)
     except PromptError:
