@@ -616,3 +616,23 @@ def test_comfy_frontend_runs_a_graph_in_chromium(tmp_path):
         assert not errors, errors
     finally:
         s.stop()
+
+
+def test_free_memory_forgets_cached_outputs(server):
+    """POST /free {"free_memory": true} (ComfyUI's): models unloaded and node outputs forgotten, so the same
+    prompt runs again in full; without it the second run is served from the cache."""
+    cid = uuid.uuid4().hex
+    ws = server.ws(cid)
+    ws.recv()
+
+    def cached_nodes(prompt_id):
+        msgs = [m for m in messages_until_done(ws, prompt_id) if isinstance(m, dict)]
+        (c,) = [m["data"]["nodes"] for m in msgs if m["type"] == "execution_cached"]
+        return set(c)
+
+    prompt = image_prompt(77, steps=1, delay=0, prefix="freed")
+    assert cached_nodes(server.post(prompt, cid).json()["prompt_id"]) == set()
+    assert "1" in cached_nodes(server.post(prompt, cid).json()["prompt_id"])
+    assert httpx.post(server.url + "/free", json={"free_memory": True}).status_code == 200
+    assert cached_nodes(server.post(prompt, cid).json()["prompt_id"]) == set()
+    ws.close()

@@ -90,9 +90,14 @@ class Worker(threading.Thread):
     def _apply_flags(self) -> None:
         with self._lock:
             flags, self.flags = self.flags, {}
-        if flags.get("unload_models") or flags.get("free_memory"):
+        if flags.get("unload_models") or flags.get("free_memory"):  # ComfyUI: free_memory unloads too
             n = self.executor.models.free()
             log.info("unloaded %d models", n)
+        if flags.get("free_memory"):  # and forgets the cached node outputs (their tensors)
+            self.executor.reset()
+            import gc
+
+            gc.collect()
 
     def _run(self, job: Job) -> None:
         sid = job.extra_data.get("client_id") if isinstance(job.extra_data.get("client_id"), str) else None
