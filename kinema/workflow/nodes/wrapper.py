@@ -31,7 +31,8 @@ SEED_MAX = 0xFFFFFFFFFFFFFFFF  # the wrapper's widget range; Kinema's seeds stop
 
 # The wrapper's names -> Kinema's. Lists hold only what runs; other wrapper values are refused by validation.
 PRECISIONS = {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}
-QUANTIZATIONS = {"disabled": "auto", "fp8_e4m3fn": "fp8_e4m3fn", "fp8_e4m3fn_scaled": "fp8_e4m3fn_scaled",
+QUANTIZATIONS = {"disabled": "auto", "fp8_e4m3fn": "fp8_e4m3fn", "fp8_e4m3fn_fast": "fp8_e4m3fn",
+                 "fp8_e4m3fn_scaled": "fp8_e4m3fn_scaled", "fp8_e4m3fn_scaled_fast": "fp8_e4m3fn_scaled",
                  "fp8_e5m2": "fp8_e5m2"}  # "disabled" is the wrapper's autoselect: fp8 files stay fp8, others as stored
 ATTENTION = {"sdpa": "sdpa", "flash_attn_2": "flash_attn", "sageattn": "sageattn"}
 SCHEDULERS = {"unipc": "unipc", "dpm++": "dpm++", "euler": "euler"}
@@ -270,7 +271,7 @@ def model_loader(ctx, model, base_precision="bf16", quantization="disabled", loa
             raise KinemaError(f"{n}.{name} {value!r} is not supported by Kinema; use one of {', '.join(table)}.")
     swap = block_swap_args or {}
     return (DiTRecipe(_path(ctx, "diffusion_models", model), dtype=PRECISIONS[base_precision],
-                      quantization=QUANTIZATIONS[quantization],
+                      quantization=QUANTIZATIONS[quantization], fp8_fast=quantization.endswith("_fast"),
                       loras=tuple((l["path"], float(l["strength"])) for l in lora or ()),
                       attention=ATTENTION[attention_mode], blocks_to_swap=int(swap.get("blocks_to_swap", 0)),
                       prefetch_blocks=swap.get("prefetch_blocks") or None,
