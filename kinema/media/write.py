@@ -195,28 +195,51 @@ def _write_gif(frames: np.ndarray, tmp: Path, fps: float, loop_count: int) -> No
     )
 
 
-def _write_webp(frames: np.ndarray, tmp: Path, fps: float, loop_count: int, lossless: bool, quality: int) -> None:
+def _write_webp(frames: np.ndarray, tmp: Path, fps: float, loop_count: int, lossless: bool, quality: int,
+                comfy: dict | None = None) -> None:
     images = _pil_frames(frames)
+    extra = {}
+    if comfy:  # ComfyUI's SaveAnimatedWEBP: EXIF Model (0x0110) "prompt:{...}", Make (0x010F) "workflow:{...}"
+        from PIL import Image
+
+        exif = Image.Exif()
+        for tag, key in ((0x0110, "prompt"), (0x010F, "workflow")):
+            if key in comfy:
+                exif[tag] = f"{key}:{comfy[key]}"
+        extra["exif"] = exif
     images[0].save(
         tmp, format="WEBP", save_all=True, append_images=images[1:], duration=round(1000.0 / fps),
-        loop=loop_count, lossless=lossless, quality=100 if lossless else quality, method=4,
+        loop=loop_count, lossless=lossless, quality=100 if lossless else quality, method=4, **extra,
     )
 
 
-def _write_png(image: np.ndarray, path: Path, text: str | None) -> None:
+def comfy_keys(metadata: dict | None) -> dict[str, str]:
+    """ComfyUI's own metadata keys, where a record has them (workflow outputs): "prompt" (the API prompt) and
+    "workflow" (the editor's graph), each as JSON. ComfyUI's editor loads a file by drag and drop from these:
+    PNG text chunks, container tags of mp4 / webm, and the EXIF strings of an animated WebP."""
+    if not isinstance(metadata, dict):
+        return {}
+    import json
+
+    return {k: json.dumps(metadata[k]) for k in ("prompt", "workflow") if isinstance(metadata.get(k), dict)}
+
+
+def _write_png(image: np.ndarray, path: Path, text: str | None, comfy: dict | None = None) -> None:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
     if text is not None:
         info.add_itxt(meta.PNG_KEY, text)
+    for key, value in (comfy or {}).items():
+        info.add_text(key, value)
     Image.fromarray(image).save(path, format="PNG", pnginfo=info, compress_level=4)
 
 
-def _write_sequence(frames: np.ndarray, folder: Path, text: str | None) -> None:
+def _write_sequence(frames: np.ndarray, folder: Path, text: str | None, comfy: dict | None = None) -> None:
     folder.mkdir()
     for i, frame in enumerate(frames, start=1):
-        _write_png(frame, folder / f"frame_{i:05d}.png", text)
+        _write_png(frame, folder / f"frame_{i:05d}.png", text, comfy)
 
 
 def _whole(value) -> bool:
@@ -341,16 +364,16 @@ def save_video(
     try:
         if fmt.codec:
             rate = Fraction(float(frame_rate)).limit_denominator(1001)
-            tags = {meta.COMMENT_TAG: text} if text is not None else {}
+            tags = {**comfy_keys(metadata), **({meta.COMMENT_TAG: text} if text is not None else {})}
             _write_av(video, tmp, fmt, rate, int(crf), pix_fmt or fmt.pix_fmt, lossless, tags)
         elif format == "gif":
             _write_gif(video, tmp, float(frame_rate), int(loop_count))
         elif format == "webp":
-            _write_webp(video, tmp, float(frame_rate), int(loop_count), lossless, int(quality))
+            _write_webp(video, tmp, float(frame_rate), int(loop_count), lossless, int(quality), comfy_keys(metadata))
         elif format == "png":
-            _write_png(video[0], tmp, text)
+            _write_png(video[0], tmp, text, comfy_keys(metadata))
         else:
-            _write_sequence(video, tmp, text)
+            _write_sequence(video, tmp, text, comfy_keys(metadata))
         if side_tmp is not None:  # written before anything is published, so a full disk stops both
             side_tmp.write_text(sidecar, encoding="utf-8")
         final = _publish(tmp, explicit, folder, filename_prefix, fmt.ext, overwrite)
