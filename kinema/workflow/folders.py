@@ -133,9 +133,7 @@ class ModelFolders:
             raise KinemaError(f"{kind} name {name!r} points outside the model folders; give a name as listed "
                               f"(a path below {kind}/, e.g. {self._some(kind)}).")
         if self.builtin and kind in BUILTIN and name == BUILTIN[kind][0]:
-            from kinema.builtin import builtin_path
-
-            return builtin_path() / BUILTIN[kind][1]
+            return builtin_part(kind)
         for folder in self.folders[kind]:
             candidate = folder.joinpath(*parts.parts)
             if candidate.is_file() or (candidate.is_dir() and _is_checkpoint_folder(candidate)):
@@ -171,3 +169,29 @@ def _scan(folder: Path) -> set[str]:
             if not f.startswith(".") and Path(f).suffix.lower() in EXTENSIONS:
                 names.add((rel / f).as_posix())
     return names
+
+
+def builtin_part(kind: str) -> Path:
+    """The built-in model's folder for a part of `kind` (kinema/builtin/model/<part>)."""
+    from kinema.builtin import builtin_path
+
+    return builtin_path() / BUILTIN[canonical_kind(kind)][1]
+
+
+def folders_of(ctx) -> ModelFolders:
+    """The model folders a node sees: its context's, or the defaults (the built-in model only) without one
+    (a node called directly, /object_info listed with no context)."""
+    f = getattr(ctx, "folders", ctx)
+    return f if isinstance(f, ModelFolders) else ModelFolders()
+
+
+def listed(*kinds: str):
+    """A combo's options: the names of these model folders, read when validated or listed (no repeats)."""
+
+    def options(ctx=None) -> list[str]:
+        names: list[str] = []
+        for kind in kinds:
+            names += [n for n in folders_of(ctx).list(kind) if n not in names]
+        return names
+
+    return options

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from kinema.errors import KinemaError
-from kinema.workflow.folders import ModelFolders
+from kinema.workflow.folders import builtin_part, folders_of, listed
 from kinema.workflow.types import BOOLEAN, CHOICE, FLOAT, INT, LINK, STRING, NodeOutput, node
 from kinema.workflow.values import (ClipVisionOutput, ClipVisionRecipe, Conditioning, DiTRecipe, TextEncoderRecipe,
                                     VAERecipe, VideoValue)
@@ -59,15 +59,6 @@ WAN21_RGB = [[-0.1299, -0.1692, 0.2932], [0.0671, 0.0406, 0.0442], [0.3568, 0.25
 WAN21_RGB_BIAS = [-0.1835, -0.0868, -0.3360]
 
 
-def _folders(ctx) -> ModelFolders:
-    f = getattr(ctx, "folders", ctx)
-    return f if isinstance(f, ModelFolders) else ModelFolders()
-
-
-def _files(kind: str):
-    return lambda ctx: _folders(ctx).list(kind)
-
-
 def _input_files(ctx) -> list[str]:
     """The images in the input folder, uploads to a subfolder as 'sub/name.png' (what /upload/image answers)."""
     folder = getattr(ctx, "input_dir", None)
@@ -85,7 +76,7 @@ def _error(node_name: str, input_name: str, why: str) -> KinemaError:
 
 def _model_path(ctx, node_name: str, input_name: str, kind: str, name: str) -> str:
     try:
-        return str(_folders(ctx).path(kind, name))
+        return str(folders_of(ctx).path(kind, name))
     except KinemaError as e:
         raise _error(node_name, input_name, str(e)) from None
 
@@ -121,7 +112,7 @@ def _fit_images(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
 
 
 # -- loaders ---------------------------------------------------------------------------------------------------
-@node("UNETLoader", required={"unet_name": CHOICE(_files("diffusion_models")),
+@node("UNETLoader", required={"unet_name": CHOICE(listed("diffusion_models")),
                               "weight_dtype": CHOICE(list(WEIGHT_DTYPES))},
       outputs=("MODEL",), category="advanced/loaders")
 def unet_loader(ctx, unet_name, weight_dtype):
@@ -133,7 +124,7 @@ def unet_loader(ctx, unet_name, weight_dtype):
     return (DiTRecipe(path, quantization=WEIGHT_DTYPES[weight_dtype], fp8_fast=weight_dtype.endswith("_fast")),)
 
 
-@node("CLIPLoader", required={"clip_name": CHOICE(_files("text_encoders")), "type": CHOICE(CLIP_TYPES)},
+@node("CLIPLoader", required={"clip_name": CHOICE(listed("text_encoders")), "type": CHOICE(CLIP_TYPES)},
       optional={"device": CHOICE(["default", "cpu"], extra={"advanced": True})},
       outputs=("CLIP",), category="advanced/loaders")
 def clip_loader(ctx, clip_name, type="stable_diffusion", device="default"):
@@ -146,18 +137,18 @@ def clip_loader(ctx, clip_name, type="stable_diffusion", device="default"):
     return (TextEncoderRecipe(path, device="cpu" if device == "cpu" else None),)
 
 
-@node("VAELoader", required={"vae_name": CHOICE(_files("vae"))}, outputs=("VAE",), category="loaders")
+@node("VAELoader", required={"vae_name": CHOICE(listed("vae"))}, outputs=("VAE",), category="loaders")
 def vae_loader(ctx, vae_name):
     return (VAERecipe(_model_path(ctx, "VAELoader", "vae_name", "vae", vae_name)),)
 
 
-@node("CLIPVisionLoader", required={"clip_name": CHOICE(_files("clip_vision"))}, outputs=("CLIP_VISION",),
+@node("CLIPVisionLoader", required={"clip_name": CHOICE(listed("clip_vision"))}, outputs=("CLIP_VISION",),
       category="loaders")
 def clip_vision_loader(ctx, clip_name):
     return (ClipVisionRecipe(_model_path(ctx, "CLIPVisionLoader", "clip_name", "clip_vision", clip_name)),)
 
 
-@node("LoraLoaderModelOnly", required={"model": LINK("MODEL"), "lora_name": CHOICE(_files("loras")),
+@node("LoraLoaderModelOnly", required={"model": LINK("MODEL"), "lora_name": CHOICE(listed("loras")),
                                        "strength_model": FLOAT(1.0, -100.0, 100.0, 0.01)},
       outputs=("MODEL",), category="loaders")
 def lora_loader_model_only(ctx, model: DiTRecipe, lora_name, strength_model):
@@ -382,7 +373,7 @@ def _preview_fn(ctx, recipe: DiTRecipe):
     if _is_builtin(recipe):
         from kinema.pipeline.preview import LatentPreview
 
-        preview = LatentPreview(ctx.models.vae(VAERecipe(str(_builtin_part("vae")))))
+        preview = LatentPreview(ctx.models.vae(VAERecipe(str(builtin_part("vae")))))
         return lambda z: preview(z[:, :1])[0]
     w, b = torch.tensor(WAN21_RGB), torch.tensor(WAN21_RGB_BIAS)
 
@@ -393,16 +384,9 @@ def _preview_fn(ctx, recipe: DiTRecipe):
     return project
 
 
-def _builtin_part(kind: str) -> Path:
-    from kinema.builtin import builtin_path
-
-    return builtin_path() / {"diffusion_models": "transformer", "vae": "vae", "text_encoders": "text_encoder",
-                             "clip_vision": "image_encoder"}[kind]
-
-
 def _is_builtin(recipe: DiTRecipe) -> bool:
     try:
-        return Path(recipe.path).resolve() == _builtin_part("diffusion_models").resolve()
+        return Path(recipe.path).resolve() == builtin_part("diffusion_models").resolve()
     except KinemaError:
         return False
 
@@ -412,7 +396,7 @@ def _empty_condition(ctx, dit, latent: torch.Tensor):
     from kinema.pipeline.conditioning import empty_condition
 
     t, h, w = latent.shape[2:]
-    vae = ctx.models.vae(VAERecipe(str(_builtin_part("vae"))))
+    vae = ctx.models.vae(VAERecipe(str(builtin_part("vae"))))
     return empty_condition(dit.config, vae, (t - 1) * vae.temporal_ratio + 1, h * vae.spatial_ratio, w * vae.spatial_ratio)
 
 

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 import torch
 
 from kinema.errors import KinemaError
+from kinema.workflow.folders import folders_of, listed
 from kinema.workflow.types import BOOLEAN, CHOICE, FLOAT, INT, LINK, STRING, NodeOutput, node
 from kinema.workflow.values import (ClipVisionOutput, ClipVisionRecipe, DiTRecipe, ImageEmbeds, TextEmbeds,
                                     TextEncoderRecipe, VAERecipe)
@@ -39,35 +40,14 @@ SCHEDULERS = {"unipc": "unipc", "dpm++": "dpm++", "euler": "euler"}
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 
-def _folders(ctx):
-    folders = getattr(ctx, "folders", ctx)
-    if folders is None or not hasattr(folders, "list"):
-        from kinema.workflow.folders import ModelFolders
-
-        folders = ModelFolders()
-    return folders
-
-
-def files(*kinds: str):
-    """A combo's options: the file names of these model folders, read when validated or listed."""
-
-    def options(ctx=None) -> list[str]:
-        names: list[str] = []
-        for kind in kinds:
-            names += [n for n in _folders(ctx).list(kind) if n not in names]
-        return names
-
-    return options
-
-
 def _path(ctx, kind: str, name: str, *more: str) -> str:
     """A listed name -> its path; `more`: further kinds to look in (the wrapper's CLIP loader also reads text_encoders)."""
     for k in more:
         try:
-            return str(_folders(ctx).path(kind, name))
+            return str(folders_of(ctx).path(kind, name))
         except KinemaError:
             kind = k
-    return str(_folders(ctx).path(kind, name))
+    return str(folders_of(ctx).path(kind, name))
 
 
 def unsupported(node_name: str, input_name: str, what: str, fix: str) -> KinemaError:
@@ -134,7 +114,7 @@ def torch_compile_settings(ctx, backend, fullgraph, mode, dynamic, dynamo_cache_
 
 @node("WanVideoLoraSelect", module=MODULE, category=CATEGORY, outputs=("WANVIDLORA",), output_names=("lora",),
       display_name="WanVideo Lora Select", hidden={"unique_id": "UNIQUE_ID"},
-      required={"lora": CHOICE(files("loras"), tooltip="LORA models are expected to be in models/loras"),
+      required={"lora": CHOICE(listed("loras"), tooltip="LORA models are expected to be in models/loras"),
                 "strength": FLOAT(1.0, -1000.0, 1000.0, 0.0001, tooltip="LORA strength, 0.0 leaves the LoRA out")},
       optional={"prev_lora": LINK("WANVIDLORA", tooltip="For loading multiple LoRAs"),
                 "blocks": LINK("SELECTEDBLOCKS"),
@@ -239,7 +219,7 @@ _settings_node("WanVideoExperimentalArgs", "EXPERIMENTALARGS", "exp_args",
 # -- loaders ---------------------------------------------------------------------------------------
 @node("WanVideoModelLoader", module=MODULE, category=CATEGORY, outputs=("WANVIDEOMODEL",), output_names=("model",),
       display_name="WanVideo Model Loader",
-      required={"model": CHOICE(files("diffusion_models"), tooltip="Loaded from models/diffusion_models"),
+      required={"model": CHOICE(listed("diffusion_models"), tooltip="Loaded from models/diffusion_models"),
                 "base_precision": CHOICE(list(PRECISIONS), "bf16"),
                 "quantization": CHOICE(list(QUANTIZATIONS), "disabled", tooltip="fp8 storage of the block weights; "
                                        "'disabled' keeps an fp8 file's own layout and leaves others as they are"),
@@ -280,7 +260,7 @@ def model_loader(ctx, model, base_precision="bf16", quantization="disabled", loa
 
 @node("WanVideoVAELoader", module=MODULE, category=CATEGORY, outputs=("WANVAE",), output_names=("vae",),
       display_name="WanVideo VAE Loader",
-      required={"model_name": CHOICE(files("vae"), tooltip="Loaded from models/vae")},
+      required={"model_name": CHOICE(listed("vae"), tooltip="Loaded from models/vae")},
       optional={"precision": CHOICE(["fp16", "fp32", "bf16"], "bf16"),
                 "compile_args": LINK("WANCOMPILEARGS"),
                 "use_cpu_cache": BOOLEAN(False, tooltip="A memory option; Kinema tiles the VAE when it would not fit"),
@@ -293,7 +273,7 @@ def vae_loader(ctx, model_name, precision="bf16", compile_args=None, use_cpu_cac
 
 @node("LoadWanVideoT5TextEncoder", module=MODULE, category=CATEGORY, outputs=("WANTEXTENCODER",),
       output_names=("wan_t5_model",), display_name="WanVideo T5 Text Encoder Loader",
-      required={"model_name": CHOICE(files("text_encoders"), tooltip="Loaded from models/text_encoders"),
+      required={"model_name": CHOICE(listed("text_encoders"), tooltip="Loaded from models/text_encoders"),
                 "precision": CHOICE(["fp32", "bf16"], "bf16")},
       optional={"load_device": CHOICE(["main_device", "offload_device"], "offload_device"),
                 "quantization": CHOICE(["disabled", "fp8_e4m3fn"], "disabled")})
@@ -305,7 +285,7 @@ def t5_loader(ctx, model_name, precision="bf16", load_device="offload_device", q
 
 @node("LoadWanVideoClipTextEncoder", module=MODULE, category=CATEGORY, outputs=("CLIP_VISION",),
       output_names=("wan_clip_vision",), display_name="WanVideo CLIP Text Encoder Loader",
-      required={"model_name": CHOICE(files("clip_vision", "text_encoders"), tooltip="Loaded from models/clip_vision"),
+      required={"model_name": CHOICE(listed("clip_vision", "text_encoders"), tooltip="Loaded from models/clip_vision"),
                 "precision": CHOICE(["fp16", "fp32", "bf16"], "fp16")},
       optional={"load_device": CHOICE(["main_device", "offload_device"], "offload_device")})
 def clip_loader(ctx, model_name, precision="fp16", load_device="offload_device"):
