@@ -3,16 +3,14 @@ folder (the repo's .venv and examples/ linked in), the client against a real `ki
 
 import os
 import re
-import socket
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from kinema.media import read_video
+from test_server import Server
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -46,31 +44,11 @@ def test_readme_kinema_run_commands(tmp_path):
     assert (red > 60).any()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(tmp_path):
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "kinema.cli.main", "serve", "--port", str(port), "--output",
-                             str(tmp_path / "output"), "--input", str(tmp_path / "input")], stdout=log, stderr=log)
-    try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "server.log").read_text()
-                time.sleep(0.1)
-        yield port, tmp_path / "output"
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+    srv = Server(tmp_path).wait_ready()  # `kinema serve` in a subprocess, on a free port
+    yield srv.port, srv.output
+    srv.stop()
 
 
 def test_readme_server_client_example(server, capsys):

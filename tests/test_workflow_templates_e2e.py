@@ -4,9 +4,6 @@ under ComfyUI's file names. Changed only as `--set NODE.INPUT=VALUE` would: mode
 few steps. Output files decoded back (frames, size)."""
 
 import json
-import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -16,6 +13,7 @@ import pytest
 
 import kinema.media
 from kinema.cli.main import main
+from test_server import Server
 from test_workflow_comfy import CLIP_NAME, DIT_NAMES, IMAGES, T5_NAME, TEMPLATES, VAE_NAME, _image_file, write_comfy_models
 
 NAMES = ["text_to_video_wan.json", "image_to_video_wan.json", "wan2.1_flf2v_720_f16.json"]
@@ -88,35 +86,15 @@ def test_kinema_run_ui_and_api_formats(tmp_path, tiny, name):
             assert _shape(video) == (5, 48, 64, 3), (label, fmt)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, tiny):
     root, _ = tiny
     base = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    log = open(base / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "kinema.cli.main", "serve", "--port", str(port), "--models", str(root),
-                             "--output", str(base / "output"), "--input", str(base / "input")], stdout=log, stderr=log)
     for name in NAMES:
         _inputs(base / "input", name)
-    try:
-        for _ in range(300):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert proc.poll() is None, (base / "server.log").read_text()
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}", base
-    finally:
-        proc.terminate()
-        proc.wait(30)
-        log.close()
+    srv = Server(base, "--models", str(root)).wait_ready()  # `kinema serve` in a subprocess, on a free port
+    yield srv.url, base
+    srv.stop()
 
 
 def _post(url: str, body: dict) -> dict:
@@ -140,15 +118,10 @@ def test_through_the_server_ui_and_api_formats(server, tiny, name):
     for label, models in (("builtin", BUILTIN), ("tiny", _tiny_models(names, name))):
         sets = _sets(name, models, 64, 48)
         ui = json.loads((TEMPLATES / name).read_text())
-        from kinema.workflow.convert import to_api
-
         ids = {str(n["id"]): n for n in ui["nodes"]}
         for key, value in sets.items():  # the UI-format workflow edited in place, as the editor would
             nid, inp = key.split(".", 1)
-            node = ids[nid]
-            api_inputs = list(to_api({"nodes": [node], "links": []})[nid]["inputs"])
-            widgets = [k for k in api_inputs]
-            node["widgets_values"][_widget_index(node, widgets, inp)] = value
+            ids[nid]["widgets_values"][_widget_index(ids[nid], inp)] = value
         for fmt, prompt in (("ui", ui), ("api", _api(name, sets))):
             answer = _post(f"{url}/prompt", {"prompt": prompt, "client_id": "t"})
             assert answer["node_errors"] == {}, answer
@@ -162,7 +135,7 @@ def test_through_the_server_ui_and_api_formats(server, tiny, name):
             assert data == path.read_bytes() and _shape(path) == (5, 48, 64, 3), (label, fmt)
 
 
-def _widget_index(node: dict, widgets: list[str], inp: str) -> int:
+def _widget_index(node: dict, inp: str) -> int:
     """Where `inp` sits in a UI node's widgets_values (the seed's control value counted)."""
     from kinema.workflow.types import NODES
 
