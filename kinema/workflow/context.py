@@ -124,10 +124,9 @@ class ModelCache:
 
 
 def _device_dtype(device, dtype, encoder: bool = False):
-    from kinema.memory.plan import encoder_dtype
     from kinema.pipeline.load import LoadOptions
 
-    opts, rt = LoadOptions(device=device, dtype=dtype).check(complete=False)
+    _, rt = LoadOptions(device=device, dtype=dtype).check(complete=False)
     return rt.device, (rt.encoder_dtype if encoder and dtype is None else rt.dtype)
 
 
@@ -140,7 +139,7 @@ def _load_dit(r: DiTRecipe) -> LoadedDiTPart:
     if fp8_fast:
         from kinema.ops.fp8 import fp8_fast_unavailable
 
-        reason = fp8_fast_unavailable(LoadOptions(device=r.device).check(complete=False)[1].device)
+        reason = fp8_fast_unavailable(_device_dtype(r.device, r.dtype)[0])
         if reason:  # ComfyUI's `_fast` modes fall back the same way where fp8 matmuls are missing
             log.warning("fp8 fast matmuls are not available (%s): the fp8 weights are upcast per layer instead", reason)
             fp8_fast = False
