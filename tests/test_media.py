@@ -139,13 +139,13 @@ def test_odd_size_pads_with_the_edge_and_crops_back_exactly(tmp_path, fmt, padde
     assert frames.shape == (5, 17, 33, 3)
     if fmt == "h264-mp4" and not np.array_equal(frames, clip):
         # Known, not yet explained: about 1 lossless libx264 encode in 25-75 of this clip (FFmpeg 8, PyAV 18) has
-        # one strip of 8 wrong pixels, with or without encoder threads, more often under load. A padding,
-        # tagging or cropping error is wrong every time: a second encode must be exact.
+        # strips of 8 wrong pixels (seen: 8, 16), with or without encoder threads, more often under load. A
+        # padding, tagging or cropping error is wrong every time: a second encode must be exact.
         import warnings
 
         wrong = int((frames != clip).any(-1).sum())
         warnings.warn(f"lossless h264 encode came back with {wrong} wrong pixels; re-encoded once")
-        assert wrong <= 8
+        assert wrong < frames[..., 0].size // 100  # a stray strip, not a whole row, column or frame
         path = save_video(clip, tmp_path, format=fmt, pix_fmt="yuv444p10le", lossless=True)
         frames = read_video(path).frames.numpy()
     np.testing.assert_array_equal(frames, clip)
