@@ -11,8 +11,14 @@ Kinema / diffusers ratios of both, Kinema's FLOP count (matmuls and attention, c
 shapes) and the share of the machine's matmul peak it reaches (the peak is a large square matmul
 in the same dtype, measured at the start).
 
+The text context is a prompt of `--text_tokens` umT5 rows (default 40) zero-padded to 512, as both
+pipelines build it (Wan's and diffusers' pipelines pad with zeros to text_len); diffusers attends to all
+512 rows, Kinema folds the padding into one key (kinema/models/text_padding.py, exact).
+
 Configs:
-  dim512   dim 512, 8 heads, ffn 2048, 8 layers, 8192 tokens (latent 8x64x64)
+  dim512-1k   dim 512, 8 heads, ffn 2048, 8 layers, 1024 tokens (latent 4x32x32)
+  dim512-3.5k the same at 3456 tokens (latent 9x32x48)
+  dim512      the same at 8192 tokens (latent 8x64x64)
   1.3B-1   the Wan2.1 1.3B block shapes (dim 1536, 12 heads, ffn 8960), 1 layer, 480p tokens
            (832x480x81 -> latent 21x60x104 -> 32760 tokens; --frames lowers the frame count)
   1.3B-2   the same with 2 layers
@@ -47,6 +53,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 def configs(frames: int) -> dict:
     f480 = (frames - 1) // 4 + 1
     return {
+        "dim512-1k": (DiTConfig("t2v", dim=512, ffn_dim=2048, num_heads=8, num_layers=8, text_dim=TEXT_DIM), (4, 32, 32)),
+        "dim512-3.5k": (DiTConfig("t2v", dim=512, ffn_dim=2048, num_heads=8, num_layers=8, text_dim=TEXT_DIM), (9, 32, 48)),
         "dim512": (DiTConfig("t2v", dim=512, ffn_dim=2048, num_heads=8, num_layers=8, text_dim=TEXT_DIM), (8, 64, 64)),
         "1.3B-1": (DiTConfig("t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=1, text_dim=TEXT_DIM), (f480, 60, 104)),
         "1.3B-2": (DiTConfig("t2v", dim=1536, ffn_dim=8960, num_heads=12, num_layers=2, text_dim=TEXT_DIM), (f480, 60, 104)),
@@ -156,7 +164,9 @@ def measure(sides: dict, runs: int, first: str) -> tuple[dict, str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", default=["dim512", "1.3B-1", "1.3B-2"])
+    ap.add_argument("--configs", nargs="+", default=["dim512-1k", "dim512-3.5k", "dim512", "1.3B-1"])
+    ap.add_argument("--text_tokens", type=int, default=40,
+                    help="rows of the prompt before its zero padding to 512 (the default is a long prompt)")
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=list(DTYPES))
     ap.add_argument("--runs", type=int, default=None,
                     help="timed runs per model, after one untimed warm-up each (default 2; 10 with --small)")
@@ -182,7 +192,8 @@ def main() -> None:
             g = torch.Generator().manual_seed(1)
             x = torch.randn(1, cfg.in_dim, f, h, w, generator=g)
             t = torch.tensor([500.0])
-            ctx = torch.randn(1, TEXT_LEN, cfg.text_dim, generator=g) * 0.1
+            ctx = torch.zeros(1, TEXT_LEN, cfg.text_dim)
+            ctx[:, : args.text_tokens] = torch.randn(1, args.text_tokens, cfg.text_dim, generator=g) * 0.1
             tokens = f * h * w // 4
             fl = flops(cfg, tokens, TEXT_LEN)
             first, n = ("kinema" if n % 2 == 0 else "diffusers"), n + 1

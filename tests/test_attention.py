@@ -17,6 +17,7 @@ from conftest import StubTextEncoder
 from kinema.cli.main import main
 from kinema.errors import KinemaError
 from kinema.ops import attention as attn
+from kinema.ops import cpu_half
 
 B, LQ, LK, H, D = 2, 7, 5, 3, 16  # Lq != Lk != H, so a wrong layout cannot pass
 
@@ -184,18 +185,51 @@ def test_real_kernel_matches_sdpa(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mask_kind", [None, "keys", "per_head"])
-def test_cpu_half_runs_float32_by_head_groups(monkeypatch, dtype, mask_kind):
-    """bf16 / fp16 on the CPU: float32 attention of the same inputs, a group of heads at a time."""
+@pytest.mark.parametrize("mask_kind", [None, "keys", "per_head", "bias"])
+def test_cpu_half_float32_way_by_head_groups(monkeypatch, dtype, mask_kind):
+    """The float32 way of bf16 / fp16 CPU attention: float32 attention of the same inputs, a group of heads at a
+    time, bit for bit; the native way agrees to the half precision's rounding."""
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 7, 4, 8, generator=g).to(dtype) for _ in range(3))
-    mask = {None: None, "keys": torch.tensor([[True] * 7, [True] * 4 + [False] * 3]),
-            "per_head": torch.randn(1, 4, 7, 7, generator=g)}[mask_kind]
-    whole = attn.attention(q, k, v, mask)
-    monkeypatch.setattr(attn, "CPU_HEAD_GROUP_BYTES", 2 * 7 * 8 * 4)  # one head per group
-    grouped = attn.attention(q, k, v, mask)
-    m = mask[:, None, None, :] if mask_kind == "keys" else mask
-    want = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)), attn_mask=m).transpose(1, 2)
+    mask = {None: None, "keys": torch.tensor([[True] * 7, [True] * 4 + [False] * 3])[:, None, None, :],
+            "per_head": torch.randn(1, 4, 7, 7, generator=g), "bias": torch.randn(2, 1, 1, 7, generator=g)}[mask_kind]
+    whole = cpu_half.in_float32(q, k, v, mask, None)
+    monkeypatch.setattr(cpu_half, "CPU_HEAD_GROUP_BYTES", 2 * 7 * 8 * 4)  # one head per group
+    grouped = cpu_half.in_float32(q, k, v, mask, None)
+    want = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v)), attn_mask=mask).transpose(1, 2)
     assert grouped.dtype == whole.dtype == dtype
     assert torch.equal(grouped, whole)
     assert torch.equal(grouped, want.to(dtype))
+    native = cpu_half.native(q, k, v, mask, None)
+    assert native.dtype == dtype and (native.float() - want).abs().max().item() < 2e-2
+
+
+def test_cpu_half_way_is_raced_once_per_shape_class(monkeypatch):
+    """The first call of a shape class times both ways and keeps the faster; later calls of the class (other
+    lengths rounding to the same powers of two) run that way alone, a new class races again."""
+    calls = []
+    clock = iter(range(10_000))
+
+    def fake(name, cost):
+        def run(q, k, v, mask, scale):
+            calls.append(name)
+            for _ in range(cost - 1):
+                next(clock)
+            return cpu_half.in_float32(q, k, v, mask, scale)
+        return run
+
+    monkeypatch.setattr(cpu_half.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(cpu_half, "RUN", {"native": fake("native", 2), "float32": fake("float32", 3)})
+    choices = cpu_half.CpuHalfChoices()
+    q = torch.randn(1, 100, 2, 8).bfloat16()
+    out = cpu_half.cpu_half_attention(q, q, q, None, None, choices)
+    assert calls == ["native", "float32", "native", "float32"]  # float32 lost by less than 2x: both run twice
+    assert out.dtype == torch.bfloat16 and list(choices.ways.values()) == ["native"]
+    calls.clear()
+    cpu_half.cpu_half_attention(torch.randn(1, 120, 2, 8).bfloat16(), q, q, None, None, choices)  # 120 -> 128 too
+    assert calls == ["native"]
+    calls.clear()
+    monkeypatch.setattr(cpu_half, "RUN", {"native": fake("native", 20), "float32": fake("float32", 2)})
+    cpu_half.cpu_half_attention(torch.randn(1, 300, 2, 8).bfloat16(), q, q, None, None, choices)  # a new class
+    assert calls == ["native", "float32", "float32"]  # native lost by more than 2x: not run again
+    assert sorted(choices.ways.values()) == ["float32", "native"]

@@ -26,7 +26,8 @@ from torch import nn
 
 from kinema.models.hooks import BlockInputs, run_hooked
 from kinema.models.layers import LayerNorm32, Linear, RMSNorm32, modulate
-from kinema.ops.attention import attention
+from kinema.models.text_padding import fold_padding
+from kinema.ops.attention import attention, kernel_may_run
 from kinema.ops.rope import apply_rope, rope_table
 
 
@@ -103,9 +104,11 @@ class CrossAttention(nn.Module):
         return x.to(self.v.compute_dtype).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, image_context: torch.Tensor | None,
-                backend: str = "sdpa") -> torch.Tensor:
+                backend: str = "sdpa", context_bias: torch.Tensor | None = None) -> torch.Tensor:
+        """context_bias: [B, 1, 1, L_text] added to the text logits (the folded padding's log-count) or None."""
         q = self._heads(self.norm_q(self.q(x)))
-        out = attention(q, self._heads(self.norm_k(self.k(context))), self._heads(self.v(context)), backend=backend)
+        k, v = self._heads(self.norm_k(self.k(context))), self._heads(self.v(context))
+        out = attention(q, k, v, mask=context_bias, backend=backend)
         if image_context is not None:
             k_img = self._heads(self.norm_k_img(self.k_img(image_context)))
             out = out + attention(q, k_img, self._heads(self.v_img(image_context)), backend=backend)
@@ -126,8 +129,9 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, e, rope, context, image_context=None, attention="sdpa"):
-        """x [B, L, dim] float32 residual stream; e [B, 6, dim] time modulation; attention: the backend's name.
+    def forward(self, x, e, rope, context, image_context=None, attention="sdpa", context_bias=None):
+        """x [B, L, dim] float32 residual stream; e [B, 6, dim] time modulation; attention: the backend's name;
+        context_bias: the cross-attention's bias of a folded text context (BlockInputs.context_bias) or None.
         x itself is not modified.
 
         Without autograd (sampling) the second and third residual adds run in place and the FFN runs
@@ -136,9 +140,9 @@ class DiTBlock(nn.Module):
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(1)
         x = torch.addcmul(x, self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), rope, attention), gate_sa[:, None])
         if torch.is_grad_enabled():
-            x = x + self.cross_attn(self.norm3(x), context, image_context, attention)
+            x = x + self.cross_attn(self.norm3(x), context, image_context, attention, context_bias)
             return torch.addcmul(x, self.ffn(modulate(self.norm2(x), shift_ff, scale_ff)), gate_ff[:, None])
-        x.add_(self.cross_attn(self.norm3(x), context, image_context, attention))
+        x.add_(self.cross_attn(self.norm3(x), context, image_context, attention, context_bias))
         fc1, act, fc2 = self.ffn
         for rows in x.split(FFN_ROWS, dim=1):  # views: updated in place
             h = fc1(modulate(self.norm2(rows), shift_ff, scale_ff))
@@ -253,8 +257,11 @@ class WanDiT(nn.Module):
         """Embedded tokens [B, L, dim] and what every block sees (BlockInputs), for the forward's arguments."""
         tokens, grid = self.embed(x, y)
         e, e0 = self.time_embed(t, x.shape[0])
+        bias = None
+        if not kernel_may_run(attention, x.device):  # the zero padding as one key (exact; text_padding.py)
+            context, bias = fold_padding(context)
         context, image_context = self.embed_context(context, clip_fea)
-        return tokens, BlockInputs(e, e0, self.rope(grid, tokens.device), context, image_context, grid, attention)
+        return tokens, BlockInputs(e, e0, self.rope(grid, tokens.device), context, image_context, grid, attention, bias)
 
     def run_blocks(self, tokens: torch.Tensor, inputs: BlockInputs, hooks=(), step=None) -> torch.Tensor:
         """The transformer blocks alone, with `hooks` composed around them: [B, L, dim] -> [B, L, dim] float32."""

@@ -35,11 +35,16 @@ class BlockInputs:
     image_context: torch.Tensor | None  # [B, N_clip, dim] embedded CLIP tokens (i2v / flf2v) or None
     grid: tuple[int, int, int]  # latent token grid (frames, height, width)
     attention: str = "sdpa"  # the attention backend the blocks use
+    # [B, 1, 1, L_text] float32 added to the cross-attention logits: the log-count of the folded padding rows
+    # (kinema/models/text_padding.py), or None when the context is not folded
+    context_bias: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor) -> BlockInputs:
         """The same inputs for the batch rows `index` (int64 [k])."""
         image = None if self.image_context is None else self.image_context[index]
-        return BlockInputs(self.e[index], self.e0[index], self.rope, self.context[index], image, self.grid, self.attention)
+        bias = None if self.context_bias is None else self.context_bias[index]
+        return BlockInputs(self.e[index], self.e0[index], self.rope, self.context[index], image, self.grid, self.attention,
+                           bias)
 
 
 class BlockHook:
@@ -59,13 +64,14 @@ def _overrides(hook: BlockHook, name: str) -> bool:
 
 
 def run_hooked(blocks, tokens: torch.Tensor, inputs: BlockInputs, hooks=(), step=None) -> torch.Tensor:
-    """Run `blocks` (each called as block(tokens, e0, rope, context, image_context, attention)) with `hooks` composed."""
+    """Run `blocks` (each called as block(tokens, e0, rope, context, image_context, attention, context_bias)) with
+    `hooks` composed."""
     hooks = sorted(hooks, key=lambda h: h.order)
     per_block = [h for h in hooks if _overrides(h, "around_block")]
 
     def one(index: int, block):
         def run(x, inp):
-            return block(x, inp.e0, inp.rope, inp.context, inp.image_context, inp.attention)
+            return block(x, inp.e0, inp.rope, inp.context, inp.image_context, inp.attention, inp.context_bias)
 
         for h in reversed(per_block):  # the first (outermost) hook wraps the others
             run = (lambda h, inner: lambda x, inp: h.around_block(index, inner, x, inp, step))(h, run)
@@ -74,7 +80,7 @@ def run_hooked(blocks, tokens: torch.Tensor, inputs: BlockInputs, hooks=(), step
     def stack(x, inp):
         for index, block in enumerate(blocks):
             x = one(index, block)(x, inp) if per_block else block(x, inp.e0, inp.rope, inp.context, inp.image_context,
-                                                                  inp.attention)
+                                                                  inp.attention, inp.context_bias)
         return x
 
     run = stack

@@ -16,8 +16,8 @@ The kernels take Kinema's layout as it is ([B, L, H, D]), so no transpose is mad
 A call a kernel cannot take runs on sdpa instead, silently: a mask (umT5), float32
 (the VAE, float32 models), tensors off CUDA, a head_dim beyond the kernel's
 (flash_attn 256, sageattn 128), or, for sageattn, which has no backward, inputs
-that need gradients. On the CPU, sdpa runs bf16 / fp16 inputs in float32 and casts
-the result back: PyTorch's CPU kernel is faster in float32 than in bf16.
+that need gradients. On the CPU, bf16 / fp16 inputs run either in their own precision or in
+float32 (cast back), whichever this machine runs faster for the shape (kinema/ops/cpu_half.py).
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import logging
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from kinema.errors import KinemaError
+from kinema.ops.cpu_half import cpu_half_attention, sdpa
 
 log = logging.getLogger("kinema")
 
@@ -85,6 +85,12 @@ def resolve_backend(name: str, announce: bool = False) -> str:
     return chosen
 
 
+def kernel_may_run(backend: str, device: torch.device) -> bool:
+    """Whether a kernel backend (not sdpa) may take calls on `device`: the DiT then leaves its text context
+    unfolded, as the kernels take no attention bias (kinema/models/text_padding.py)."""
+    return backend != "sdpa" and torch.device(device).type in KERNEL_DEVICES
+
+
 def _kernel_takes(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
     if mask is not None or q.device.type not in KERNEL_DEVICES:
         return False
@@ -114,31 +120,7 @@ def attention(
     if mask is not None and mask.dtype == torch.bool and mask.dim() == 2:
         mask = mask[:, None, None, :]  # [B, 1, 1, Lk]
     if q.device.type == "cpu" and v.dtype in (torch.bfloat16, torch.float16):
-        return _cpu_half(q, k, v, mask, scale)
-    return _sdpa(q, k, v, mask, scale)
+        return cpu_half_attention(q, k, v, mask, scale)
+    return sdpa(q, k, v, mask, scale)
 
 
-def _sdpa(q, k, v, mask, scale) -> torch.Tensor:
-    if mask is not None and mask.dtype != torch.bool:
-        mask = mask.to(q.dtype)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
-    )  # [B, H, Lq, D]
-    return out.transpose(1, 2)
-
-
-CPU_HEAD_GROUP_BYTES = 64 << 20  # float32 q of one group of heads at most this big (at least one head)
-
-
-def _cpu_half(q, k, v, mask, scale) -> torch.Tensor:
-    """bf16 / fp16 attention on the CPU, run in float32 (PyTorch's CPU kernel is faster in float32 than in
-    bf16, and fp16 far slower) a group of heads at a time, so the float32 copies stay small."""
-    B, Lq, H, D = q.shape
-    group = max(1, min(H, CPU_HEAD_GROUP_BYTES // max(1, 4 * B * Lq * D)))
-    per_head = mask is not None and mask.dim() == 4 and mask.shape[1] == H > 1  # e.g. umT5's position bias
-    out = torch.empty(B, Lq, H, D, dtype=v.dtype, device=v.device)
-    for h in range(0, H, group):
-        heads = slice(h, h + group)
-        m = mask[:, heads] if per_head else mask
-        out[:, :, heads] = _sdpa(q[:, :, heads].float(), k[:, :, heads].float(), v[:, :, heads].float(), m, scale)
-    return out

@@ -43,6 +43,11 @@ class VAEConfig(configs.TrainConfig):
     l1_weight: float = 1.0
     object_weight: float = 0.0  # extra loss weight on pixels away from the clip's median colour (its background)
     mse_weight: float = 1.0
+    grad_weight: float = 0.0  # L1 on the horizontal and vertical pixel differences (edges), object-weighted as well
+    # "identity": every causal conv's past taps zero and the temporal resamplers pass their latest frame, applied
+    # after init_from, so a VAE trained on single frames (train_frames 1, which only reaches the last taps) starts
+    # its video stage as that image VAE run frame by frame; "" leaves the weights as they are.
+    temporal_init: str = ""
     random_colors: float = 0.3  # share of clips with arbitrary colours, so the VAE is not tied to the palette
     train_encoder: bool = True  # False: only the decoder learns, so the latents (and a DiT trained on them) stay valid
     data_seed: int = -1  # seed of the training clips (-1 = seed); the held-out clips always follow seed
@@ -59,6 +64,8 @@ class VAEConfig(configs.TrainConfig):
             raise configs.KinemaError("train_frames and frames must be 1 + 4k (1, 5, 9, 13, 17, ...).")
         if self.crop and (self.crop % 8 or self.crop > min(self.width, self.height)):
             raise configs.KinemaError(f"crop={self.crop} must be a multiple of 8 and fit in {self.width}x{self.height}.")
+        if self.temporal_init not in ("", "identity"):
+            raise configs.KinemaError(f"temporal_init={self.temporal_init!r}: use 'identity' or leave it empty.")
         if self.init not in ("kaiming", "default"):
             raise configs.KinemaError(f"init={self.init!r}: use 'kaiming' or 'default'.")
 
@@ -95,6 +102,39 @@ def pixel_weights(video: torch.Tensor, object_weight: float) -> torch.Tensor:
         return torch.ones_like(video[:, :1])
     median = video.flatten(2).median(dim=2).values[:, :, None, None, None]
     return 1.0 + object_weight * ((video - median).abs().amax(1, keepdim=True) > 0.1).to(video.dtype)
+
+
+def edge_l1(recon: torch.Tensor, video: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Weighted L1 between the horizontal and vertical pixel differences of two videos [B, C, T, H, W]: a blurred
+    edge costs its whole step here, where in plain L1 it costs only the pixels it misses."""
+    total = recon.new_zeros(())
+    for dim in (3, 4):
+        d = (recon.diff(dim=dim) - video.diff(dim=dim)).abs()
+        wd = torch.maximum(w.narrow(dim, 0, w.shape[dim] - 1), w.narrow(dim, 1, w.shape[dim] - 1))
+        total = total + (d * wd).mean() / wd.mean()
+    return total
+
+
+@torch.no_grad()
+def identity_in_time(vae: WanVAE) -> None:
+    """Make the VAE act frame by frame: the past taps of every 3-tap causal conv zero; the encoder's stride-2 time
+    convs pass the later frame of each pair, the decoder's frame-doubling convs give the current frame twice."""
+    from kinema.models.vae import CausalConv3d, Resample
+
+    time_convs = set()
+    for m in vae.modules():
+        if isinstance(m, Resample) and hasattr(m, "time_conv"):
+            conv = m.time_conv
+            time_convs.add(conv)
+            conv.weight.zero_()
+            conv.bias.zero_()
+            c = conv.weight.shape[1]
+            eye = torch.eye(c, dtype=conv.weight.dtype, device=conv.weight.device)
+            for half in range(conv.weight.shape[0] // c):  # 1 (downsample) or 2 (upsample) output halves
+                conv.weight[half * c : (half + 1) * c, :, -1, 0, 0] = eye
+    for m in vae.modules():
+        if isinstance(m, CausalConv3d) and m not in time_convs and m.kernel_size[0] > 1:
+            m.weight[:, :, :-1].zero_()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -136,13 +176,17 @@ class VAETask(TrainTask):
             from kinema.loading.vae import load_vae
 
             self.vae.load_state_dict(init_state(cfg.init_from, "vae", load_vae))
+        if cfg.temporal_init == "identity":
+            identity_in_time(self.vae)
         self.vae.train()
         self.data = None if cfg.data == "world" else _folder_batches(cfg)
         self.pool = None
         if cfg.data == "world" and cfg.pool_size:
             log.info("vae: rendering a pool of %d clips", cfg.pool_size)
-            self.pool = ClipPool(self._data_seed(), cfg.pool_size, cfg.width, cfg.height, cfg.train_frames,
-                                 self.colors, cfg.random_colors)
+            # Clips as long as the held-out ones; a batch takes a random run of train_frames of each (single frames
+            # from anywhere in the motion for an image stage).
+            self.pool = ClipPool(self._data_seed(), cfg.pool_size, cfg.width, cfg.height,
+                                 max(cfg.train_frames, cfg.frames), self.colors, cfg.random_colors)
 
     def _data_seed(self) -> int:
         return self.cfg.seed if self.cfg.data_seed < 0 else self.cfg.data_seed
@@ -161,7 +205,7 @@ class VAETask(TrainTask):
         if self.data is not None:
             return self.data(step).to(self.device)
         if self.pool is not None:
-            return self.pool.batch(step, cfg.batch_size, cfg.crop).to(self.device)
+            return self.pool.batch(step, cfg.batch_size, cfg.crop, cfg.train_frames).to(self.device)
         video, _ = clip_batch(self._data_seed(), step, cfg.batch_size, cfg.width, cfg.height, cfg.train_frames,
                               colors=self.colors, random_colors=cfg.random_colors, crop=cfg.crop)
         return video.to(self.device)
@@ -176,12 +220,19 @@ class VAETask(TrainTask):
         mse = ((recon - video).pow(2) * w).mean() / w.mean()
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean()
         loss = cfg.l1_weight * l1 + cfg.mse_weight * mse + cfg.kl_weight * kl
-        return loss, {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+        terms = {"l1": l1.item(), "mse": mse.item(), "kl": kl.item()}
+        if cfg.grad_weight:
+            edges = edge_l1(recon, video, w)
+            loss = loss + cfg.grad_weight * edges
+            terms["edge"] = edges.item()
+        return loss, terms
 
     @torch.no_grad()
     def evaluate(self, n: int | None = None) -> float:
         self.vae.eval()
         video = holdout(self.cfg, n or self.cfg.holdout_clips).to(self.device)
+        if self.cfg.train_frames == 1:  # an image stage: every 4th frame of the held-out clips, as single images
+            video = video[:, :, ::4].transpose(1, 2).flatten(0, 1)[:, :, None]  # [N*T', 3, 1, H, W]
         out = torch.cat([self.vae.decode(self.vae.encode(v[None])) for v in video])
         self.vae.train()
         return psnr(out, video)

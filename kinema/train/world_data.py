@@ -84,11 +84,14 @@ class ClipPool:
         self.seed = seed
         self.clips, _ = render_clips(seed, range(size), width, height, frames, colors, random_colors)  # [N, F, H, W, 3]
 
-    def batch(self, step: int, batch_size: int, crop: int) -> torch.Tensor:
+    def batch(self, step: int, batch_size: int, crop: int, frames: int = 0) -> torch.Tensor:
+        """`frames` > 0: a random run of that many frames of each drawn clip (1: single frames, for images)."""
         rng = world.clip_rng(self.seed + 1, step)  # a stream of its own: draws and crops of step `step`
-        n, _, h, w, _ = self.clips.shape
+        n, f, h, w, _ = self.clips.shape
+        frames = frames or f
         picked = []
         for i in rng.integers(0, n, batch_size):
             y, x = (rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)) if crop else (0, 0)
-            picked.append(self.clips[i, :, y : y + (crop or h), x : x + (crop or w)])
+            t = rng.integers(0, f - frames + 1) if frames < f else 0
+            picked.append(self.clips[i, t : t + frames, y : y + (crop or h), x : x + (crop or w)])
         return torch.stack([world.to_tensor(c) for c in picked])
