@@ -233,3 +233,14 @@ def test_cpu_half_way_is_raced_once_per_shape_class(monkeypatch):
     cpu_half.cpu_half_attention(torch.randn(1, 300, 2, 8).bfloat16(), q, q, None, None, choices)  # a new class
     assert calls == ["native", "float32", "float32"]  # native lost by more than 2x: not run again
     assert sorted(choices.ways.values()) == ["float32", "native"]
+
+
+def test_cpu_half_way_can_be_pinned(monkeypatch):
+    q = torch.randn(1, 9, 2, 8).bfloat16()
+    choices = cpu_half.CpuHalfChoices()
+    monkeypatch.setenv("KINEMA_CPU_HALF_ATTENTION", "float32")
+    assert torch.equal(cpu_half.cpu_half_attention(q, q, q, None, None, choices), cpu_half.in_float32(q, q, q, None, None))
+    assert not choices.ways  # no race
+    monkeypatch.setenv("KINEMA_CPU_HALF_ATTENTION", "fast")
+    with pytest.raises(KinemaError, match="KINEMA_CPU_HALF_ATTENTION='fast'"):
+        cpu_half.cpu_half_attention(q, q, q, None, None, choices)

@@ -1,9 +1,10 @@
-"""The engine reproduces the golden runs of the built-in model recorded before the Pipeline existed.
+"""The engine reproduces the golden runs of the built-in model (first recorded before the Pipeline existed,
+recorded anew through it when the built-in model was retrained: tests/golden/record_builtin.py).
 
 tests/golden/builtin.npz holds the final latents and decoded frames of every case in
 tests/golden/builtin_cases.py (t2v, t2i, i2v, flf2v, v2v, and t2v with step caching, a LoRA,
-VAE tiles, block swap, fp8 and batched guidance), recorded through the pre-refactor
-`generate()` as `kinema generate` assembled the models. On the machine that recorded them
+VAE tiles, block swap, fp8 and batched guidance), recorded first through the
+pre-refactor `generate()` as `kinema generate` assembled the models. On the machine that recorded them
 (same PyTorch, kernel instruction set, CPU and thread count) they must match bit for bit. On
 another CPU the kernels' summation order differs in the last bits: emulating other machines here
 (ATEN_CPU_CAPABILITY=avx2 / default, oneDNN and MKL limited to AVX2, one thread) moved the latents

@@ -10,19 +10,26 @@ of the two runs kept, so one-time set-up costs do not decide), and the winner is
 process. A shape class is (dtype, head dim, batch x heads, query and key lengths rounded up to
 a power of two): a sampling run meets two or three classes (self-attention, text and image
 cross-attention) and pays for the race once, about four extra attention calls in all.
+
+The two ways differ in the last bits, so two processes may round a bf16 run differently; setting
+KINEMA_CPU_HALF_ATTENTION=native or =float32 skips the race and pins the way (bit-for-bit runs).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 
 import torch
 import torch.nn.functional as F
 
+from kinema.errors import KinemaError
+
 CPU_HEAD_GROUP_BYTES = 64 << 20  # float32 q of one group of heads at most this big (at least one head)
 WAYS = ("native", "float32")
+PIN_VARIABLE = "KINEMA_CPU_HALF_ATTENTION"
 
 
 @dataclasses.dataclass
@@ -85,6 +92,11 @@ RUN = {"native": native, "float32": in_float32}
 
 def cpu_half_attention(q, k, v, mask, scale, choices: CpuHalfChoices = CHOICES) -> torch.Tensor:
     """bf16 / fp16 CPU attention the faster way for this shape on this machine ([B, L, H, D] in and out)."""
+    pinned = os.environ.get(PIN_VARIABLE)
+    if pinned:
+        if pinned not in RUN:
+            raise KinemaError(f"{PIN_VARIABLE}={pinned!r}: use one of {', '.join(WAYS)}, or unset it to measure.")
+        return RUN[pinned](q, k, v, mask, scale)
     key = shape_class(q, k)
     way = choices.ways.get(key)
     if way is not None:

@@ -3,10 +3,11 @@
     python tests/golden/record_builtin.py            # refuses to replace an existing record
     python tests/golden/record_builtin.py --force    # a new record, e.g. after the built-in model changed
 
-The record in the repository was made before kinema.Pipeline existed, by this script's first
-version (git history), which assembled the models as `kinema generate` did then and called its
-`generate`: so the goldens are the numbers of the engine before the refactor, and
-tests/test_golden.py proves the Pipeline reproduces them bit for bit.
+The first record was made before kinema.Pipeline existed, by this script's first version (git
+history), which assembled the models as `kinema generate` did then and called its `generate`; the
+Pipeline reproduced it bit for bit (up to commit 56fbae1). When the built-in model was retrained
+(session 10: a new VAE and DiT) the record was made anew with this script, through the Pipeline:
+from then on the goldens hold the engine to its own numbers, case by case.
 """
 
 from __future__ import annotations
