@@ -134,7 +134,7 @@ def test_hook_reuses_each_branch_residual(models):
         order = 0
 
         def around_blocks(self, run, tokens, inputs, step):
-            seen["tokens"], seen["out"] = tokens, run(tokens, inputs)
+            seen["tokens"], seen["out"] = tokens, run(tokens, inputs, step)
             return seen["out"]
 
     def step(i):

@@ -203,15 +203,13 @@ def test_lora_select_chains_into_the_model_recipe(tmp_path):
 def test_unsupported_options_are_clear_errors(ctx):
     model, t5, vae = loaders(ctx)
     (embeds,) = call("WanVideoEmptyEmbeds", ctx, width=64, height=64, num_frames=5)
-    (feta,) = call("WanVideoEnhanceAVideo", ctx, weight=2.0, start_percent=0.0, end_percent=1.0)
-    (slg,) = call("WanVideoSLG", ctx, blocks="10", start_percent=0.1, end_percent=1.0)
+    (slg,) = call("WanVideoSLG", ctx, blocks="10", start_percent=0.1, end_percent=1.0)  # the built-in DiT has 6
     (context,) = call("WanVideoContextOptions", ctx, context_schedule="uniform_standard", context_frames=81,
                       context_stride=4, context_overlap=16, freenoise=True)
-    cases = [({"feta_args": feta}, "WanVideoSampler.feta_args", "Enhance-A-Video"),
-             ({"slg_args": slg}, "WanVideoSampler.slg_args", "skip-layer guidance"),
+    cases = [({"slg_args": slg}, "WanVideoSampler.slg_args", "blocks 10 do not exist"),
              ({"context_options": context}, "WanVideoSampler.context_options", "context windows"),
-             ({"experimental_args": {"cfg_zero_star": True}}, "WanVideoSampler.experimental_args", "experimental"),
-             ({"riflex_freq_index": 6}, "WanVideoSampler.riflex_freq_index", "RIFLEx"),
+             ({"experimental_args": "cfg_zero_star"}, "WanVideoSampler.experimental_args", "its settings node"),
+             ({"riflex_freq_index": 60}, "WanVideoSampler.riflex_freq_index", "RIFLEx index 60 does not exist"),
              ({"end_step": 2}, "WanVideoSampler.end_step", "part of the schedule"),
              ({"scheduler": "lcm"}, "WanVideoSampler.scheduler", "'lcm'")]
     for extra, where, what in cases:
@@ -229,6 +227,7 @@ def test_unsupported_options_are_clear_errors(ctx):
          "WanVideoModelLoader.vram_management_args"),
         ("WanVideoModelLoader", dict(model=DIT, base_precision="fp16_fast"), "WanVideoModelLoader.base_precision"),
         ("WanVideoTeaCache", dict(rel_l1_thresh=0.1, use_coefficients=False), "WanVideoTeaCache.use_coefficients"),
+        ("WanVideoExperimentalArgs", dict(cfg_zero_star=True, use_tcfg=True), "WanVideoExperimentalArgs.use_tcfg"),
         ("WanVideoTextEncode", dict(positive_prompt="a | b", negative_prompt="", t5=t5), "WanVideoTextEncode.positive_prompt"),
         ("WanVideoImageToVideoEncode", dict(width=64, height=64, num_frames=5, noise_aug_strength=0.1, vae=vae),
          "WanVideoImageToVideoEncode.noise_aug_strength"),
@@ -328,17 +327,18 @@ def test_t2v_example_workflow_runs(ctx):
                                 "11.model_name": T5, "11.precision": "fp32", "38.model_name": VAE, "38.precision": "fp32",
                                 "39.blocks_to_swap": 2, "37.width": 64, "37.height": 64, "37.num_frames": 5,
                                 "27.steps": 3, "16.positive_prompt": PROMPT})
-    with pytest.raises(KinemaError, match=r"WanVideoSampler\.feta_args: Enhance-A-Video"):
-        run_prompt(prompt, ctx)
+    ui = run_prompt(prompt, ctx)  # with the example's Enhance-A-Video (HyVideoEnhanceAVideo, weight 2)
+    with_feta = read_video(ui["30"]["gifs"][0]["fullpath"]).frames.float()
     del prompt["43"], prompt["27"]["inputs"]["feta_args"]  # the HyVideoEnhanceAVideo node muted
     ui = run_prompt(prompt, ctx)
     rec = ui["30"]["gifs"][0]
-    assert rec["filename"] == "WanVideo2_1_T2V_00001.mp4" and rec["format"] == "video/h264-mp4"
+    assert rec["filename"] == "WanVideo2_1_T2V_00002.mp4" and rec["format"] == "video/h264-mp4"
     video = read_video(rec["fullpath"])
     assert video.frames.shape == (5, 64, 64, 3) and abs(video.fps - 16) < 1e-3
     assert video.frames.float().std() > 1  # not a blank clip
+    assert (video.frames.float() - with_feta).abs().max() > 0  # Enhance-A-Video acted
     ui = run_prompt(prompt, ctx)
-    assert ui["30"]["gifs"][0]["filename"] == "WanVideo2_1_T2V_00002.mp4"
+    assert ui["30"]["gifs"][0]["filename"] == "WanVideo2_1_T2V_00003.mp4"
 
 
 def test_i2v_example_workflow_runs(tmp_path, models):
@@ -389,10 +389,9 @@ def test_ui_examples_convert_and_run_through_the_executor(tmp_path, models):
     ex = Executor(folders(), tmp_path / "output", tmp_path / "input", tmp_path / "temp", models=models)
     ui_workflow = json.loads((WORKFLOWS / "wanvideo_T2V_example_01.json").read_text())
     events = []
-    with pytest.raises(KinemaError, match=r"WanVideoSampler\.feta_args: Enhance-A-Video"):
-        ex.execute(with_sets(to_api(ui_workflow), T2V_SETS), "p1", listener=lambda e, d: events.append((e, d)))
-    failed = [d for e, d in events if e == "execution_error"]
-    assert len(failed) == 1 and failed[0]["node_type"] == "WanVideoSampler" and failed[0]["node_id"] == "27"
+    ui = ex.execute(with_sets(to_api(ui_workflow), T2V_SETS), "p1", listener=lambda e, d: events.append((e, d)))
+    assert ui["30"]["gifs"][0]["filename"] == "WanVideo2_1_T2V_00001.mp4"  # with its Enhance-A-Video
+    assert not [d for e, d in events if e == "execution_error"]
 
     for n in ui_workflow["nodes"]:
         if n["type"] == "HyVideoEnhanceAVideo":
@@ -402,7 +401,7 @@ def test_ui_examples_convert_and_run_through_the_executor(tmp_path, models):
     ui = ex.execute(prompt, "p2", listener=lambda e, d: events.append((e, d)),
                     extra_data={"extra_pnginfo": {"workflow": ui_workflow}})
     rec = ui["30"]["gifs"][0]
-    assert rec["filename"] == "WanVideo2_1_T2V_00001.mp4" and rec["type"] == "output"
+    assert rec["filename"] == "WanVideo2_1_T2V_00002.mp4" and rec["type"] == "output"
     video = read_video(rec["fullpath"])
     assert video.frames.shape == (5, 64, 64, 3) and abs(video.fps - 16) < 1e-3
     steps = [d for e, d in events if e == "progress" and d["node"] == "27"]
@@ -417,6 +416,6 @@ def test_ui_examples_convert_and_run_through_the_executor(tmp_path, models):
     ui = ex.execute(prompt, "p3", listener=lambda e, d: events.append((e, d)))
     cached = next(d["nodes"] for e, d in events if e == "execution_cached")
     assert {"11", "16", "22", "37", "38", "39"} <= set(cached) and not {"27", "28", "30"} & set(cached)
-    assert ui["30"]["gifs"][0]["filename"] == "WanVideo2_1_T2V_00002.mp4"
+    assert ui["30"]["gifs"][0]["filename"] == "WanVideo2_1_T2V_00003.mp4"
     other = read_video(ui["30"]["gifs"][0]["fullpath"]).frames.float()
     assert (other - video.frames.float()).abs().mean() > 1  # a different seed, a different clip

@@ -26,7 +26,8 @@ FLAGS = {
     "size": "--size", "frame_num": "--frame_num", "steps": "--sample_steps", "shift": "--sample_shift",
     "guide_scale": "--sample_guide_scale", "seed": "--base_seed", "solver": "--sample_solver", "denoise": "--denoise",
     "image": "--image", "first_frame": "--first_frame", "last_frame": "--last_frame", "video": "--video",
-    "cache": "--cache", "vae_tile": "--vae_tile",
+    "cache": "--cache", "vae_tile": "--vae_tile", "skip_layers": "--slg", "cfg_zero_star": "--cfg_zero_star",
+    "enhance": "--feta", "riflex": "--riflex",
 }
 
 
@@ -50,7 +51,27 @@ def call_arguments(args) -> dict:
                 solver=args.sample_solver, negative_prompt=args.negative_prompt, image=args.image,
                 first_frame=args.first_frame, last_frame=args.last_frame, video=args.video,
                 denoise=args.denoise, cache=args.cache, vae_tile=args.vae_tile,
-                batched_cfg=args.batched_cfg)
+                batched_cfg=args.batched_cfg, **extras_arguments(args))
+
+
+def extras_arguments(args) -> dict:
+    """The guidance-extras flags as Pipeline.__call__'s skip_layers / cfg_zero_star / enhance / riflex; a flag
+    that tunes an extra not asked for is an error (it would do nothing)."""
+    def given(**flags):
+        return {k: v for k, v in flags.items() if v is not None}
+
+    slg = given(start=args.slg_start, end=args.slg_end, mode=args.slg_mode, scale=args.slg_scale)
+    feta = given(start=args.feta_start, end=args.feta_end)
+    for flags, owner, on in ((slg, "--slg", args.slg), (feta, "--feta", args.feta),
+                             (given(zero_init_steps=args.zero_init_steps), "--cfg_zero_star", args.cfg_zero_star or None)):
+        if flags and on is None:
+            prefix = {"--slg": "--slg_", "--feta": "--feta_", "--cfg_zero_star": "--"}[owner]
+            raise KinemaError(f"{', '.join(prefix + k for k in flags)} tunes {owner}, which is not given; add {owner}.")
+    zero = given(zero_init_steps=args.zero_init_steps)
+    return dict(skip_layers=dict(blocks=args.slg, **slg) if args.slg is not None else None,
+                cfg_zero_star=zero if args.cfg_zero_star else None,
+                enhance=dict(weight=args.feta, **feta) if args.feta is not None else None,
+                riflex=args.riflex)
 
 
 def output(args, task: str) -> tuple[str, Path, str]:

@@ -23,6 +23,8 @@ FROM_KEYS = {
     "shift": "sample_shift", "guide_scale": "sample_guide_scale", "solver": "sample_solver", "frame_num": "frame_num",
     "size": "size", "fps": "fps", "format": "format", "denoise": "denoise", "cache": "cache", "batched_cfg": "batched_cfg",
     "quantization": "quantization", "t5_quantization": "t5_quantization", "attention": "attention", "vae_tile": "vae_tile",
+    **{k: k for k in ("slg", "slg_start", "slg_end", "slg_mode", "slg_scale", "cfg_zero_star", "zero_init_steps", "feta",
+                      "feta_start", "feta_end", "riflex")},
 }
 
 
@@ -129,6 +131,31 @@ def _sampling_flags(g) -> None:
                    help="step caching: teacache:THRESH (e.g. teacache:0.2) or magcache:THRESH:K (e.g. magcache:0.12:2) "
                         "reuses the DiT blocks' last output on steps that barely change; off computes every step (docs/caching.md)")
     g.add_argument("--base_seed", type=int, default=-1, help="seed; -1 picks one at random")
+    _extras_flags(g)
+
+
+def _extras_flags(g) -> None:
+    x = g.add_argument_group("guidance extras (README, \"Guidance extras\")")
+    x.add_argument("--slg", default=None, metavar="BLOCKS",
+                   help="skip-layer guidance: skip these DiT blocks (e.g. 9,10) in the uncond pass (or, --slg_mode sd3, "
+                        "in an extra cond pass)")
+    x.add_argument("--slg_start", type=float, default=None, help="first step of --slg, a fraction of the steps (default 0.1)")
+    x.add_argument("--slg_end", type=float, default=None, help="last step of --slg, a fraction of the steps (default 1.0)")
+    x.add_argument("--slg_mode", default=None, choices=["uncond", "sd3"],
+                   help="uncond: the wrapper's form (default); sd3: v += scale * (cond - cond_skipped)")
+    x.add_argument("--slg_scale", type=float, default=None, help="the sd3 form's scale (default 3.0)")
+    x.add_argument("--cfg_zero_star", action="store_true",
+                   help="CFG-Zero*: an optimised scale on the uncond prediction, and zero-init of the first steps")
+    x.add_argument("--zero_init_steps", type=int, default=None,
+                   help="with --cfg_zero_star: steps given a zero velocity at the start (default 1; 0 turns it off)")
+    x.add_argument("--feta", type=float, default=None, metavar="WEIGHT",
+                   help="Enhance-A-Video: scale self-attention by the cross-frame intensity times (frames + WEIGHT); "
+                        "the wrapper's default weight is 2.0")
+    x.add_argument("--feta_start", type=float, default=None, help="first step of --feta, a fraction (default 0.0)")
+    x.add_argument("--feta_end", type=float, default=None, help="last step of --feta, a fraction (default 1.0)")
+    x.add_argument("--riflex", default="off", metavar="auto|K|off",
+                   help="RIFLEx for videos longer than the model was trained on: lower the K-th temporal RoPE "
+                        "frequency (auto: the paper's rule, only when longer than trained)")
 
 
 def _input_flags(g) -> None:

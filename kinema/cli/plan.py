@@ -21,7 +21,7 @@ def read_target(ckpts: Checkpoints) -> tuple[MetaModels, Target]:
     meta = read_models(ckpts.dit_checkpoint, ckpts.t5, ckpts.vae, ckpts.clip)
     vae, cfg = meta.vae, meta.dit.config
     geometry = Geometry(vae.spatial_ratio, vae.temporal_ratio, tuple(cfg.patch_size), vae.z_dim)
-    return meta, Target(ckpts.dit_checkpoint.info, cfg.model_type, geometry, ckpts.clip is not None)
+    return meta, Target(ckpts.dit_checkpoint.info, cfg.model_type, geometry, ckpts.clip is not None, cfg)
 
 
 def plan_run(job: Job, opts: LoadOptions, runtime: Runtime, prefetch: int) -> Run:

@@ -28,6 +28,7 @@ from kinema.models.hooks import BlockInputs, run_hooked
 from kinema.models.layers import LayerNorm32, Linear, RMSNorm32, modulate
 from kinema.models.text_padding import fold_padding
 from kinema.ops.attention import attention, kernel_may_run
+from kinema.ops.feta import Enhance, feta_gain
 from kinema.ops.rope import apply_rope, rope_table
 
 
@@ -79,11 +80,17 @@ class SelfAttention(nn.Module):
         norm = (lambda: RMSNorm32(cfg.dim, cfg.eps)) if cfg.qk_norm else nn.Identity
         self.norm_q, self.norm_k = norm(), norm()
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, backend: str = "sdpa") -> torch.Tensor:
-        q = apply_rope(self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1)), rope)  # [B, L, H, D]
-        k = apply_rope(self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1)), rope)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, backend: str = "sdpa",
+                enhance: Enhance | None = None) -> torch.Tensor:
+        """enhance: apply Enhance-A-Video's gain (kinema/ops/feta.py) to the attention output, or None."""
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.num_heads, -1))  # [B, L, H, D]
+        k = self.norm_k(self.k(x)).unflatten(-1, (self.num_heads, -1))
+        gain = None if enhance is None else feta_gain(q, k, enhance.frames, enhance.weight)  # before RoPE
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
         out = attention(q.to(v.dtype), k.to(v.dtype), v, backend=backend)
+        if gain is not None:
+            out = out * gain.to(out.dtype)[:, None, None, None]
         return self.o(out.flatten(2))
 
 
@@ -129,16 +136,17 @@ class DiTBlock(nn.Module):
         self.ffn = nn.Sequential(Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"), Linear(cfg.ffn_dim, cfg.dim))
         self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim**0.5)
 
-    def forward(self, x, e, rope, context, image_context=None, attention="sdpa", context_bias=None):
+    def forward(self, x, e, rope, context, image_context=None, attention="sdpa", context_bias=None, enhance=None):
         """x [B, L, dim] float32 residual stream; e [B, 6, dim] time modulation; attention: the backend's name;
-        context_bias: the cross-attention's bias of a folded text context (BlockInputs.context_bias) or None.
-        x itself is not modified.
+        context_bias: the cross-attention's bias of a folded text context (BlockInputs.context_bias) or None;
+        enhance: Enhance-A-Video on the self-attention (BlockInputs.enhance) or None. x itself is not modified.
 
         Without autograd (sampling) the second and third residual adds run in place and the FFN runs
         on slices of FFN_ROWS tokens with its GELU in place, so its [L, ffn_dim] hidden never exists
         whole; each token's result is the same as the one-piece computation."""
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.modulation.float() + e).unbind(1)
-        x = torch.addcmul(x, self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), rope, attention), gate_sa[:, None])
+        x = torch.addcmul(x, self.self_attn(modulate(self.norm1(x), shift_sa, scale_sa), rope, attention, enhance),
+                          gate_sa[:, None])
         if torch.is_grad_enabled():
             x = x + self.cross_attn(self.norm3(x), context, image_context, attention, context_bias)
             return torch.addcmul(x, self.ffn(modulate(self.norm2(x), shift_ff, scale_ff)), gate_ff[:, None])

@@ -1,50 +1,53 @@
-"""Classifier-free guidance as a strategy: how the cond and uncond predictions of one step are computed.
+"""Classifier-free guidance: how the branch predictions of one step are computed, and how they combine.
 
 v = v_uncond + g * (v_cond - v_uncond), the official formula in its official order of
-operations. Strategies differ only in how the two passes run: one after the other
-(`sequential`, the default and the official way), as one batch of two (`batched`:
-the same numbers within float rounding, twice the activation memory, one weight
-read), and later on two rank groups. Without guidance (g = 1) only the cond pass runs.
-Each DiT call gets a step context naming the branch of every batch row, so the block
-hooks keep per-branch state.
+operations. A strategy decides only how the branch passes run: one after the other
+(`sequential`, the default and the official way), or as one batch (`batched`: the same
+numbers within float rounding, a wider activation per branch, one weight read), and later
+on rank groups. Without guidance (g = 1) only the cond pass runs.
+
+The branches of a step: "cond", "uncond" when guided, and "skip" (the cond inputs with blocks
+skipped) while the SD3 form of skip-layer guidance is active. The combination takes the
+guidance extras: CFG-Zero* (an optimised scale on the uncond prediction, and zero-init of the
+first steps: the model is not called) and the SD3 skip-layer term scale * (v_cond - v_skip).
+Each DiT call gets a step context naming the branch of every batch row, so the block hooks
+(step cache, skip-layer guidance) keep per-branch state.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kinema.sampling.cfg_zero import CFGZeroStar, cfg_zero_star
 from kinema.sampling.context import StepContext
+from kinema.sampling.skip_layers import SKIP_BRANCH, SkipLayers
 
 
 class Guidance:
-    """Runs the guidance passes of one step. `run(x, t, args, step)` is one DiT call."""
+    """Runs the branch passes of one step: `predict(run, x, t, branches, step)` -> {branch: v}, where
+    `branches` maps each branch name to the DiT's keyword inputs and `run(x, t, args, step)` is one DiT call."""
 
-    name = "none"
+    name = "sequential"
 
-    def __call__(self, run, x, t, cond: dict, uncond: dict | None, scale: float, step: StepContext) -> torch.Tensor:
-        return run(x, t, cond, step.with_branches("cond"))
+    def predict(self, run, x, t, branches: dict[str, dict], step: StepContext) -> dict[str, torch.Tensor]:
+        return {name: run(x, t, args, step.with_branches(name)) for name, args in branches.items()}
 
 
 class Sequential(Guidance):
     name = "sequential"
 
-    def __call__(self, run, x, t, cond, uncond, scale, step):
-        if uncond is None:
-            return super().__call__(run, x, t, cond, uncond, scale, step)
-        v_cond = run(x, t, cond, step.with_branches("cond"))
-        v_uncond = run(x, t, uncond, step.with_branches("uncond"))
-        return v_uncond + scale * (v_cond - v_uncond)
-
 
 class Batched(Guidance):
     name = "batched"
 
-    def __call__(self, run, x, t, cond, uncond, scale, step):
-        if uncond is None:
-            return super().__call__(run, x, t, cond, uncond, scale, step)
-        both = {k: None if v is None else torch.cat([v, uncond[k]]) for k, v in cond.items()}
-        v_cond, v_uncond = run(torch.cat([x, x]), torch.cat([t, t]), both, step.with_branches("cond", "uncond")).chunk(2)
-        return v_uncond + scale * (v_cond - v_uncond)
+    def predict(self, run, x, t, branches, step):
+        if len(branches) == 1:
+            return super().predict(run, x, t, branches, step)
+        names, args = list(branches), list(branches.values())
+        n = len(names)
+        both = {k: None if args[0][k] is None else torch.cat([a[k] for a in args]) for k in args[0]}
+        out = run(torch.cat([x] * n), torch.cat([t] * n), both, step.with_branches(*names)).chunk(n)
+        return dict(zip(names, out))
 
 
 STRATEGIES = {"sequential": Sequential(), "batched": Batched()}
@@ -55,16 +58,37 @@ def guidance_for(batched: bool) -> Guidance:
     return STRATEGIES["batched" if batched else "sequential"]
 
 
+def combine(v: dict[str, torch.Tensor], scale: float, zero_star: CFGZeroStar | None = None,
+            skip_layers: SkipLayers | None = None) -> torch.Tensor:
+    """The step's prediction from its branch predictions (see the module doc)."""
+    out = v["cond"]
+    if "uncond" in v:
+        u = v["uncond"]
+        out = cfg_zero_star(out, u, scale) if zero_star is not None else u + scale * (out - u)
+    if SKIP_BRANCH in v:
+        out = out + skip_layers.scale * (v["cond"] - v[SKIP_BRANCH])
+    return out
+
+
 def guided_model(dit, cond: dict, uncond: dict | None, scale: float, guidance: Guidance, hooks=(),
-                 attention: str = "sdpa"):
+                 attention: str = "sdpa", zero_star: CFGZeroStar | None = None, skip_layers: SkipLayers | None = None):
     """model_fn(x, t, step) for the sampler: the DiT under `guidance`, with `hooks` around its blocks and its
     attention on `attention`. cond / uncond: the DiT's keyword inputs of each branch (context, clip_fea, y);
-    uncond None: unguided."""
+    uncond None: unguided. zero_star: CFG-Zero*, or None; skip_layers: the SLG spec when its SD3 form adds a
+    branch (its blocks are skipped by its hook, which `hooks` must hold), else None."""
+    sd3 = skip_layers if skip_layers is not None and skip_layers.mode == "sd3" else None
 
     def run(x, t, args, step):
         return dit(x, t, **args, hooks=hooks, step=step, attention=attention)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, step: StepContext) -> torch.Tensor:
-        return guidance(run, x, t, cond, uncond, scale, step)
+        if zero_star is not None and step.step < zero_star.zero_init_steps:
+            return torch.zeros_like(x, dtype=torch.float32)  # CFG-Zero*'s zero-init: the model is not called
+        branches = {"cond": cond}
+        if uncond is not None:
+            branches["uncond"] = uncond
+        if sd3 is not None and step.active(sd3.start, sd3.end):
+            branches[SKIP_BRANCH] = cond
+        return combine(guidance.predict(run, x, t, branches, step), scale, zero_star, sd3)
 
     return model_fn

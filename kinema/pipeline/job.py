@@ -12,6 +12,7 @@ import torch
 
 from kinema.errors import KinemaError
 from kinema.memory.vae_tiling import parse_vae_tile
+from kinema.pipeline.extras import Extras, parse_extras
 from kinema.pipeline.guidance import Guidance, guidance_for
 from kinema.pipeline.inputs import image_input, video_input
 from kinema.pipeline.models import Target
@@ -31,6 +32,7 @@ class Job:
     cache: CacheSpec | StepCache | None = None
     vae_tile: object = "auto"
     guidance: Guidance = field(default_factory=lambda: guidance_for(False))
+    extras: Extras = field(default_factory=Extras)  # skip-layer guidance, CFG-Zero*, Enhance-A-Video, RIFLEx
     callback: object = None
     cancel: object = None
     decode: bool = True
@@ -38,8 +40,9 @@ class Job:
 
 
 def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=None, last_frame=None, video=None,
-                latents=None, cache=None, vae_tile="auto", batched_cfg=False, callback=None, cancel=None, decode=True,
-                progress=True, names=None, **settings) -> Job:
+                latents=None, cache=None, vae_tile="auto", batched_cfg=False, skip_layers=None, cfg_zero_star=None,
+                enhance=None, riflex=None, callback=None, cancel=None, decode=True, progress=True, names=None,
+                **settings) -> Job:
     """A call's arguments (`Pipeline.__call__`'s) -> Job, or one KinemaError naming the value and the fix.
     `names` maps argument names to the names messages use (the command line's flags)."""
     names = names or {}
@@ -63,8 +66,10 @@ def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=N
     if not isinstance(cache, StepCache):
         cache = parse_cache(cache, names.get("cache", "cache")) if isinstance(cache, str) or cache is None else cache
     parse_vae_tile(vae_tile)
+    extras = parse_extras(skip_layers=skip_layers, cfg_zero_star=cfg_zero_star, enhance=enhance, riflex=riflex,
+                          guided=s.guided, dit_config=target.dit_config, names=names)
     return Job(s, {k: media[k] for k in spec.images}, media.get("video"), latents, cache, vae_tile,
-               guidance_for(bool(batched_cfg)), callback, cancel, bool(decode), bool(progress))
+               guidance_for(bool(batched_cfg)), extras, callback, cancel, bool(decode), bool(progress))
 
 
 def check_task(target: Target, spec: Task, asked: str) -> None:

@@ -25,6 +25,7 @@ class Target:
     model_type: str  # t2v | i2v | flf2v
     geometry: Geometry
     has_clip: bool
+    dit_config: object | None = None  # the DiT's DiTConfig (its depth and head size check the guidance extras)
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Models:
 
     @property
     def target(self) -> Target:
-        return Target(self.info, self.dit.config.model_type, self.geometry, self.clip is not None)
+        return Target(self.info, self.dit.config.model_type, self.geometry, self.clip is not None, self.dit.config)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from kinema.memory.offload import Offloader
 from kinema.memory.plan import dit_activations, human_bytes
 from kinema.memory.vae_tiling import TiledVAE, free_memory
 from kinema.pipeline.conditioning import make_condition
+from kinema.pipeline.extras import train_latent_frames
 from kinema.pipeline.job import Job, prepare_job
 from kinema.pipeline.latents import prepare_latents
 from kinema.pipeline.load import LoadOptions, load_models, open_checkpoints
@@ -71,7 +72,8 @@ class Pipeline:
     def __call__(self, prompt, *, task="t2v", size=None, frame_num=None, steps=None, shift=None, guide_scale=None,
                  seed=0, solver="unipc", negative_prompt=None, image=None, first_frame=None, last_frame=None,
                  video=None, denoise=1.0, latents=None, cache=None, vae_tile="auto", batched_cfg=False,
-                 callback=None, cancel=None, decode=True, progress=True) -> Result:
+                 skip_layers=None, cfg_zero_star=None, enhance=None, riflex=None, callback=None, cancel=None,
+                 decode=True, progress=True) -> Result:
         """Generate one video (or image, task "t2i"). See the README's Python section for every argument;
         unset values take the model's own defaults, then the task's official ones."""
         with self._lock:
@@ -79,6 +81,7 @@ class Pipeline:
                                guide_scale=guide_scale, seed=seed, solver=solver, negative_prompt=negative_prompt,
                                image=image, first_frame=first_frame, last_frame=last_frame, video=video,
                                denoise=denoise, latents=latents, cache=cache, vae_tile=vae_tile, batched_cfg=batched_cfg,
+                               skip_layers=skip_layers, cfg_zero_star=cfg_zero_star, enhance=enhance, riflex=riflex,
                                callback=callback, cancel=cancel, decode=decode, progress=progress)
             return self.run(job)
 
@@ -95,7 +98,9 @@ class Pipeline:
         s, g, dit = job.settings, self.models.geometry, self.models.dit
         _, t, h, w = s.latent_shape(g)
         tokens = t * (h // g.patch[1]) * (w // g.patch[2])
-        batch = 2 if s.guided and job.guidance.name == "batched" else 1
+        slg = job.extras.skip_layers
+        branches = 1 + s.guided + (slg is not None and slg.mode == "sd3")
+        batch = branches if job.guidance.name == "batched" else 1
         need = dit_activations(dit, tokens, batch, self.runtime.dtype)
         free = free_memory(self.runtime.device)
         if need > free:
@@ -123,7 +128,8 @@ class Pipeline:
         log.info("Generating %s %dx%d, %d frames, %d steps (%s, shift %g, guidance %g, seed %d)", s.task.name, s.width,
                  s.height, s.frame_num, s.steps - start.start_step, s.solver, s.shift, s.guide_scale, s.seed)
         with off.visit("dit"):
-            x0 = sample_latents(m.dit, prompts, condition, start, s, guidance=job.guidance, cache=cache,
+            x0 = sample_latents(m.dit, prompts, condition, start, s, guidance=job.guidance, extras=job.extras,
+                                train_frames=train_latent_frames(m.info.sample_defaults, m.geometry.temporal), cache=cache,
                                 callback=job.callback, cancel=job.cancel, preview=self.preview, progress=job.progress,
                                 attention=rt.attention)
         out = decode_latents(vae, x0, off.visit) if job.decode else None
@@ -140,6 +146,7 @@ class Pipeline:
                            ("quantization", m.quantization), ("t5_quantization", m.t5_quantization)):
             if value:
                 rec[key] = value if not isinstance(value, tuple) else f"{value[0]}x{value[1]}"
+        rec.update(job.extras.record())
         if m.loras:
             rec["loras"] = [[p, s] for p, s in m.loras]
         rec["model"] = m.source or "in-memory"

@@ -8,6 +8,7 @@ from contextlib import nullcontext
 import torch
 
 from kinema.pipeline.conditioning import Condition
+from kinema.pipeline.extras import Extras, train_latent_frames
 from kinema.pipeline.guidance import Guidance, Sequential, guided_model
 from kinema.pipeline.latents import Start
 from kinema.pipeline.prompts import Prompts
@@ -19,18 +20,25 @@ log = logging.getLogger("kinema")
 
 @torch.no_grad()
 def sample_latents(dit, prompts: Prompts, condition: Condition, start: Start, settings: Settings, *,
-                   guidance: Guidance = Sequential(), hooks=(), cache=None, callback=None, cancel=None, preview=None,
-                   progress: bool = True, attention: str = "sdpa") -> torch.Tensor:
+                   guidance: Guidance = Sequential(), extras: Extras = Extras(), train_frames: int | None = None,
+                   hooks=(), cache=None, callback=None, cancel=None, preview=None, progress: bool = True,
+                   attention: str = "sdpa") -> torch.Tensor:
     """Denoise `start.x` [1, z, T, h, w] from step `start.start_step` to sigma 0; returns x0 [1, z, T, h, w].
 
-    hooks: BlockHooks around the DiT's blocks (kinema/models/hooks.py); `cache`, a StepCache, is one more,
-    reset for this run. callback / cancel / preview: as kinema.sampling.sample. attention: the DiT's backend."""
+    extras: the guidance extras (kinema.pipeline.extras); train_frames: the model's training length in latent
+    frames, for RIFLEx's auto (default: Wan2.1's). hooks: more BlockHooks around the DiT's blocks
+    (kinema/models/hooks.py); `cache`, a StepCache, is one more, reset for this run. callback / cancel / preview:
+    as kinema.sampling.sample. attention: the DiT's backend."""
     cond = {"context": prompts.cond, **condition.args()}
     uncond = {"context": prompts.uncond, **condition.args()} if prompts.uncond is not None else None
+    hooks = (*hooks, *extras.hooks(dit, train_frames or train_latent_frames({})))
     if cache is not None:
         cache.begin(settings.steps, start.start_step)
         hooks = (*hooks, cache)
-    model_fn = guided_model(dit, cond, uncond, settings.guide_scale, guidance, hooks, attention)
+    if extras.describe():
+        log.info("Guidance extras: %s", extras.describe())
+    model_fn = guided_model(dit, cond, uncond, settings.guide_scale, guidance, hooks, attention, extras.cfg_zero_star,
+                            extras.skip_layers)
     x0 = sample(model_fn, start.x, start.sigmas, start.timesteps, settings.solver, start.start_step, progress,
                 callback, cancel, preview)
     if cache is not None:

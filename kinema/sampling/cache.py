@@ -319,10 +319,10 @@ class StepCache(BlockHook):
         compute = [self._decide(b, step.step, e[i : i + 1], e0[i : i + 1]) for i, b in enumerate(branches)]
         rows = [i for i, c in enumerate(compute) if c]
         if len(rows) == len(branches):
-            done = run(tokens, inputs)
+            done = run(tokens, inputs, step)
         elif rows:
             idx = torch.tensor(rows, device=tokens.device)
-            done = run(tokens[idx], inputs.rows(idx))  # [len(rows), L, dim]
+            done = run(tokens[idx], inputs.rows(idx), step.rows(rows))  # [len(rows), L, dim]
         out = []
         for i, name in enumerate(branches):
             s, x = self.branches[name], tokens[i : i + 1]

@@ -36,3 +36,11 @@ class StepContext:
 
     def with_branches(self, *branches: str) -> StepContext:
         return replace(self, branches=branches)
+
+    def rows(self, rows) -> StepContext:
+        """The context of the batch rows `rows` (indices) of this call."""
+        return replace(self, branches=tuple(self.branches[i] for i in rows))
+
+    def active(self, start: float, end: float) -> bool:
+        """Is this step within [start, end] of the schedule (fractions, the wrappers' start / end percents)?"""
+        return start <= self.progress <= end

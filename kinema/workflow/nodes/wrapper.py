@@ -188,32 +188,70 @@ def _settings_node(class_type, output, output_name, required, what, display):
          display_name=display, required=required)(fn)
 
 
-_settings_node("WanVideoEnhanceAVideo", "FETAARGS", "feta_args",
-               {"weight": FLOAT(2.0, 0, 100), "start_percent": FLOAT(0.0, 0.0, 1.0), "end_percent": FLOAT(1.0, 0.0, 1.0)},
-               "Enhance-A-Video", "WanVideo Enhance-A-Video")
-# The wrapper's own T2V example (March 2025) takes its feta_args from HunyuanVideoWrapper's node.
-node("HyVideoEnhanceAVideo", module="custom_nodes.ComfyUI-HunyuanVideoWrapper", category="HunyuanVideoWrapper",
-     outputs=("FETAARGS",), output_names=("feta_args",),
-     required={"weight": FLOAT(2.0, 0, 100), "single_blocks": BOOLEAN(True), "double_blocks": BOOLEAN(True),
-               "start_percent": FLOAT(0.0, 0.0, 1.0), "end_percent": FLOAT(1.0, 0.0, 1.0)})(
-    lambda ctx, **kw: ({"unsupported": "Enhance-A-Video", **kw},))
-_settings_node("WanVideoSLG", "SLGARGS", "slg_args",
-               {"blocks": STRING("10"), "start_percent": FLOAT(0.1, 0.0, 1.0), "end_percent": FLOAT(1.0, 0.0, 1.0)},
-               "skip-layer guidance", "WanVideo SLG")
+FETA_INPUTS = {"weight": FLOAT(2.0, 0, 100), "start_percent": FLOAT(0.0, 0.0, 1.0), "end_percent": FLOAT(1.0, 0.0, 1.0)}
+
+
+@node("WanVideoEnhanceAVideo", module=MODULE, category=CATEGORY, outputs=("FETAARGS",), output_names=("feta_args",),
+      display_name="WanVideo Enhance-A-Video", required=FETA_INPUTS)
+def enhance_a_video(ctx, weight, start_percent, end_percent):
+    """Enhance-A-Video (kinema/sampling/enhance.py) for the sampler's feta_args."""
+    from kinema.sampling.enhance import EnhanceVideo
+
+    return (EnhanceVideo(float(weight), float(start_percent), float(end_percent)),)
+
+
+# The wrapper's own T2V example (March 2025) takes its feta_args from HunyuanVideoWrapper's node; its single /
+# double block switches choose among Hunyuan's two kinds of blocks, and Wan has one kind: all of them.
+@node("HyVideoEnhanceAVideo", module="custom_nodes.ComfyUI-HunyuanVideoWrapper", category="HunyuanVideoWrapper",
+      outputs=("FETAARGS",), output_names=("feta_args",),
+      required={"weight": FETA_INPUTS["weight"], "single_blocks": BOOLEAN(True), "double_blocks": BOOLEAN(True),
+                "start_percent": FETA_INPUTS["start_percent"], "end_percent": FETA_INPUTS["end_percent"]})
+def hy_enhance_a_video(ctx, weight, start_percent, end_percent, single_blocks=True, double_blocks=True):
+    if not (single_blocks or double_blocks):
+        return (None,)  # on no block: off
+    return enhance_a_video(ctx, weight, start_percent, end_percent)
+
+
+@node("WanVideoSLG", module=MODULE, category=CATEGORY, outputs=("SLGARGS",), output_names=("slg_args",),
+      display_name="WanVideo SLG",
+      required={"blocks": STRING("10", tooltip="Blocks to skip in the uncond pass, e.g. 9,10"),
+                "start_percent": FLOAT(0.1, 0.0, 1.0), "end_percent": FLOAT(1.0, 0.0, 1.0)})
+def skip_layer_guidance(ctx, blocks, start_percent, end_percent):
+    """Skip-layer guidance, the wrapper's form (kinema/sampling/skip_layers.py): blocks left out of the uncond pass."""
+    from kinema.sampling.skip_layers import SkipLayers, parse_blocks
+
+    return (SkipLayers(parse_blocks(blocks, "WanVideoSLG.blocks"), float(start_percent), float(end_percent)),)
+
 _settings_node("WanVideoContextOptions", "WANVIDCONTEXT", "context_options",
                {"context_schedule": CHOICE(["uniform_standard", "uniform_looped", "static_standard"]),
                 "context_frames": INT(81, 2, 1000), "context_stride": INT(4, 4, 100),
                 "context_overlap": INT(16, 4, 100), "freenoise": BOOLEAN(True)},
                "context windows", "WanVideo Context Options")
-_settings_node("WanVideoExperimentalArgs", "EXPERIMENTALARGS", "exp_args",
-               {"video_attention_split_steps": STRING(""), "cfg_zero_star": BOOLEAN(False),
-                "use_zero_init": BOOLEAN(False), "zero_star_steps": INT(0, 0), "use_fresca": BOOLEAN(False),
-                "fresca_scale_low": FLOAT(1.0, 0.0, 10.0), "fresca_scale_high": FLOAT(1.25, 0.0, 10.0),
-                "fresca_freq_cutoff": INT(20, 0, 10000), "use_tcfg": BOOLEAN(False),
-                "raag_alpha": FLOAT(0.0, 0.0, 10.0), "bidirectional_sampling": BOOLEAN(False),
-                "temporal_score_rescaling": BOOLEAN(False), "tsr_k": FLOAT(0.95, 0.0, 100.0),
-                "tsr_sigma": FLOAT(1.0, 0.0, 1.0)},
-               "experimental sampling options", "WanVideo Experimental Args")
+# The experimental options Kinema lacks, each with the value that turns it off.
+EXPERIMENTAL_OFF = {"video_attention_split_steps": "", "use_fresca": False, "use_tcfg": False, "raag_alpha": 0.0,
+                    "bidirectional_sampling": False, "temporal_score_rescaling": False}
+
+
+@node("WanVideoExperimentalArgs", module=MODULE, category=CATEGORY, outputs=("EXPERIMENTALARGS",),
+      output_names=("exp_args",), display_name="WanVideo Experimental Args",
+      required={"video_attention_split_steps": STRING(""), "cfg_zero_star": BOOLEAN(False),
+                "use_zero_init": BOOLEAN(False), "zero_star_steps": INT(0, 0),
+                "use_fresca": BOOLEAN(False), "fresca_scale_low": FLOAT(1.0, 0.0, 10.0),
+                "fresca_scale_high": FLOAT(1.25, 0.0, 10.0), "fresca_freq_cutoff": INT(20, 0, 10000),
+                "use_tcfg": BOOLEAN(False), "raag_alpha": FLOAT(0.0, 0.0, 10.0),
+                "bidirectional_sampling": BOOLEAN(False), "temporal_score_rescaling": BOOLEAN(False),
+                "tsr_k": FLOAT(0.95, 0.0, 100.0), "tsr_sigma": FLOAT(1.0, 0.0, 1.0)})
+def experimental_args(ctx, cfg_zero_star=False, use_zero_init=False, zero_star_steps=0, **options):
+    """CFG-Zero* (kinema/sampling/cfg_zero.py); the wrapper zero-inits steps 0..zero_star_steps (use_zero_init, with
+    cfg_zero_star only). The other options must be off."""
+    from kinema.sampling.cfg_zero import CFGZeroStar
+
+    n = "WanVideoExperimentalArgs"
+    for name, off in EXPERIMENTAL_OFF.items():
+        value = options.get(name, off)
+        if value != off and not (isinstance(off, str) and not str(value).strip()):
+            raise unsupported(n, name, f"{name} {value!r}", f"set it to {off!r}")
+    return ({"cfg_zero_star": CFGZeroStar(int(zero_star_steps) + 1 if use_zero_init else 0) if cfg_zero_star else None},)
 
 
 # -- loaders ---------------------------------------------------------------------------------------
@@ -509,9 +547,31 @@ def _empty_condition_vae(ctx, recipe: DiTRecipe):
     return None
 
 
+def _extras(n: str, config, cfg: float, feta_args, slg_args, experimental_args, riflex_freq_index):
+    """The sampler's feta_args / slg_args / experimental_args / riflex_freq_index as Kinema's guidance extras. As in
+    the wrapper, skip-layer guidance does nothing without guidance (cfg 1): it is dropped with a warning."""
+    from kinema.pipeline.extras import parse_extras
+    from kinema.sampling.enhance import EnhanceVideo
+    from kinema.sampling.skip_layers import SkipLayers
+
+    for name, value, kind in (("feta_args", feta_args, EnhanceVideo), ("slg_args", slg_args, SkipLayers),
+                              ("experimental_args", experimental_args, dict)):
+        if value is not None and not isinstance(value, kind):
+            raise KinemaError(f"{n}.{name} must come from its settings node, got {type(value).__name__}.")
+    if slg_args is not None and cfg == 1.0:
+        log.warning("%s: skip-layer guidance skips blocks of the uncond pass, and cfg 1 runs none: ignored", n)
+        slg_args = None
+    zero = (experimental_args or {}).get("cfg_zero_star")
+    try:
+        return parse_extras(skip_layers=slg_args, cfg_zero_star=zero, enhance=feta_args, riflex=int(riflex_freq_index),
+                            guided=cfg != 1.0, dit_config=config)
+    except KinemaError as e:
+        where = "slg_args" if slg_args is not None and "skip-layer" in str(e) else "riflex_freq_index"
+        raise KinemaError(f"{n}.{where}: {e}") from None
+
+
 SAMPLER_UNSUPPORTED = {
-    "feta_args": "Enhance-A-Video", "context_options": "context windows", "flowedit_args": "FlowEdit",
-    "slg_args": "skip-layer guidance", "loop_args": "latent-shift looping", "experimental_args": "experimental options",
+    "context_options": "context windows", "flowedit_args": "FlowEdit", "loop_args": "latent-shift looping",
     "sigmas": "custom sigmas", "unianimate_poses": "UniAnimate", "fantasytalking_embeds": "FantasyTalking",
     "uni3c_embeds": "Uni3C", "multitalk_embeds": "MultiTalk", "freeinit_args": "FreeInit",
 }
@@ -525,7 +585,8 @@ SAMPLER_UNSUPPORTED = {
                 "force_offload": BOOLEAN(True, tooltip="Kinema moves the DiT off the GPU after sampling when offloading"),
                 "scheduler": CHOICE(list(SCHEDULERS), "unipc", tooltip="unipc and dpm++: the official Wan2.1 "
                                     "solvers and schedules; euler: Euler steps on Wan's default schedule"),
-                "riflex_freq_index": INT(0, 0, 1000, tooltip="RIFLEx; 0 = off (the only value Kinema has)")},
+                "riflex_freq_index": INT(0, 0, 1000, tooltip="RIFLEx frequency index for videos longer than "
+                                         "trained; 0 = off (the wrapper suggests 6)")},
       optional={"text_embeds": LINK("WANVIDEOTEXTEMBEDS"),
                 "samples": LINK("LATENT", tooltip="init latents for video2video"),
                 "denoise_strength": FLOAT(1.0, 0.0, 1.0, 0.01),
@@ -543,11 +604,13 @@ SAMPLER_UNSUPPORTED = {
                 "add_noise_to_samples": BOOLEAN(False, tooltip="Kinema always noises input samples to the start step")})
 def sampler(ctx, model, image_embeds, steps, cfg, shift, seed, force_offload=True, scheduler="unipc",
             riflex_freq_index=0, text_embeds=None, samples=None, denoise_strength=1.0, cache_args=None,
-            batched_cfg=False, rope_function="comfy", start_step=0, end_step=-1, add_noise_to_samples=False, **links):
+            batched_cfg=False, rope_function="comfy", start_step=0, end_step=-1, add_noise_to_samples=False,
+            feta_args=None, slg_args=None, experimental_args=None, **links):
     """Denoise with the guided DiT through Kinema's sampler loop (the stages kinema.Pipeline runs: the same
     settings give the same latents)."""
     from kinema.memory.vae_tiling import TiledVAE
     from kinema.pipeline.conditioning import Condition, empty_condition
+    from kinema.pipeline.extras import train_latent_frames
     from kinema.pipeline.guidance import guidance_for
     from kinema.pipeline.latents import prepare_latents
     from kinema.pipeline.prompts import Prompts, pad_context
@@ -562,8 +625,6 @@ def sampler(ctx, model, image_embeds, steps, cfg, shift, seed, force_offload=Tru
     unknown = set(links) - set(SAMPLER_UNSUPPORTED)
     if unknown:
         raise KinemaError(f"{n} has no input {sorted(unknown)[0]!r}.")
-    if riflex_freq_index:
-        raise unsupported(n, "riflex_freq_index", f"RIFLEx (index {riflex_freq_index})", "set it to 0")
     if scheduler not in SCHEDULERS:
         raise KinemaError(f"{n}.scheduler {scheduler!r} is not supported by Kinema; use one of {', '.join(SCHEDULERS)}.")
     if start_step or end_step != -1:
@@ -580,6 +641,7 @@ def sampler(ctx, model, image_embeds, steps, cfg, shift, seed, force_offload=Tru
         raise KinemaError(f"{n}.seed {seed} is above Kinema's largest seed {2**63 - 1}; use a smaller one.")
 
     part = ctx.models.dit(model)
+    extras = _extras(n, part.model.config, float(cfg), feta_args, slg_args, experimental_args, riflex_freq_index)
     dit, rt, cfg_dit = part.model, part.runtime, part.model.config
     e = image_embeds
     s = resolve_settings("t2v", {}, prompt=text_embeds.prompt, negative_prompt=text_embeds.negative_prompt,
@@ -631,7 +693,8 @@ def sampler(ctx, model, image_embeds, steps, cfg, shift, seed, force_offload=Tru
         ctx.progress(info.step - start.start_step + 1, total, info.preview()[0] if preview is not None else None)
 
     with _visit(part):
-        x0 = sample_latents(dit, prompts, condition, start, s, guidance=guidance_for(bool(batched_cfg)), cache=cache,
+        x0 = sample_latents(dit, prompts, condition, start, s, guidance=guidance_for(bool(batched_cfg)), extras=extras,
+                            train_frames=train_latent_frames(part.info.sample_defaults), cache=cache,
                             callback=callback, cancel=ctx.cancel, preview=preview, progress=False,
                             attention=rt.attention)
     out = {"samples": x0.cpu()}  # [1, 16, T, h, w]
