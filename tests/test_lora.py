@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from kinema.errors import CheckpointError, KinemaError
 from kinema.lora import (
-    apply_loras, inject_lora, load_lora, lora_metadata, lora_parameters, lora_state_dict, merge_lora,
+    apply_loras, inject_lora, load_lora, lora_metadata, lora_parameters, lora_state_dict, merge_lora, merge_loras,
     parse_lora_spec, remove_lora, save_lora,
 )
 from kinema.models.dit import DiTConfig, WanDiT
@@ -290,3 +290,131 @@ def test_cli_lora(tmp_path, capsys, caplog):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and err[0].startswith("kinema: error: --lora") and message in err[0], err
     assert not (tmp_path / "bad.png").exists()
+
+
+def _save(path, tensors):
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def test_every_format_users_hold_merges_to_identical_weights(tmp_path):
+    """One update written in every key layout and kind of update in use: each merges to the same DiT weights
+    (within float32 rounding); LoKr and LoHa files whose factors multiply out to the same update included."""
+    base, injected = _trained("i2v", targets=("all",), rank=4, alpha=2.0)
+    state = lora_state_dict(injected)
+    deltas = {n: (b @ a) * (al / a.shape[0]) for n, (a, b, al) in state.items()}
+    low_rank = lambda prefix, name, a_key, b_key, alpha=True: (  # noqa: E731
+        {f"{prefix}{name(n)}.{a_key}": a for n, (a, _, _) in state.items()}
+        | {f"{prefix}{name(n)}.{b_key}": b for n, (_, b, _) in state.items()}
+        | ({f"{prefix}{name(n)}.alpha": torch.tensor(al) for n, (_, _, al) in state.items()} if alpha else {}))
+    same = lambda n: n  # noqa: E731
+    kohya = lambda n: n.replace(".", "_")  # noqa: E731
+    folded = {n: (a, b * al / a.shape[0], al) for n, (a, b, al) in state.items()}  # alpha = rank, folded into B
+    layouts = {
+        "comfyui_musubi": low_rank("diffusion_model.", same, "lora_A.weight", "lora_B.weight"),
+        "comfyui_model_prefix": low_rank("model.diffusion_model.", same, "lora_down.weight", "lora_up.weight"),
+        "peft_default": {f"base_model.model.{_diffusers_name(n)}.lora_{s}.default.weight": t
+                         for n, (a, b, _) in folded.items() for s, t in (("A", a), ("B", b))},
+        "diffusers_no_prefix": {f"{_diffusers_name(n)}.lora_{s}.weight": t
+                                for n, (a, b, _) in folded.items() for s, t in (("A", a), ("B", b))},
+        "finetrainers": {f"transformer.{_diffusers_name(n)}.lora_{s}.weight": t
+                         for n, (a, b, _) in folded.items() for s, t in (("A", a), ("B", b))},
+        "kohya": low_rank("lora_unet_", kohya, "lora_down.weight", "lora_up.weight"),
+        "diffsynth": {f"pipe.dit.{n}.lora_{s}.default.weight": t for n, (a, b, _) in folded.items()
+                      for s, t in (("A", a), ("B", b))},
+        "lightx2v_diff": {f"diffusion_model.{n}.diff": d for n, d in deltas.items()},
+        # kron([[1]], delta) = delta; a 1x1 w1 and a full w2
+        "lokr_full": {f"lycoris_{kohya(n)}.lokr_w1": torch.ones(1, 1) for n in deltas}
+        | {f"lycoris_{kohya(n)}.lokr_w2": d for n, d in deltas.items()},
+        # w1 full, w2 = w2_a @ w2_b of rank 4 with alpha 4: scale 1
+        "lokr_factored": {f"lora_unet_{kohya(n)}.lokr_w1": torch.ones(1, 1) for n in deltas}
+        | {f"lora_unet_{kohya(n)}.lokr_w2_a": b * al / a.shape[0] for n, (a, b, al) in state.items()}
+        | {f"lora_unet_{kohya(n)}.lokr_w2_b": a for n, (a, _, _) in state.items()}
+        | {f"lora_unet_{kohya(n)}.alpha": torch.tensor(4.0) for n in deltas},
+        # (ones(out, 1) @ ones(1, in)) * (B' @ A) with alpha = rank of w1 (1): scale 1
+        "loha": {f"diffusion_model.{n}.hada_w1_a": torch.ones(d.shape[0], 1) for n, d in deltas.items()}
+        | {f"diffusion_model.{n}.hada_w1_b": torch.ones(1, d.shape[1]) for n, d in deltas.items()}
+        | {f"diffusion_model.{n}.hada_w2_a": b * al / a.shape[0] for n, (a, b, al) in state.items()}
+        | {f"diffusion_model.{n}.hada_w2_b": a for n, (a, _, _) in state.items()}
+        | {f"diffusion_model.{n}.alpha": torch.tensor(1.0) for n in deltas},
+    }
+    expected = copy.deepcopy(base)
+    merge_lora(expected, state, 0.7)
+    changed = {k for k, v in expected.state_dict().items() if not torch.equal(v, base.state_dict()[k])}
+    assert len(changed) == len(state)
+    for layout, tensors in layouts.items():
+        loaded = load_lora(_save(tmp_path / f"{layout}.safetensors", tensors), base)
+        assert sorted(loaded) == sorted(state), layout
+        model = copy.deepcopy(base)
+        merge_lora(model, loaded, 0.7)
+        for k, v in expected.state_dict().items():
+            assert torch.allclose(model.state_dict()[k], v, atol=2e-6), (layout, k)
+
+
+def test_lokr_loha_and_full_deltas_follow_their_formulas(tmp_path):
+    """Genuine factors (no identity tricks): kron(w1, w2) * alpha / dim, (w1a w1b) * (w2a w2b) * alpha / rank, and
+    diff / diff_b on a Linear's bias, a norm's weight and the modulation table."""
+    base = _dit()
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g) * 0.1  # noqa: E731
+    w1, w2a, w2b = r(8, 4), r(16, 2), r(2, 32)  # q: [128, 128] = kron([8, 4], [16, 32])
+    h1a, h1b, h2a, h2b = r(256, 3), r(3, 128), r(256, 3), r(3, 128)  # ffn.0: [256, 128]
+    dq, db, dn, dm = r(128, 128), r(128), r(128), r(1, 6, 128)
+    tensors = {"lora_unet_blocks_0_self_attn_q.lokr_w1": w1, "lora_unet_blocks_0_self_attn_q.lokr_w2_a": w2a,
+               "lora_unet_blocks_0_self_attn_q.lokr_w2_b": w2b, "lora_unet_blocks_0_self_attn_q.alpha": torch.tensor(1.0),
+               "diffusion_model.blocks.1.ffn.0.hada_w1_a": h1a,
+               "diffusion_model.blocks.1.ffn.0.hada_w1_b": h1b, "diffusion_model.blocks.1.ffn.0.hada_w2_a": h2a,
+               "diffusion_model.blocks.1.ffn.0.hada_w2_b": h2b, "diffusion_model.blocks.1.ffn.0.alpha": torch.tensor(6.0),
+               "diffusion_model.blocks.0.self_attn.k.diff": dq, "diffusion_model.blocks.0.self_attn.k.diff_b": db,
+               "diffusion_model.blocks.1.norm3.diff": dn, "diffusion_model.blocks.1.modulation.diff": dm}
+    loaded = load_lora(_save(tmp_path / "mixed.safetensors", tensors), base)
+    model = copy.deepcopy(base)
+    merge_lora(model, loaded, 0.5)
+    sd0, sd = base.state_dict(), model.state_dict()
+    want = {"blocks.0.self_attn.q.weight": torch.kron(w1, w2a @ w2b) * (1.0 / 2),
+            "blocks.1.ffn.0.weight": (h1a @ h1b) * (h2a @ h2b) * (6.0 / 3),
+            "blocks.0.self_attn.k.weight": dq, "blocks.0.self_attn.k.bias": db, "blocks.1.norm3.weight": dn,
+            "blocks.1.modulation": dm}
+    for k, d in want.items():
+        assert torch.allclose(sd[k] - sd0[k], 0.5 * d, atol=1e-6), k
+    assert all(torch.equal(sd[k], sd0[k]) for k in sd if k not in want)
+
+
+def test_unmatched_keys_are_named_or_left_out(tmp_path, caplog):
+    base, injected = _trained()
+    good = {f"diffusion_model.{n}.lora_{s}.weight": t for n, (a, b, _) in lora_state_dict(injected).items()
+            for s, t in (("A", a), ("B", b))}
+    path = _save(tmp_path / "extra.safetensors", good | {"diffusion_model.blocks.0.self_attn.q.lora_magnitude": torch.ones(3),
+                                                         "diffusion_model.vace_blocks.0.proj.lora_A.weight": torch.ones(4, 128),
+                                                         "diffusion_model.vace_blocks.0.proj.lora_B.weight": torch.ones(128, 4)})
+    _raises(CheckpointError, r"keys 'diffusion_model\.blocks\.0\.self_attn\.q\.lora_magnitude' are not LoRA weights.*"
+            r"--lora_ignore_unmatched", load_lora, path, base)
+    kept = load_lora(path, base, ignore_unmatched=True)
+    assert sorted(kept) == sorted(lora_state_dict(injected))
+    assert "3 keys match nothing and were left out" in caplog.text and "vace_blocks.0.proj" in caplog.text
+    only_bad = _save(tmp_path / "bad.safetensors", {"diffusion_model.vace_blocks.0.proj.lora_A.weight": torch.ones(4, 128),
+                                                    "diffusion_model.vace_blocks.0.proj.lora_B.weight": torch.ones(128, 4)})
+    _raises(CheckpointError, r"'diffusion_model\.vace_blocks\.0\.proj\.lora_A\.weight'.*does not exist", load_lora,
+            only_bad, base)
+    _raises(CheckpointError, "no key matches a layer", load_lora, only_bad, base, ignore_unmatched=True)
+    tucker = _save(tmp_path / "tucker.safetensors", {"lora_unet_blocks_0_self_attn_q.lokr_w1": torch.ones(1, 1),
+                                                      "lora_unet_blocks_0_self_attn_q.lokr_t2": torch.ones(2, 2, 1, 1)})
+    _raises(CheckpointError, r"'lora_unet_blocks_0_self_attn_q\.lokr_t2' is LoKr with a Tucker core", load_lora, tucker)
+    wrong = _save(tmp_path / "wrong.safetensors", {"diffusion_model.blocks.0.self_attn.q.diff": torch.ones(64, 64)})
+    _raises(CheckpointError, r"makes a \[64, 64\] full delta but the model's 'blocks\.0\.self_attn\.q\.weight' is "
+            r"\[128, 128\]", load_lora, wrong, base)
+
+
+def test_several_loras_quantise_an_fp8_layer_once():
+    """Two LoRAs into an fp8 DiT: the sum added in one re-quantisation equals merging their sum as one LoRA."""
+    from kinema.ops.fp8 import quantize_fp8
+
+    base, one = _trained()
+    s1, s2 = lora_state_dict(one), {n: (a, b * -0.5, al) for n, (a, b, al) in lora_state_dict(one).items()}
+    model = quantize_fp8(copy.deepcopy(base), "fp8_e4m3fn")
+    both = quantize_fp8(copy.deepcopy(base), "fp8_e4m3fn")
+    merge_loras(model, [(s1, 1.0), (s2, 1.0)])  # = s1 at strength 0.5, in one re-quantisation
+    merge_lora(both, s1, 0.5)
+    q = lambda m: m.blocks[0].self_attn.q  # noqa: E731
+    assert torch.equal(q(model).weight.float(), q(both).weight.float())
+    assert torch.equal(q(model).scale_weight, q(both).scale_weight)

@@ -76,7 +76,11 @@ def _model_flags(g) -> None:
     g.add_argument("--tokenizer", default=None, help="umT5 tokenizer folder or file (default: found next to the umT5 weights)")
     g.add_argument("--clip", default=None, help="CLIP vision checkpoint for i2v/flf2v, overrides --ckpt_dir")
     g.add_argument("--lora", action="append", default=None, metavar="FILE[:STRENGTH]",
-                   help="merge a LoRA .safetensors into the DiT at STRENGTH (1.0 if not given); repeatable, applied in order")
+                   help="merge a LoRA .safetensors into the DiT at STRENGTH (1.0 if not given); repeatable, applied in order; "
+                        "any common layout (diffusers / PEFT, kohya, ComfyUI / musubi, DiffSynth, LightX2V diff, LyCORIS "
+                        "LoKr / LoHa)")
+    g.add_argument("--lora_ignore_unmatched", action="store_true",
+                   help="leave out LoRA keys that match no layer of the DiT (a warning names them) instead of refusing")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="DiT weights (auto: bf16 on GPU, fp32 on CPU)")
     g.add_argument("--quantization", default=None, metavar="MODE",
                    help="store the DiT's block weights in fp8, upcast to --dtype per layer: fp8_e4m3fn, fp8_e5m2, "

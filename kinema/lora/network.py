@@ -157,8 +157,13 @@ def check_lora(model: nn.Module, weights: LoRAWeights, source: str = "LoRA",
     """Raise a CheckpointError naming the key if a layer has no place in `model` or does not fit its shape.
     `keys` maps module names to the file's key names, for the messages."""
     modules = dict(model.named_modules())
-    for name, (A, B, alpha) in weights.items():
+    params = dict(model.named_parameters())
+    for name, update in weights.items():
         key = (keys or {}).get(name, name)
+        if not isinstance(update, tuple):
+            _check_delta(model, modules, params, name, update, source, key)
+            continue
+        A, B, alpha = update
         module = modules.get(name)
         if not isinstance(module, nn.Linear):
             what = "is not a Linear layer" if module is not None else "does not exist"
@@ -181,6 +186,42 @@ def check_lora(model: nn.Module, weights: LoRAWeights, source: str = "LoRA",
             )
 
 
+def _targets(modules: dict, params: dict, name: str) -> tuple[str | None, str | None]:
+    """The parameter names a delta for `name` updates: (weight, bias); a module's weight / bias, or a parameter."""
+    if name in params:
+        return name, None
+    module = modules.get(name)
+    if module is None:
+        return None, None
+    weight = f"{name}.weight" if getattr(module, "weight", None) is not None else None
+    bias = f"{name}.bias" if getattr(module, "bias", None) is not None else None
+    return weight, bias
+
+
+def _check_delta(model, modules, params, name, delta, source, key) -> None:
+    weight, bias = _targets(modules, params, name)
+    if weight is None and bias is None:
+        raise CheckpointError(f"{source}: key '{key}' is for '{name}', which does not exist in this "
+                              f"{_model_name(model)}. The LoRA was made for another model; nothing was applied.")
+    for part, target, shape in (("weight", weight, delta.weight_shape()),
+                                ("bias", bias, None if delta.bias() is None else tuple(delta.bias().shape))):
+        if shape is None:
+            continue
+        if target is None:
+            raise CheckpointError(f"{source}: key '{key}' updates the {part} of '{name}', which has none; nothing "
+                                  "was applied.")
+        want = tuple(model.get_parameter(target).shape) if target in params else tuple(_param(model, target).shape)
+        if math.prod(shape) != math.prod(want) or (len(shape) == len(want) and shape != want):
+            raise CheckpointError(
+                f"{source}: key '{key}' makes a {_fmt(shape)} {delta.describe()} but the model's '{target}' is "
+                f"{_fmt(want)}: the LoRA was made for a different model size. Nothing was applied.")
+
+
+def _param(model: nn.Module, name: str) -> torch.Tensor:
+    module, _, attr = name.rpartition(".")
+    return getattr(model.get_submodule(module) if module else model, attr)
+
+
 def _model_name(model: nn.Module) -> str:
     cfg = getattr(model, "config", None)
     return f"{cfg.model_type} DiT (width {cfg.dim})" if hasattr(cfg, "model_type") and hasattr(cfg, "dim") else "model"
@@ -188,23 +229,57 @@ def _model_name(model: nn.Module) -> str:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module, lora_weights: LoRAWeights, strength: float = 1.0) -> list[str]:
-    """Add strength * alpha / rank * B @ A to each matching Linear weight in place (computed in float32,
-    cast back to the weight's dtype; an fp8 layer is quantised again with its scale). Everything is checked before any weight changes.
-    Returns the names of the modules changed (none for strength 0)."""
-    if not math.isfinite(strength):
-        raise KinemaError(f"LoRA strength {strength} must be a finite number.")
-    check_lora(model, lora_weights)
-    if strength == 0:
-        return []
-    changed = []
-    for name, (A, B, alpha) in lora_weights.items():
-        module = model.get_submodule(name)
-        w = module.weight
-        scale = strength * float(alpha) / A.shape[0]
-        delta = B.to(w.device, torch.float32) @ A.to(w.device, torch.float32)
-        if isinstance(module, FP8Linear):  # fp8 storage with a scale: the layer re-quantises itself
-            module.add_to_weight(delta * scale)
-        else:
-            w.copy_((w.float() + delta * scale).to(w.dtype))
-        changed.append(name)
-    return changed
+    """Add strength times each layer's update to its weights in place: alpha / rank * B @ A for a low-rank pair,
+    the Delta's product for the other kinds (computed in float32, cast back to the weight's dtype; an fp8 layer
+    is quantised again with its scale). Everything is checked before any weight changes. Returns the names
+    changed (none for strength 0)."""
+    return merge_loras(model, [(lora_weights, strength)])
+
+
+@torch.no_grad()
+def merge_loras(model: nn.Module, loras: list[tuple[LoRAWeights, float]]) -> list[str]:
+    """merge_lora for several LoRAs at once: each parameter gets the sum of its updates in one add (one
+    rounding to its dtype, one re-quantisation of an fp8 layer, however many LoRAs touch it)."""
+    for _, strength in loras:
+        if not math.isfinite(strength):
+            raise KinemaError(f"LoRA strength {strength} must be a finite number.")
+    for weights, _ in loras:
+        check_lora(model, weights)
+    modules, params = dict(model.named_modules()), dict(model.named_parameters())
+    names = list(dict.fromkeys(n for weights, s in loras if s != 0 for n in weights))
+    for name in names:
+        total: dict[str, torch.Tensor] = {}
+        for weights, strength in loras:
+            if strength == 0 or name not in weights:
+                continue
+            for target, delta in _deltas(modules, params, name, weights[name]):
+                d = delta * strength
+                total[target] = d if target not in total else total[target] + d
+        for target, delta in total.items():
+            _add(model, target, delta)
+    return names
+
+
+def _deltas(modules, params, name: str, update) -> list[tuple[str, torch.Tensor]]:
+    """[(parameter name, float32 update)] of one layer's update (strength 1)."""
+    if isinstance(update, tuple):
+        A, B, alpha = update
+        return [(f"{name}.weight", (B.float() @ A.float()) * (float(alpha) / A.shape[0]))]
+    weight, bias = _targets(modules, params, name)
+    out = []
+    if update.weight_shape() is not None:
+        out.append((weight, update.weight()))
+    if update.bias() is not None:
+        out.append((bias, update.bias()))
+    return out
+
+
+def _add(model: nn.Module, target: str, delta: torch.Tensor) -> None:
+    module_name, _, attr = target.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    w = getattr(module, attr)
+    delta = delta.to(w.device).reshape(w.shape)
+    if isinstance(module, FP8Linear) and attr == "weight":  # fp8 storage with a scale: the layer re-quantises itself
+        module.add_to_weight(delta)
+    else:
+        w.copy_((w.float() + delta).to(w.dtype))

@@ -49,6 +49,7 @@ class LoadOptions:
     attention: str = "auto"
     compile: object = False
     fp8_fast: bool = False
+    lora_ignore_unmatched: bool = False  # LoRA keys that match no layer: left out with a warning, not an error
     names: dict = field(default_factory=dict, compare=False, repr=False)  # how messages name options (CLI: flags)
 
     def name(self, key: str) -> str:
@@ -243,7 +244,7 @@ def load_models(opts: LoadOptions, runtime: Runtime, ckpts: Checkpoints) -> Mode
 
     t0 = time.perf_counter()
     prefetch = swap_prefetch(opts, ckpts)
-    loras = read_loras(list(opts.loras), ckpts.dit_checkpoint.model)  # checked on the meta DiT: before any weight is read
+    loras = read_loras(list(opts.loras), ckpts.dit_checkpoint.model, opts.lora_ignore_unmatched)  # checked on the meta DiT: before any weight is read
     home = runtime.home  # where each model is loaded; an offloaded one visits `runtime.device` to run
     log.info("Loading models from %s", "the built-in model" if ckpts.builtin else opts.ckpt or "the given files")
     te = kinema.load_text_encoder(ckpts.t5, tokenizer=opts.tokenizer, device="cpu" if runtime.t5_cpu else home,
@@ -274,7 +275,8 @@ def load_dit_part(opts: LoadOptions, runtime: Runtime, checkpoint: DiTCheckpoint
     if opts.loras:
         from kinema.lora import apply_loras, read_loras
 
-        apply_loras(loaded.model, list(opts.loras), loras if loras is not None else read_loras(list(opts.loras), loaded.model))
+        apply_loras(loaded.model, list(opts.loras), loras if loras is not None else
+                    read_loras(list(opts.loras), loaded.model, opts.lora_ignore_unmatched))
     if prefetch:
         from kinema.memory.block_swap import BlockSwap
 

@@ -52,15 +52,17 @@ class Pipeline:
     @classmethod
     def load(cls, ckpt=None, *, dit=None, vae=None, t5=None, tokenizer=None, clip=None, loras=(), dtype=None, device=None,
              quantization=None, t5_quantization=None, offload=None, t5_cpu=False, blocks_to_swap=0, prefetch_blocks=None,
-             stream_dit=False, attention="auto", compile=False, fp8_fast=False) -> Pipeline:
+             stream_dit=False, attention="auto", compile=False, fp8_fast=False,
+             lora_ignore_unmatched=False) -> Pipeline:
         """Load a model set: `ckpt` (an official Wan2.1, diffusers or ComfyUI-style folder) or its parts (`dit`,
         `vae`, `t5`, `tokenizer`, `clip`: files or folders in any format the loaders read); neither: the built-in
         model. loras: [(path, strength), ...] merged into the DiT. dtype: the DiT's weights, None = bf16 on CUDA,
-        fp32 on the CPU. device: None = cuda if available, else cpu. The memory options are `kinema generate`'s
+        fp32 on the CPU. device: None = cuda if available, else cpu. lora_ignore_unmatched: LoRA keys that match
+        no layer are left out with a warning naming them (by default an error). The memory options are `kinema generate`'s
         (README, "Memory and speed"). Every option is checked before any file is read."""
         opts, runtime = LoadOptions(ckpt, dit, vae, t5, tokenizer, clip, loras, dtype, device, quantization,
                                     t5_quantization, offload, t5_cpu, blocks_to_swap, prefetch_blocks, stream_dit,
-                                    attention, compile, fp8_fast).check()
+                                    attention, compile, fp8_fast, bool(lora_ignore_unmatched)).check()
         return cls.from_options(opts, runtime)
 
     @classmethod
