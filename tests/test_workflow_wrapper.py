@@ -204,10 +204,7 @@ def test_unsupported_options_are_clear_errors(ctx):
     model, t5, vae = loaders(ctx)
     (embeds,) = call("WanVideoEmptyEmbeds", ctx, width=64, height=64, num_frames=5)
     (slg,) = call("WanVideoSLG", ctx, blocks="10", start_percent=0.1, end_percent=1.0)  # the built-in DiT has 6
-    (context,) = call("WanVideoContextOptions", ctx, context_schedule="uniform_standard", context_frames=81,
-                      context_stride=4, context_overlap=16, freenoise=True)
     cases = [({"slg_args": slg}, "WanVideoSampler.slg_args", "blocks 10 do not exist"),
-             ({"context_options": context}, "WanVideoSampler.context_options", "context windows"),
              ({"experimental_args": "cfg_zero_star"}, "WanVideoSampler.experimental_args", "its settings node"),
              ({"riflex_freq_index": 60}, "WanVideoSampler.riflex_freq_index", "RIFLEx index 60 does not exist"),
              ({"end_step": 2}, "WanVideoSampler.end_step", "part of the schedule"),

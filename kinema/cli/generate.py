@@ -27,7 +27,7 @@ FLAGS = {
     "guide_scale": "--sample_guide_scale", "seed": "--base_seed", "solver": "--sample_solver", "denoise": "--denoise",
     "image": "--image", "first_frame": "--first_frame", "last_frame": "--last_frame", "video": "--video",
     "cache": "--cache", "vae_tile": "--vae_tile", "skip_layers": "--slg", "cfg_zero_star": "--cfg_zero_star",
-    "enhance": "--feta", "riflex": "--riflex",
+    "enhance": "--feta", "riflex": "--riflex", "context_windows": "--context_frames",
 }
 
 
@@ -69,7 +69,12 @@ def extras_arguments(args) -> dict:
             prefix = {"--slg": "--slg_", "--feta": "--feta_", "--cfg_zero_star": "--"}[owner]
             raise KinemaError(f"{', '.join(prefix + k for k in flags)} tunes {owner}, which is not given; add {owner}.")
     zero = given(zero_init_steps=args.zero_init_steps)
-    return dict(skip_layers=dict(blocks=args.slg, **slg) if args.slg is not None else None,
+    windows = given(stride=args.context_stride, overlap=args.context_overlap, schedule=args.context_schedule,
+                    fuse=args.context_fuse, rope=args.context_rope) | ({"freenoise": True} if args.freenoise else {})
+    if windows and args.context_frames is None:
+        raise KinemaError(f"{', '.join('--' + ('freenoise' if k == 'freenoise' else 'context_' + k) for k in windows)} "
+                          "tunes context windows, which are off; add --context_frames.")
+    return dict(context_windows=dict(frames=args.context_frames, **windows) if args.context_frames is not None else None,skip_layers=dict(blocks=args.slg, **slg) if args.slg is not None else None,
                 cfg_zero_star=zero if args.cfg_zero_star else None,
                 enhance=dict(weight=args.feta, **feta) if args.feta is not None else None,
                 riflex=args.riflex)

@@ -24,7 +24,8 @@ FROM_KEYS = {
     "size": "size", "fps": "fps", "format": "format", "denoise": "denoise", "cache": "cache", "batched_cfg": "batched_cfg",
     "quantization": "quantization", "t5_quantization": "t5_quantization", "attention": "attention", "vae_tile": "vae_tile",
     **{k: k for k in ("slg", "slg_start", "slg_end", "slg_mode", "slg_scale", "cfg_zero_star", "zero_init_steps", "feta",
-                      "feta_start", "feta_end", "riflex")},
+                      "feta_start", "feta_end", "riflex", "context_frames", "context_stride", "context_overlap",
+                      "context_schedule", "context_fuse", "freenoise", "context_rope")},
 }
 
 
@@ -157,6 +158,20 @@ def _extras_flags(g) -> None:
                         "the wrapper's default weight is 2.0")
     x.add_argument("--feta_start", type=float, default=None, help="first step of --feta, a fraction (default 0.0)")
     x.add_argument("--feta_end", type=float, default=None, help="last step of --feta, a fraction (default 1.0)")
+    w = g.add_argument_group("context windows (README, \"Long video\")")
+    w.add_argument("--context_frames", type=int, default=None, metavar="N",
+                   help="denoise in overlapping windows of N pixel frames (4n+1; e.g. 81, 17 for the built-in model), "
+                        "for videos longer than the model takes")
+    w.add_argument("--context_stride", type=int, default=None, help="with --context_frames: the wrapper's stride (default 4)")
+    w.add_argument("--context_overlap", type=int, default=None, help="with --context_frames: overlap in pixel frames (default 16)")
+    w.add_argument("--context_schedule", default=None, choices=["uniform_standard", "uniform_looped", "static_standard"],
+                   help="with --context_frames: how windows are placed each step (default uniform_standard)")
+    w.add_argument("--context_fuse", default=None, choices=["linear", "pyramid", "flat"],
+                   help="with --context_frames: how overlapping windows blend (default linear)")
+    w.add_argument("--context_rope", default=None, choices=["relative", "absolute"],
+                   help="with --context_frames: RoPE positions from each window's start (default, the wrapper's) or "
+                        "where the window sits in the video")
+    w.add_argument("--freenoise", action="store_true", help="with --context_frames: FreeNoise initial noise")
     x.add_argument("--riflex", default="off", metavar="auto|K|off",
                    help="RIFLEx for videos longer than the model was trained on: lower the K-th temporal RoPE "
                         "frequency (auto: the paper's rule, only when longer than trained)")

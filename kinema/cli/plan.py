@@ -34,7 +34,7 @@ def plan_run(job: Job, opts: LoadOptions, runtime: Runtime, prefetch: int) -> Ru
         batched_cfg=job.guidance.name == "batched",
         t5_cpu=runtime.t5_cpu, offload=runtime.offload, blocks_to_swap=opts.blocks_to_swap,
         prefetch_blocks=opts.prefetch_blocks or prefetch or 1, stream=opts.stream_dit, vae_tile=job.vae_tile,
-        cache=job.cache is not None,
+        cache=job.cache is not None, window_frames=None if job.windows is None else job.windows.frames,
     )
 
 

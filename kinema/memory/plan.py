@@ -238,6 +238,7 @@ class Run:
     vae_tile: object = "auto"  # "auto" | "off" | (width, height) pixels | "WxH"
     cache: bool = False  # step caching (--cache)
     text_tokens: int = TEXT_TOKENS
+    window_frames: int | None = None  # pixel frames of a context window: the DiT sees one at a time
 
     def __post_init__(self):
         if self.encoder_dtype is None:
@@ -304,7 +305,8 @@ class Plan:
         r = self.run
         flags = [f for f, on in (("--t5_cpu", r.t5_cpu), ("--offload_model", r.offload), ("--fp8_fast", r.fp8_fast),
                                  ("--batched_cfg", r.batched_cfg and r.guided), ("--cache", r.cache)) if on]
-        lines = [f"Memory plan: {r.task} {r.width}x{r.height}, {r.frame_num} frames = {self.tokens:,} DiT tokens, "
+        frames = f"{r.frame_num} frames" + ("" if r.window_frames is None else f" in windows of {r.window_frames}")
+        lines = [f"Memory plan: {r.task} {r.width}x{r.height}, {frames} = {self.tokens:,} DiT tokens, "
                  f"{'with' if r.guided else 'no'} guidance, DiT on {r.device}" + (f" ({' '.join(flags)})" if flags else ""),
                  "", f"{'component':<38} {'device':<6} {'weights':>9} {'activ.':>9}   {'phase':<12} {'phase peak':>10}"]
         for p in self.phases:
@@ -421,7 +423,8 @@ def estimate(models: MetaModels, run: Run, available: dict[str, int] | None = No
     at = _Placement(models, run)
     host, gpu = "cpu", run.device != "cpu"
     t, h, w = (run.frame_num - 1) // vae.temporal_ratio + 1, run.height // vae.spatial_ratio, run.width // vae.spatial_ratio
-    tokens = (t // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    t_dit = t if run.window_frames is None else min(t, (run.window_frames - 1) // vae.temporal_ratio + 1)
+    tokens = (t_dit // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
     video = 3 * run.frame_num * run.height * run.width * 4  # float32 pixels
 
     # Loading: tensors are read one at a time on the host: a float32 copy of the largest on its way to the GPU,

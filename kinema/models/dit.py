@@ -261,15 +261,17 @@ class WanDiT(nn.Module):
 
     # -- the whole pass -----------------------------------------------------------------------------
     def block_inputs(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, clip_fea=None, y=None,
-                     attention: str = "sdpa"):
-        """Embedded tokens [B, L, dim] and what every block sees (BlockInputs), for the forward's arguments."""
+                     attention: str = "sdpa", frame_offset: int = 0):
+        """Embedded tokens [B, L, dim] and what every block sees (BlockInputs), for the forward's arguments;
+        frame_offset: the RoPE position of the first latent frame (a context window placed in its video)."""
         tokens, grid = self.embed(x, y)
         e, e0 = self.time_embed(t, x.shape[0])
         bias = None
         if not kernel_may_run(attention, x.device):  # the zero padding as one key (exact; text_padding.py)
             context, bias = fold_padding(context)
         context, image_context = self.embed_context(context, clip_fea)
-        return tokens, BlockInputs(e, e0, self.rope(grid, tokens.device), context, image_context, grid, attention, bias)
+        rope = self.rope(grid, tokens.device, (frame_offset, 0, 0))
+        return tokens, BlockInputs(e, e0, rope, context, image_context, grid, attention, bias)
 
     def run_blocks(self, tokens: torch.Tensor, inputs: BlockInputs, hooks=(), step=None) -> torch.Tensor:
         """The transformer blocks alone, with `hooks` composed around them: [B, L, dim] -> [B, L, dim] float32."""
@@ -282,7 +284,8 @@ class WanDiT(nn.Module):
         the blocks, their state kept outside the model; step: the sampler's StepContext they read, or None.
         attention: the self- and cross-attention backend (kinema.ops.attention.resolve_backend's name).
         """
-        tokens, inputs = self.block_inputs(x, t, context, clip_fea, y, attention)
+        offset = step.frame_offset if step is not None else 0
+        tokens, inputs = self.block_inputs(x, t, context, clip_fea, y, attention, offset)
         tokens = self.run_blocks(tokens, inputs, hooks, step)
         return self.unpatchify(self.head(tokens, inputs.e), inputs.grid)
 

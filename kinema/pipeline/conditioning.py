@@ -91,6 +91,18 @@ class Condition:
         return {"clip_fea": self.clip_fea, "y": self.y}
 
 
+def window_args(args: dict, window) -> dict:
+    """A branch's DiT inputs for a context window (latent frame indices): the condition y sliced to the window's
+    frames with the video's first frame (its mask and latent) as the window's first, every window's anchor (the
+    wrapper's rule); CLIP tokens and text as they are."""
+    y = args.get("y")
+    if y is None or window is None:
+        return args
+    part = y[:, :, list(window)].clone()
+    part[:, :, 0] = y[:, :, 0]
+    return {**args, "y": part}
+
+
 def _no_visit(name: str):
     return nullcontext()
 

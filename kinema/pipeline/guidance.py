@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from kinema.pipeline.conditioning import window_args
 from kinema.sampling.cfg_zero import CFGZeroStar, cfg_zero_star
 from kinema.sampling.context import StepContext
 from kinema.sampling.skip_layers import SKIP_BRANCH, SkipLayers
@@ -79,6 +80,8 @@ def guided_model(dit, cond: dict, uncond: dict | None, scale: float, guidance: G
     sd3 = skip_layers if skip_layers is not None and skip_layers.mode == "sd3" else None
 
     def run(x, t, args, step):
+        if step.window is not None:
+            args = window_args(args, step.window)
         return dit(x, t, **args, hooks=hooks, step=step, attention=attention)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, step: StepContext) -> torch.Tensor:

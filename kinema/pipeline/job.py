@@ -6,7 +6,7 @@ command line can check a call against the checkpoints' headers before it loads a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -19,6 +19,7 @@ from kinema.pipeline.models import Target
 from kinema.pipeline.settings import Settings, resolve_settings
 from kinema.pipeline.tasks import Task, get_task, task_using
 from kinema.sampling.cache import CacheSpec, StepCache, parse_cache
+from kinema.sampling.windows import ContextWindows
 
 
 @dataclass
@@ -33,6 +34,8 @@ class Job:
     vae_tile: object = "auto"
     guidance: Guidance = field(default_factory=lambda: guidance_for(False))
     extras: Extras = field(default_factory=Extras)  # skip-layer guidance, CFG-Zero*, Enhance-A-Video, RIFLEx
+    windows: ContextWindows | None = None  # context windows (kinema/sampling/windows.py)
+    prompts: tuple[str, ...] = ()  # the prompt's '|' sections (prompt travel), or the one prompt
     callback: object = None
     cancel: object = None
     decode: bool = True
@@ -41,8 +44,8 @@ class Job:
 
 def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=None, last_frame=None, video=None,
                 latents=None, cache=None, vae_tile="auto", batched_cfg=False, skip_layers=None, cfg_zero_star=None,
-                enhance=None, riflex=None, callback=None, cancel=None, decode=True, progress=True, names=None,
-                **settings) -> Job:
+                enhance=None, riflex=None, context_windows=None, callback=None, cancel=None, decode=True, progress=True,
+                names=None, **settings) -> Job:
     """A call's arguments (`Pipeline.__call__`'s) -> Job, or one KinemaError naming the value and the fix.
     `names` maps argument names to the names messages use (the command line's flags)."""
     names = names or {}
@@ -68,8 +71,42 @@ def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=N
     parse_vae_tile(vae_tile)
     extras = parse_extras(skip_layers=skip_layers, cfg_zero_star=cfg_zero_star, enhance=enhance, riflex=riflex,
                           guided=s.guided, dit_config=target.dit_config, names=names)
+    windows = parse_windows(context_windows, names.get("context_windows", "context_windows"))
+    sections = prompt_sections(s.prompt, windows is not None, names.get("prompt", "prompt"))
     return Job(s, {k: media[k] for k in spec.images}, media.get("video"), latents, cache, vae_tile,
-               guidance_for(bool(batched_cfg)), extras, callback, cancel, bool(decode), bool(progress))
+               guidance_for(bool(batched_cfg)), extras, windows, sections, callback, cancel, bool(decode),
+               bool(progress))
+
+
+def parse_windows(value, name: str = "context_windows") -> ContextWindows | None:
+    """None / False -> None; True -> the defaults; a ContextWindows; a dict of its fields."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return ContextWindows()
+    if isinstance(value, ContextWindows):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in fields(ContextWindows)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise KinemaError(f"{name} has no field {', '.join(map(repr, unknown))}; its fields are "
+                              f"{', '.join(sorted(known))}.")
+        return ContextWindows(**value)
+    raise KinemaError(f"{name} {value!r} is not understood; pass True, a ContextWindows or a dict of its fields.")
+
+
+def prompt_sections(prompt: str, windows: bool, name: str = "prompt") -> tuple[str, ...]:
+    """'a | b | c' -> ('a', 'b', 'c') for prompt travel over context windows; one prompt otherwise."""
+    parts = tuple(p.strip() for p in prompt.split("|"))
+    if len(parts) == 1:
+        return parts
+    if not windows:
+        raise KinemaError(f"{name} has {len(parts)} '|'-separated prompts: prompt travel spreads them over context "
+                          "windows; turn windows on (--context_frames) or write one prompt.")
+    if not all(parts):
+        raise KinemaError(f"{name} {prompt!r} has an empty '|' section; write text between every '|'.")
+    return parts
 
 
 def check_task(target: Target, spec: Task, asked: str) -> None:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from kinema.errors import KinemaError
 from kinema.pipeline.settings import Geometry, Settings
 from kinema.sampling import add_noise, initial_noise, schedule
+from kinema.sampling.windows import freenoise
 
 
 @dataclass
@@ -38,13 +39,18 @@ def fit_video(video: torch.Tensor, settings: Settings, temporal: int = 4) -> tor
 
 @torch.no_grad()
 def prepare_latents(settings: Settings, geometry: Geometry, device, vae=None, video: torch.Tensor | None = None,
-                    latents: torch.Tensor | None = None, visit=lambda name: nullcontext()) -> Start:
+                    latents: torch.Tensor | None = None, visit=lambda name: nullcontext(), windows=None) -> Start:
     """The starting latent of a run. From pure noise (seeded, drawn on the CPU so a seed gives the same video
     on every device); or, given `latents` [z, T, h, w] (a first stage's output) or a `video` [3, F, H, W] in
-    [-1, 1] (v2v: encoded by `vae` in a `visit("vae")`), that latent noised to the step `settings.denoise` starts at."""
+    [-1, 1] (v2v: encoded by `vae` in a `visit("vae")`), that latent noised to the step `settings.denoise` starts at.
+    windows: the run's ContextWindows; with FreeNoise the noise is rearranged per window (its own generator)."""
     shape = (1, *settings.latent_shape(geometry))
     sigmas, timesteps = schedule(settings.solver, settings.steps, settings.shift)
-    noise = initial_noise(shape, settings.seed).to(device)
+    noise = initial_noise(shape, settings.seed)
+    if windows is not None and windows.freenoise:
+        size, _, overlap = windows.latent()
+        noise = freenoise(noise, size, overlap, torch.Generator().manual_seed(settings.seed))
+    noise = noise.to(device)
     if video is None and latents is None:
         return Start(noise, 0, sigmas, timesteps)
     if latents is None:

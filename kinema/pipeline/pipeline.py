@@ -74,8 +74,8 @@ class Pipeline:
     def __call__(self, prompt, *, task="t2v", size=None, frame_num=None, steps=None, shift=None, guide_scale=None,
                  seed=0, solver="unipc", negative_prompt=None, image=None, first_frame=None, last_frame=None,
                  video=None, denoise=1.0, latents=None, cache=None, vae_tile="auto", batched_cfg=False,
-                 skip_layers=None, cfg_zero_star=None, enhance=None, riflex=None, callback=None, cancel=None,
-                 decode=True, progress=True) -> Result:
+                 skip_layers=None, cfg_zero_star=None, enhance=None, riflex=None, context_windows=None,
+                 callback=None, cancel=None, decode=True, progress=True) -> Result:
         """Generate one video (or image, task "t2i"). See the README's Python section for every argument;
         unset values take the model's own defaults, then the task's official ones."""
         with self._lock:
@@ -84,6 +84,7 @@ class Pipeline:
                                image=image, first_frame=first_frame, last_frame=last_frame, video=video,
                                denoise=denoise, latents=latents, cache=cache, vae_tile=vae_tile, batched_cfg=batched_cfg,
                                skip_layers=skip_layers, cfg_zero_star=cfg_zero_star, enhance=enhance, riflex=riflex,
+                               context_windows=context_windows,
                                callback=callback, cancel=cancel, decode=decode, progress=progress)
             return self.run(job)
 
@@ -99,6 +100,8 @@ class Pipeline:
         memory plan counts everything; kinema/memory/plan.py)."""
         s, g, dit = job.settings, self.models.geometry, self.models.dit
         _, t, h, w = s.latent_shape(g)
+        if job.windows is not None:  # one window at a time
+            t = min(t, job.windows.latent_frames)
         tokens = t * (h // g.patch[1]) * (w // g.patch[2])
         slg = job.extras.skip_layers
         branches = 1 + s.guided + (slg is not None and slg.mode == "sd3")
@@ -122,15 +125,16 @@ class Pipeline:
         vae = m.vae if isinstance(m.vae, TiledVAE) else TiledVAE(m.vae, job.vae_tile)
         device = off.device
         with off.visit("t5"):  # the official order: umT5, CLIP, VAE encode, DiT, VAE decode
-            prompts = encode_prompts(m.text_encoder, s.prompt, s.negative_prompt if s.guided else None,
-                                     m.dit.config.text_len, device)
+            prompts = [encode_prompts(m.text_encoder, p, s.negative_prompt if s.guided else None, m.dit.config.text_len,
+                                      device) for p in job.prompts or (s.prompt,)]
         condition = make_condition(s.task, job.images, s.frame_num, s.height, s.width, vae, m.clip, m.dit.config,
                                    device, off.visit)
-        start = prepare_latents(s, m.geometry, device, vae, job.video, job.latents, off.visit)
+        start = prepare_latents(s, m.geometry, device, vae, job.video, job.latents, off.visit, job.windows)
         log.info("Generating %s %dx%d, %d frames, %d steps (%s, shift %g, guidance %g, seed %d)", s.task.name, s.width,
                  s.height, s.frame_num, s.steps - start.start_step, s.solver, s.shift, s.guide_scale, s.seed)
         with off.visit("dit"):
             x0 = sample_latents(m.dit, prompts, condition, start, s, guidance=job.guidance, extras=job.extras,
+                                windows=job.windows,
                                 train_frames=train_latent_frames(m.info.sample_defaults, m.geometry.temporal), cache=cache,
                                 callback=job.callback, cancel=job.cancel, preview=self.preview, progress=job.progress,
                                 attention=rt.attention)
@@ -149,6 +153,9 @@ class Pipeline:
             if value:
                 rec[key] = value if not isinstance(value, tuple) else f"{value[0]}x{value[1]}"
         rec.update(job.extras.record())
+        if (w := job.windows) is not None:
+            rec.update(context_frames=w.frames, context_stride=w.stride, context_overlap=w.overlap,
+                       context_schedule=w.schedule, context_fuse=w.fuse, freenoise=w.freenoise, context_rope=w.rope)
         if m.loras:
             rec["loras"] = [[p, s] for p, s in m.loras]
         rec["model"] = m.source or "in-memory"

@@ -7,6 +7,7 @@ from contextlib import nullcontext
 
 import torch
 
+from kinema.errors import KinemaError
 from kinema.pipeline.conditioning import Condition
 from kinema.pipeline.extras import Extras, train_latent_frames
 from kinema.pipeline.guidance import Guidance, Sequential, guided_model
@@ -14,31 +15,43 @@ from kinema.pipeline.latents import Start
 from kinema.pipeline.prompts import Prompts
 from kinema.pipeline.settings import Settings
 from kinema.sampling import sample
+from kinema.sampling.windows import ContextWindows, windowed
 
 log = logging.getLogger("kinema")
 
 
 @torch.no_grad()
-def sample_latents(dit, prompts: Prompts, condition: Condition, start: Start, settings: Settings, *,
-                   guidance: Guidance = Sequential(), extras: Extras = Extras(), train_frames: int | None = None,
-                   hooks=(), cache=None, callback=None, cancel=None, preview=None, progress: bool = True,
-                   attention: str = "sdpa") -> torch.Tensor:
+def sample_latents(dit, prompts: Prompts | list[Prompts], condition: Condition, start: Start, settings: Settings, *,
+                   guidance: Guidance = Sequential(), extras: Extras = Extras(), windows: ContextWindows | None = None,
+                   train_frames: int | None = None, hooks=(), cache=None, callback=None, cancel=None, preview=None,
+                   progress: bool = True, attention: str = "sdpa") -> torch.Tensor:
     """Denoise `start.x` [1, z, T, h, w] from step `start.start_step` to sigma 0; returns x0 [1, z, T, h, w].
 
-    extras: the guidance extras (kinema.pipeline.extras); train_frames: the model's training length in latent
-    frames, for RIFLEx's auto (default: Wan2.1's). hooks: more BlockHooks around the DiT's blocks
-    (kinema/models/hooks.py); `cache`, a StepCache, is one more, reset for this run. callback / cancel / preview:
-    as kinema.sampling.sample. attention: the DiT's backend."""
-    cond = {"context": prompts.cond, **condition.args()}
-    uncond = {"context": prompts.uncond, **condition.args()} if prompts.uncond is not None else None
+    prompts: the text context, or one per prompt-travel section (with `windows`: each window takes its
+    section's). extras: the guidance extras (kinema.pipeline.extras); windows: context windows
+    (kinema.sampling.windows) or None; train_frames: the model's training length in latent frames, for RIFLEx's
+    auto (default: Wan2.1's). hooks: more BlockHooks around the DiT's blocks (kinema/models/hooks.py); `cache`,
+    a StepCache, is one more, reset for this run. callback / cancel / preview: as kinema.sampling.sample.
+    attention: the DiT's backend."""
+    sections = prompts if isinstance(prompts, (list, tuple)) else [prompts]
+    if len(sections) > 1 and windows is None:
+        raise KinemaError(f"{len(sections)} prompts ('|' prompt travel) need context windows to spread over.")
     hooks = (*hooks, *extras.hooks(dit, train_frames or train_latent_frames({})))
     if cache is not None:
         cache.begin(settings.steps, start.start_step)
         hooks = (*hooks, cache)
     if extras.describe():
         log.info("Guidance extras: %s", extras.describe())
-    model_fn = guided_model(dit, cond, uncond, settings.guide_scale, guidance, hooks, attention, extras.cfg_zero_star,
-                            extras.skip_layers)
+    fns = []
+    for p in sections:
+        cond = {"context": p.cond, **condition.args()}
+        uncond = {"context": p.uncond, **condition.args()} if p.uncond is not None else None
+        fns.append(guided_model(dit, cond, uncond, settings.guide_scale, guidance, hooks, attention,
+                                extras.cfg_zero_star, extras.skip_layers))
+    model_fn = fns[0]
+    if windows is not None:
+        log.info("Context windows: %s over %d latent frames", windows.describe(), start.x.shape[2])
+        model_fn = windowed(fns, windows, start.x.shape[2])
     x0 = sample(model_fn, start.x, start.sigmas, start.timesteps, settings.solver, start.start_step, progress,
                 callback, cancel, preview)
     if cache is not None:

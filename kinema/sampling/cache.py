@@ -266,7 +266,8 @@ class StepCache(BlockHook):
         elif self.method == "teacache":
             compute = self._teacache(s, i, e if self.calibration.get("input", "e") == "e" else e0)
         else:
-            compute = self._magcache(s, i, self._ratios.get(name) or self._ratios["cond"])
+            base = name.split("@")[0]
+            compute = self._magcache(s, i, self._ratios.get(base) or self._ratios["cond"])
         if not compute and s.residual is None:  # nothing cached yet (a run starting past the forced steps)
             compute, s.acc, s.ratio, s.run = True, 0.0, 1.0, 0
         s.computed.append(compute)
@@ -316,6 +317,8 @@ class StepCache(BlockHook):
         if tokens.shape[0] != len(branches):
             raise ValueError(f"the step cache got a batch of {tokens.shape[0]} for branches {branches}")
         e, e0 = inputs.e, inputs.e0
+        if step.window is not None:  # a context window's branches keep their own state
+            branches = tuple(f"{b}@{','.join(map(str, step.window))}" for b in branches)
         compute = [self._decide(b, step.step, e[i : i + 1], e0[i : i + 1]) for i, b in enumerate(branches)]
         rows = [i for i, c in enumerate(compute) if c]
         if len(rows) == len(branches):

@@ -18,7 +18,8 @@ class StepContext:
     sigma: float  # noise level of the latent the model sees
     timestep: int  # the integer timestep passed to the model (official truncation of sigma * 1000)
     branches: tuple[str, ...] = ("cond",)  # guidance branch of each batch row: "cond", "uncond"
-    window: tuple[int, int] | None = None  # latent frames [start, end) of a context window; None: the whole video
+    window: tuple[int, ...] | None = None  # the latent frame indices of a context window; None: the whole video
+    frame_offset: int = 0  # the RoPE position of the call's first latent frame (a window's, with absolute positions)
     rank: int = 0  # this process's rank, and how many take part (sequence / CFG parallel)
     world_size: int = 1
 

@@ -81,5 +81,6 @@ class RiflexHook(BlockHook):
         frames = inputs.grid[0]
         if not self.applies(frames):
             return run(tokens, inputs, step)
-        rope = rope_table(inputs.grid, self.head_dim, tokens.device, riflex=(self.k, frames))
+        offset = (step.frame_offset if step is not None else 0, 0, 0)
+        rope = rope_table(inputs.grid, self.head_dim, tokens.device, offset, riflex=(self.k, frames))
         return run(tokens, replace(inputs, rope=rope), step)

@@ -222,11 +222,24 @@ def skip_layer_guidance(ctx, blocks, start_percent, end_percent):
 
     return (SkipLayers(parse_blocks(blocks, "WanVideoSLG.blocks"), float(start_percent), float(end_percent)),)
 
-_settings_node("WanVideoContextOptions", "WANVIDCONTEXT", "context_options",
-               {"context_schedule": CHOICE(["uniform_standard", "uniform_looped", "static_standard"]),
-                "context_frames": INT(81, 2, 1000), "context_stride": INT(4, 4, 100),
-                "context_overlap": INT(16, 4, 100), "freenoise": BOOLEAN(True)},
-               "context windows", "WanVideo Context Options")
+@node("WanVideoContextOptions", module=MODULE, category=CATEGORY, outputs=("WANVIDCONTEXT",),
+      output_names=("context_options",), display_name="WanVideo Context Options",
+      required={"context_schedule": CHOICE(["uniform_standard", "uniform_looped", "static_standard"]),
+                "context_frames": INT(81, 2, 1000, tooltip="pixel frames per window (4n + 1)"),
+                "context_stride": INT(4, 4, 100), "context_overlap": INT(16, 4, 100), "freenoise": BOOLEAN(True)},
+      optional={"fuse_method": CHOICE(["linear", "pyramid"], "linear")})
+def context_options(ctx, context_schedule, context_frames, context_stride, context_overlap, freenoise=True,
+                    fuse_method="linear"):
+    """Context windows (kinema/sampling/windows.py) for the sampler's context_options; every window keeps the
+    video's first frame as its anchor."""
+    from kinema.sampling.windows import ContextWindows
+
+    try:
+        return (ContextWindows(int(context_frames), int(context_stride), int(context_overlap), context_schedule,
+                               fuse_method, bool(freenoise)),)
+    except KinemaError as e:
+        raise KinemaError(f"WanVideoContextOptions: {e}") from None
+
 # The experimental options Kinema lacks, each with the value that turns it off.
 EXPERIMENTAL_OFF = {"video_attention_split_steps": "", "use_fresca": False, "use_tcfg": False, "raag_alpha": 0.0,
                     "bidirectional_sampling": False, "temporal_score_rescaling": False}
@@ -571,7 +584,7 @@ def _extras(n: str, config, cfg: float, feta_args, slg_args, experimental_args, 
 
 
 SAMPLER_UNSUPPORTED = {
-    "context_options": "context windows", "flowedit_args": "FlowEdit", "loop_args": "latent-shift looping",
+    "flowedit_args": "FlowEdit", "loop_args": "latent-shift looping",
     "sigmas": "custom sigmas", "unianimate_poses": "UniAnimate", "fantasytalking_embeds": "FantasyTalking",
     "uni3c_embeds": "Uni3C", "multitalk_embeds": "MultiTalk", "freeinit_args": "FreeInit",
 }
@@ -605,12 +618,13 @@ SAMPLER_UNSUPPORTED = {
 def sampler(ctx, model, image_embeds, steps, cfg, shift, seed, force_offload=True, scheduler="unipc",
             riflex_freq_index=0, text_embeds=None, samples=None, denoise_strength=1.0, cache_args=None,
             batched_cfg=False, rope_function="comfy", start_step=0, end_step=-1, add_noise_to_samples=False,
-            feta_args=None, slg_args=None, experimental_args=None, **links):
+            feta_args=None, slg_args=None, experimental_args=None, context_options=None, **links):
     """Denoise with the guided DiT through Kinema's sampler loop (the stages kinema.Pipeline runs: the same
     settings give the same latents)."""
     from kinema.memory.vae_tiling import TiledVAE
     from kinema.pipeline.conditioning import Condition, empty_condition
     from kinema.pipeline.extras import train_latent_frames
+    from kinema.sampling.windows import ContextWindows
     from kinema.pipeline.guidance import guidance_for
     from kinema.pipeline.latents import prepare_latents
     from kinema.pipeline.prompts import Prompts, pad_context
@@ -685,7 +699,9 @@ def sampler(ctx, model, image_embeds, steps, cfg, shift, seed, force_offload=Tru
         latents = samples["samples"]
         if latents.ndim == 5:
             latents = latents[0]
-    start = prepare_latents(s, geometry, device, latents=latents)
+    if context_options is not None and not isinstance(context_options, ContextWindows):
+        raise KinemaError(f"{n}.context_options must come from WanVideoContextOptions.")
+    start = prepare_latents(s, geometry, device, latents=latents, windows=context_options)
     cache = make_cache(cache_args, dit, s.width * s.height)
     total = s.steps - start.start_step
 
@@ -694,6 +710,7 @@ def sampler(ctx, model, image_embeds, steps, cfg, shift, seed, force_offload=Tru
 
     with _visit(part):
         x0 = sample_latents(dit, prompts, condition, start, s, guidance=guidance_for(bool(batched_cfg)), extras=extras,
+                            windows=context_options,
                             train_frames=train_latent_frames(part.info.sample_defaults), cache=cache,
                             callback=callback, cancel=ctx.cancel, preview=preview, progress=False,
                             attention=rt.attention)
