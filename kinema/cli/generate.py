@@ -27,7 +27,8 @@ FLAGS = {
     "guide_scale": "--sample_guide_scale", "seed": "--base_seed", "solver": "--sample_solver", "denoise": "--denoise",
     "image": "--image", "first_frame": "--first_frame", "last_frame": "--last_frame", "video": "--video",
     "cache": "--cache", "vae_tile": "--vae_tile", "skip_layers": "--slg", "cfg_zero_star": "--cfg_zero_star",
-    "enhance": "--feta", "riflex": "--riflex", "context_windows": "--context_frames",
+    "enhance": "--feta", "riflex": "--riflex", "context_windows": "--context_frames", "extend_frames": "--extend_frames",
+    "overlap_frames": "--overlap_frames", "loop": "--loop",
 }
 
 
@@ -51,8 +52,9 @@ def call_arguments(args) -> dict:
                 shift=args.sample_shift, guide_scale=args.sample_guide_scale, seed=args.base_seed,
                 solver=args.sample_solver, negative_prompt=args.negative_prompt, image=args.image,
                 first_frame=args.first_frame, last_frame=args.last_frame, video=args.video,
-                denoise=args.denoise, cache=args.cache, vae_tile=args.vae_tile,
-                batched_cfg=args.batched_cfg, **extras_arguments(args))
+                denoise=args.denoise, cache=args.cache, vae_tile=args.vae_tile, batched_cfg=args.batched_cfg,
+                extend_frames=args.extend_frames, overlap_frames=args.overlap_frames, loop=args.loop,
+                **extras_arguments(args))
 
 
 def extras_arguments(args) -> dict:
@@ -74,7 +76,8 @@ def extras_arguments(args) -> dict:
     if windows and args.context_frames is None:
         raise KinemaError(f"{', '.join('--' + ('freenoise' if k == 'freenoise' else 'context_' + k) for k in windows)} "
                           "tunes context windows, which are off; add --context_frames.")
-    return dict(context_windows=dict(frames=args.context_frames, **windows) if args.context_frames is not None else None,skip_layers=dict(blocks=args.slg, **slg) if args.slg is not None else None,
+    return dict(context_windows=dict(frames=args.context_frames, **windows) if args.context_frames is not None else None,
+                skip_layers=dict(blocks=args.slg, **slg) if args.slg is not None else None,
                 cfg_zero_star=zero if args.cfg_zero_star else None,
                 enhance=dict(weight=args.feta, **feta) if args.feta is not None else None,
                 riflex=args.riflex)

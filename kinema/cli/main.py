@@ -25,7 +25,8 @@ FROM_KEYS = {
     "quantization": "quantization", "t5_quantization": "t5_quantization", "attention": "attention", "vae_tile": "vae_tile",
     **{k: k for k in ("slg", "slg_start", "slg_end", "slg_mode", "slg_scale", "cfg_zero_star", "zero_init_steps", "feta",
                       "feta_start", "feta_end", "riflex", "context_frames", "context_stride", "context_overlap",
-                      "context_schedule", "context_fuse", "freenoise", "context_rope")},
+                      "context_schedule", "context_fuse", "freenoise", "context_rope", "extend_frames", "overlap_frames",
+                      "loop")},
 }
 
 
@@ -185,6 +186,11 @@ def _input_flags(g) -> None:
     g.add_argument("--last_frame", default=None, help="flf2v: the last frame")
     g.add_argument("--video", default=None, help="v2v: the input video")
     g.add_argument("--denoise", type=float, default=0.7, help="v2v: how much of the input to re-noise, in (0, 1]")
+    g.add_argument("--extend_frames", type=int, default=None, metavar="N",
+                   help="task extend: frames to add after --video (a multiple of 4); run again on the output to go on")
+    g.add_argument("--overlap_frames", type=int, default=9, metavar="K",
+                   help="task extend: the video's last K frames (4k+1) the new frames continue from")
+    g.add_argument("--loop", action="store_true", help="task extend: make the new end lead back into the first frame")
     g.add_argument("--from", dest="from_file", default=None, help="repeat the run recorded in a Kinema output file's metadata")
 
 

@@ -24,9 +24,10 @@ from kinema.memory.offload import Offloader
 from kinema.memory.plan import dit_activations, human_bytes
 from kinema.memory.vae_tiling import TiledVAE, free_memory
 from kinema.pipeline.conditioning import make_condition
+from kinema.pipeline.extend import extension_inputs, join
 from kinema.pipeline.extras import train_latent_frames
 from kinema.pipeline.job import Job, prepare_job
-from kinema.pipeline.latents import prepare_latents
+from kinema.pipeline.latents import fit_video, prepare_latents
 from kinema.pipeline.load import LoadOptions, load_models, open_checkpoints
 from kinema.pipeline.models import Models, Runtime
 from kinema.pipeline.preview import LatentPreview
@@ -75,7 +76,8 @@ class Pipeline:
                  seed=0, solver="unipc", negative_prompt=None, image=None, first_frame=None, last_frame=None,
                  video=None, denoise=1.0, latents=None, cache=None, vae_tile="auto", batched_cfg=False,
                  skip_layers=None, cfg_zero_star=None, enhance=None, riflex=None, context_windows=None,
-                 callback=None, cancel=None, decode=True, progress=True) -> Result:
+                 extend_frames=None, overlap_frames=9, loop=False, callback=None, cancel=None, decode=True,
+                 progress=True) -> Result:
         """Generate one video (or image, task "t2i"). See the README's Python section for every argument;
         unset values take the model's own defaults, then the task's official ones."""
         with self._lock:
@@ -84,7 +86,8 @@ class Pipeline:
                                image=image, first_frame=first_frame, last_frame=last_frame, video=video,
                                denoise=denoise, latents=latents, cache=cache, vae_tile=vae_tile, batched_cfg=batched_cfg,
                                skip_layers=skip_layers, cfg_zero_star=cfg_zero_star, enhance=enhance, riflex=riflex,
-                               context_windows=context_windows,
+                               context_windows=context_windows, extend_frames=extend_frames,
+                               overlap_frames=overlap_frames, loop=loop,
                                callback=callback, cancel=cancel, decode=decode, progress=progress)
             return self.run(job)
 
@@ -127,18 +130,26 @@ class Pipeline:
         with off.visit("t5"):  # the official order: umT5, CLIP, VAE encode, DiT, VAE decode
             prompts = [encode_prompts(m.text_encoder, p, s.negative_prompt if s.guided else None, m.dit.config.text_len,
                                       device) for p in job.prompts or (s.prompt,)]
-        condition = make_condition(s.task, job.images, s.frame_num, s.height, s.width, vae, m.clip, m.dit.config,
-                                   device, off.visit)
-        start = prepare_latents(s, m.geometry, device, vae, job.video, job.latents, off.visit, job.windows)
+        ext = job.extension
+        if ext is not None:  # task extend: the known frames of the new clip, and the latents of its overlap
+            video = fit_video(job.video, s, m.geometry.temporal, keep_frames=True)
+            condition, known = extension_inputs(ext, video, vae, m.clip, m.dit.config, device, off.visit)
+        else:
+            condition = make_condition(s.task, job.images, s.frame_num, s.height, s.width, vae, m.clip, m.dit.config,
+                                       device, off.visit)
+        start = prepare_latents(s, m.geometry, device, vae, None if ext else job.video, job.latents, off.visit,
+                                job.windows)
         log.info("Generating %s %dx%d, %d frames, %d steps (%s, shift %g, guidance %g, seed %d)", s.task.name, s.width,
                  s.height, s.frame_num, s.steps - start.start_step, s.solver, s.shift, s.guide_scale, s.seed)
         with off.visit("dit"):
             x0 = sample_latents(m.dit, prompts, condition, start, s, guidance=job.guidance, extras=job.extras,
-                                windows=job.windows,
+                                windows=job.windows, known_latents=known if ext else None,
                                 train_frames=train_latent_frames(m.info.sample_defaults, m.geometry.temporal), cache=cache,
                                 callback=job.callback, cancel=job.cancel, preview=self.preview, progress=job.progress,
                                 attention=rt.attention)
         out = decode_latents(vae, x0, off.visit) if job.decode else None
+        if ext is not None and out is not None:
+            out = join(ext, video, out)
         return Result(out, x0[0], self.record(job, start.partway, cache), cache)
 
     def record(self, job: Job, partway: bool, cache=None) -> dict:
@@ -153,6 +164,10 @@ class Pipeline:
             if value:
                 rec[key] = value if not isinstance(value, tuple) else f"{value[0]}x{value[1]}"
         rec.update(job.extras.record())
+        if job.extension is not None:  # the clip's size and length follow from the video: not repeated as flags
+            for key in ("size", "width", "height", "frame_num"):
+                rec.pop(key, None)
+            rec.update(job.extension.record())
         if (w := job.windows) is not None:
             rec.update(context_frames=w.frames, context_stride=w.stride, context_overlap=w.overlap,
                        context_schedule=w.schedule, context_fuse=w.fuse, freenoise=w.freenoise, context_rope=w.rope)
