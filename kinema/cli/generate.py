@@ -28,7 +28,9 @@ FLAGS = {
     "image": "--image", "first_frame": "--first_frame", "last_frame": "--last_frame", "video": "--video",
     "cache": "--cache", "vae_tile": "--vae_tile", "skip_layers": "--slg", "cfg_zero_star": "--cfg_zero_star",
     "enhance": "--feta", "riflex": "--riflex", "context_windows": "--context_frames", "extend_frames": "--extend_frames",
-    "overlap_frames": "--overlap_frames", "loop": "--loop",
+    "overlap_frames": "--overlap_frames", "loop": "--loop", "refine": "--refine_size", "refine_size": "--refine_size",
+    "refine_denoise": "--refine_denoise", "refine_steps": "--refine_steps", "refine_method": "--refine_method",
+    "upscale": "--upscale", "upscaler": "--upscaler", "upscale_tile": "--upscale_tile",
 }
 
 
@@ -54,7 +56,20 @@ def call_arguments(args) -> dict:
                 first_frame=args.first_frame, last_frame=args.last_frame, video=args.video,
                 denoise=args.denoise, cache=args.cache, vae_tile=args.vae_tile, batched_cfg=args.batched_cfg,
                 extend_frames=args.extend_frames, overlap_frames=args.overlap_frames, loop=args.loop,
-                **extras_arguments(args))
+                refine=refine_argument(args), upscale=args.upscale, upscaler=args.upscaler,
+                upscale_tile=args.upscale_tile, **extras_arguments(args))
+
+
+def refine_argument(args) -> dict | None:
+    """--refine_* as Pipeline.__call__'s refine; a tuning flag without --refine_size is an error."""
+    tune = {k: v for k, v in (("denoise", args.refine_denoise), ("steps", args.refine_steps),
+                              ("method", args.refine_method)) if v is not None}
+    if args.refine_size is None:
+        if tune:
+            raise KinemaError(f"{', '.join('--refine_' + k for k in tune)} tunes the refine pass, which is off; add "
+                              "--refine_size.")
+        return None
+    return {"size": args.refine_size, **tune}
 
 
 def extras_arguments(args) -> dict:

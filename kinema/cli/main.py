@@ -26,7 +26,7 @@ FROM_KEYS = {
     **{k: k for k in ("slg", "slg_start", "slg_end", "slg_mode", "slg_scale", "cfg_zero_star", "zero_init_steps", "feta",
                       "feta_start", "feta_end", "riflex", "context_frames", "context_stride", "context_overlap",
                       "context_schedule", "context_fuse", "freenoise", "context_rope", "extend_frames", "overlap_frames",
-                      "loop")},
+                      "loop", "refine_size", "refine_denoise", "refine_steps", "refine_method", "upscale", "upscaler")},
 }
 
 
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     _memory_flags(g)
     _sampling_flags(g)
     _input_flags(g)
+    _stage_flags(g)
     _output_flags(g)
     g.set_defaults(run=cmd_generate)
     p.generate = g  # `--from` sets its defaults
@@ -176,6 +177,26 @@ def _extras_flags(g) -> None:
     x.add_argument("--riflex", default="off", metavar="auto|K|off",
                    help="RIFLEx for videos longer than the model was trained on: lower the K-th temporal RoPE "
                         "frequency (auto: the paper's rule, only when longer than trained)")
+
+
+def _stage_flags(g) -> None:
+    r = g.add_argument_group("refine and upscale (README, \"Refine and upscale\")")
+    r.add_argument("--refine_size", default=None, metavar="W*H",
+                   help="a second pass at this size: the first pass's result resized (--refine_method), re-noised to "
+                        "--refine_denoise and denoised again by the same model")
+    r.add_argument("--refine_denoise", type=float, default=None, help="with --refine_size: strength in (0, 1] (default 0.3)")
+    r.add_argument("--refine_steps", type=int, default=None, help="with --refine_size: steps of the schedule (default: "
+                   "the first pass's; the pass runs the last refine_denoise of them)")
+    r.add_argument("--refine_method", default=None, choices=["bicubic", "lanczos", "latent"],
+                   help="with --refine_size: resize pixels (bicubic, lanczos) or latents (default bicubic)")
+    r.add_argument("--upscale", type=int, default=None, choices=[2, 4, 8],
+                   help="raise the decoded video's resolution with the learned x2 cascade (the built-in upscaler, or "
+                        "--upscaler)")
+    r.add_argument("--upscaler", default=None, metavar="PATH",
+                   help="with --upscale: a Kinema upscaler folder / file, or a Real-ESRGAN family model file "
+                        "(pip install 'kinema[upscalers]')")
+    r.add_argument("--upscale_tile", type=int, default=128, metavar="PIXELS",
+                   help="with --upscale: tile side in input pixels (exact: tiles overlap by the network's reach)")
 
 
 def _input_flags(g) -> None:

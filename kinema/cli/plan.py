@@ -26,7 +26,7 @@ def read_target(ckpts: Checkpoints) -> tuple[MetaModels, Target]:
 
 def plan_run(job: Job, opts: LoadOptions, runtime: Runtime, prefetch: int) -> Run:
     """The job about to run, in the memory plan's terms."""
-    settings = job.settings
+    settings = job.settings if job.refine is None else job.refine.settings(job.settings)  # the refine pass is larger
     return Run(
         task=settings.task.name, width=settings.width, height=settings.height, frame_num=settings.frame_num,
         device=runtime.device.type, dtype=runtime.dtype, quantization=opts.quantization,

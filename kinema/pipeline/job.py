@@ -17,6 +17,7 @@ from kinema.pipeline.guidance import Guidance, guidance_for
 from kinema.pipeline.extend import Extension, parse_extension
 from kinema.pipeline.inputs import image_input, video_input
 from kinema.pipeline.models import Target
+from kinema.pipeline.refine import Refine, Upscale, parse_refine, parse_upscale
 from kinema.pipeline.settings import Settings, resolve_settings
 from kinema.pipeline.tasks import ANY_MODEL, Task, get_task, task_using
 from kinema.sampling.cache import CacheSpec, StepCache, parse_cache
@@ -37,6 +38,8 @@ class Job:
     extras: Extras = field(default_factory=Extras)  # skip-layer guidance, CFG-Zero*, Enhance-A-Video, RIFLEx
     windows: ContextWindows | None = None  # context windows (kinema/sampling/windows.py)
     extension: Extension | None = None  # task extend: how the video is continued (kinema/pipeline/extend.py)
+    refine: Refine | None = None  # a second pass at a larger size (kinema/pipeline/refine.py)
+    upscale: Upscale | None = None  # the learned upscaler after decoding
     prompts: tuple[str, ...] = ()  # the prompt's '|' sections (prompt travel), or the one prompt
     callback: object = None
     cancel: object = None
@@ -47,7 +50,8 @@ class Job:
 def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=None, last_frame=None, video=None,
                 latents=None, cache=None, vae_tile="auto", batched_cfg=False, skip_layers=None, cfg_zero_star=None,
                 enhance=None, riflex=None, context_windows=None, extend_frames=None, overlap_frames=9, loop=False,
-                callback=None, cancel=None, decode=True, progress=True, names=None, **settings) -> Job:
+                refine=None, upscale=None, upscaler=None, upscale_tile=128, callback=None, cancel=None, decode=True,
+                progress=True, names=None, **settings) -> Job:
     """A call's arguments (`Pipeline.__call__`'s) -> Job, or one KinemaError naming the value and the fix.
     `names` maps argument names to the names messages use (the command line's flags)."""
     names = names or {}
@@ -76,9 +80,14 @@ def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=N
                           guided=s.guided, dit_config=target.dit_config, names=names)
     windows = parse_windows(context_windows, names.get("context_windows", "context_windows"))
     sections = prompt_sections(s.prompt, windows is not None, names.get("prompt", "prompt"))
+    second = parse_refine(refine, names)
+    if second is not None and extension is not None:
+        raise KinemaError(f"{names.get('refine', 'refine')} is not for task extend (it would re-generate the video "
+                          "being continued); refine the first clip, then extend it.")
+    up = parse_upscale(upscale, upscaler, upscale_tile, names)
     return Job(s, {k: media[k] for k in spec.images}, media.get("video"), latents, cache, vae_tile,
-               guidance_for(bool(batched_cfg)), extras, windows, extension, sections, callback, cancel, bool(decode),
-               bool(progress))
+               guidance_for(bool(batched_cfg)), extras, windows, extension, second, up, sections, callback, cancel,
+               bool(decode), bool(progress))
 
 
 def _extension(spec: Task, target: Target, video, frames, overlap, loop, settings: dict, names: dict):

@@ -32,9 +32,11 @@ from kinema.pipeline.load import LoadOptions, load_models, open_checkpoints
 from kinema.pipeline.models import Models, Runtime
 from kinema.pipeline.preview import LatentPreview
 from kinema.pipeline.prompts import encode_prompts
+from kinema.pipeline.refine import refine_input
 from kinema.pipeline.result import Result
 from kinema.pipeline.sample import decode_latents, sample_latents
 from kinema.sampling.cache import CacheSpec, calibration_beside, make_cache
+from kinema.upscale import load_upscaler, upscale_video
 
 log = logging.getLogger("kinema")
 
@@ -49,6 +51,7 @@ class Pipeline:
                           else Offloader(models, enabled=False))
         self.preview = LatentPreview(models.vae)
         self._lock = threading.RLock()
+        self._upscalers = {}
 
     @classmethod
     def load(cls, ckpt=None, *, dit=None, vae=None, t5=None, tokenizer=None, clip=None, loras=(), dtype=None, device=None,
@@ -76,8 +79,8 @@ class Pipeline:
                  seed=0, solver="unipc", negative_prompt=None, image=None, first_frame=None, last_frame=None,
                  video=None, denoise=1.0, latents=None, cache=None, vae_tile="auto", batched_cfg=False,
                  skip_layers=None, cfg_zero_star=None, enhance=None, riflex=None, context_windows=None,
-                 extend_frames=None, overlap_frames=9, loop=False, callback=None, cancel=None, decode=True,
-                 progress=True) -> Result:
+                 extend_frames=None, overlap_frames=9, loop=False, refine=None, upscale=None, upscaler=None,
+                 upscale_tile=128, callback=None, cancel=None, decode=True, progress=True) -> Result:
         """Generate one video (or image, task "t2i"). See the README's Python section for every argument;
         unset values take the model's own defaults, then the task's official ones."""
         with self._lock:
@@ -87,7 +90,8 @@ class Pipeline:
                                denoise=denoise, latents=latents, cache=cache, vae_tile=vae_tile, batched_cfg=batched_cfg,
                                skip_layers=skip_layers, cfg_zero_star=cfg_zero_star, enhance=enhance, riflex=riflex,
                                context_windows=context_windows, extend_frames=extend_frames,
-                               overlap_frames=overlap_frames, loop=loop,
+                               overlap_frames=overlap_frames, loop=loop, refine=refine, upscale=upscale,
+                               upscaler=upscaler, upscale_tile=upscale_tile,
                                callback=callback, cancel=cancel, decode=decode, progress=progress)
             return self.run(job)
 
@@ -102,6 +106,8 @@ class Pipeline:
         """Refuse a call whose DiT activations alone exceed the memory free on the device (the command line's
         memory plan counts everything; kinema/memory/plan.py)."""
         s, g, dit = job.settings, self.models.geometry, self.models.dit
+        if job.refine is not None and job.refine.width * job.refine.height > s.width * s.height:
+            s = job.refine.settings(s)  # the larger pass decides
         _, t, h, w = s.latent_shape(g)
         if job.windows is not None:  # one window at a time
             t = min(t, job.windows.latent_frames)
@@ -139,18 +145,42 @@ class Pipeline:
                                        device, off.visit)
         start = prepare_latents(s, m.geometry, device, vae, None if ext else job.video, job.latents, off.visit,
                                 job.windows)
-        log.info("Generating %s %dx%d, %d frames, %d steps (%s, shift %g, guidance %g, seed %d)", s.task.name, s.width,
-                 s.height, s.frame_num, s.steps - start.start_step, s.solver, s.shift, s.guide_scale, s.seed)
-        with off.visit("dit"):
-            x0 = sample_latents(m.dit, prompts, condition, start, s, guidance=job.guidance, extras=job.extras,
-                                windows=job.windows, known_latents=known if ext else None,
-                                train_frames=train_latent_frames(m.info.sample_defaults, m.geometry.temporal), cache=cache,
-                                callback=job.callback, cancel=job.cancel, preview=self.preview, progress=job.progress,
-                                attention=rt.attention)
-        out = decode_latents(vae, x0, off.visit) if job.decode else None
+        x0 = self._sample(job, s, prompts, condition, start, cache, known if ext else None)
+        partway = start.partway
+        out = decode_latents(vae, x0, off.visit) if job.decode or (job.refine and job.refine.method != "latent") else None
+        if job.refine is not None:  # the second pass, at the larger size
+            s = job.refine.settings(s)
+            cache = make_cache(_beside(job.cache, m.source), m.dit, s.width * s.height)
+            source, latents = refine_input(job.refine, x0, out, m.geometry.spatial)
+            condition = make_condition(s.task, job.images, s.frame_num, s.height, s.width, vae, m.clip, m.dit.config,
+                                       device, off.visit)
+            start = prepare_latents(s, m.geometry, device, vae, source, latents, off.visit, job.windows)
+            x0 = self._sample(job, s, prompts, condition, start, cache, None, "Refining")
+            out = decode_latents(vae, x0, off.visit) if job.decode else None
         if ext is not None and out is not None:
             out = join(ext, video, out)
-        return Result(out, x0[0], self.record(job, start.partway, cache), cache)
+        if job.upscale is not None and out is not None:
+            out = upscale_video(self.upscaler(job.upscale), out, job.upscale.tile, progress=job.progress)
+        return Result(out, x0[0], self.record(job, partway, cache), cache)
+
+    def _sample(self, job: Job, s, prompts, condition, start, cache, known=None, what="Generating"):
+        """One sampling pass of the DiT (kinema.pipeline.sample.sample_latents) with the job's options."""
+        m, off = self.models, self.offloader
+        log.info("%s %s %dx%d, %d frames, %d steps (%s, shift %g, guidance %g, seed %d)", what, s.task.name, s.width,
+                 s.height, s.frame_num, s.steps - start.start_step, s.solver, s.shift, s.guide_scale, s.seed)
+        with off.visit("dit"):
+            return sample_latents(m.dit, prompts, condition, start, s, guidance=job.guidance, extras=job.extras,
+                                  windows=job.windows, known_latents=known,
+                                  train_frames=train_latent_frames(m.info.sample_defaults, m.geometry.temporal),
+                                  cache=cache, callback=job.callback, cancel=job.cancel, preview=self.preview,
+                                  progress=job.progress, attention=self.runtime.attention)
+
+    def upscaler(self, spec):
+        """The upscaler a job asks for, loaded once per pipeline (kinema.upscale.load_upscaler)."""
+        key = (spec.upscaler, spec.factor)
+        if key not in self._upscalers:
+            self._upscalers[key] = load_upscaler(spec.upscaler, spec.factor, self.runtime.device)
+        return self._upscalers[key]
 
     def record(self, job: Job, partway: bool, cache=None) -> dict:
         """Every value the run used: the settings embedded in saved files, which `kinema generate --from` repeats."""
@@ -168,6 +198,9 @@ class Pipeline:
             for key in ("size", "width", "height", "frame_num"):
                 rec.pop(key, None)
             rec.update(job.extension.record())
+        for stage in (job.refine, job.upscale):
+            if stage is not None:
+                rec.update({k: v for k, v in stage.record().items() if v is not None})
         if (w := job.windows) is not None:
             rec.update(context_frames=w.frames, context_stride=w.stride, context_overlap=w.overlap,
                        context_schedule=w.schedule, context_fuse=w.fuse, freenoise=w.freenoise, context_rope=w.rope)
