@@ -72,3 +72,32 @@ def test_pipeline_and_cli_take_the_distilled_solvers(solver, tmp_path):
                  "--save_file", str(out)]) == 0
     meta = read_metadata(out)
     assert meta["solver"] == solver and meta["steps"] == 4 and meta["guide_scale"] == 1.0
+
+
+def test_a_distillation_loras_sampling_becomes_the_default(tmp_path, caplog):
+    """A LoRA whose metadata says what sampling it is made for (kinema train distill writes it) sets the
+    defaults: flags and arguments still win."""
+    import json
+
+    import kinema
+    from kinema.demo import write_random_checkpoint
+    from kinema.loading.dit import open_dit
+    from kinema.lora import inject_lora, lora_state_dict, save_lora
+
+    caplog.set_level("INFO", logger="kinema")
+    ckpt = tmp_path / "tiny"
+    write_random_checkpoint(ckpt)
+    dit = open_dit(str(ckpt)).load().model
+    inject_lora(dit, 2, 2.0, ("self_attn",))
+    lora = tmp_path / "distill.safetensors"
+    save_lora(lora, lora_state_dict(dit), alpha=2.0, rank=2, metadata={
+        "sampling": json.dumps({"solver": "lcm", "steps": 4, "guide_scale": 1.0, "shift": 2.0})})
+    pipe = kinema.Pipeline.load(str(ckpt), loras=[(str(lora), 1.0)])
+    job = pipe.prepare("a cat", size="32*32", frame_num=5, progress=False)
+    s = job.settings
+    assert (s.solver, s.steps, s.guide_scale, s.shift) == ("lcm", 4, 1.0, 2.0)
+    assert "is made for solver lcm, steps 4" in caplog.text
+    s = pipe.prepare("a cat", size="32*32", frame_num=5, steps=6, solver="euler", progress=False).settings
+    assert (s.solver, s.steps, s.guide_scale) == ("euler", 6, 1.0)
+    off = kinema.Pipeline.load(str(ckpt), loras=[(str(lora), 0.0)]).prepare("a cat", size="32*32", frame_num=5)
+    assert off.settings.solver == "unipc" and off.settings.steps != 4  # at strength 0 the LoRA says nothing

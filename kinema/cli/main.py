@@ -129,7 +129,8 @@ def _sampling_flags(g) -> None:
     g.add_argument("--size", default=None, help="W*H of the output (for i2v/flf2v: the area; the image sets the aspect); "
                    "default: the model's own, else 1280*720")
     g.add_argument("--frame_num", type=int, default=None, help="frames, 4n+1 (default 81; 1 for t2i)")
-    g.add_argument("--sample_solver", default="unipc", choices=SOLVERS, help="sampler")
+    g.add_argument("--sample_solver", default=None, choices=SOLVERS,
+                   help="sampler (default unipc, or what the model or a distillation LoRA is made for)")
     g.add_argument("--sample_steps", type=int, default=None, help="sampling steps (default 50; 40 for i2v)")
     g.add_argument("--sample_shift", type=float, default=None, help="flow shift (default 5.0; 3.0 for i2v at 480p; 16 for flf2v)")
     g.add_argument("--sample_guide_scale", type=float, default=None, help="classifier-free guidance scale (default 5.0, or the model's)")

@@ -211,8 +211,32 @@ def open_checkpoints(opts: LoadOptions) -> Checkpoints:
         root = opts.ckpt
     dit_path = str(opts.dit or root)
     ckpt = open_dit(dit_path)
+    made_for = lora_sampling(opts.loras)  # a distillation LoRA's sampling becomes the model's default
+    if made_for:
+        ckpt.folder_config = {**ckpt.folder_config, "sample_defaults": {**ckpt.info.sample_defaults, **made_for}}
     clip = opts.clip or (root if ckpt.model.config.model_type != "t2v" and root is not None and _has_clip(root) else None)
     return Checkpoints(dit_path, str(opts.vae or root), str(opts.t5 or root), clip and str(clip), ckpt, builtin)
+
+
+def lora_sampling(loras) -> dict:
+    """The sampling settings the LoRAs in use are made for (a `sampling` entry in a LoRA file's metadata, which
+    `kinema train distill` writes: solver, steps, shift, guide_scale), later ones winning; {} when none says."""
+    import json
+
+    from kinema.lora import lora_metadata
+
+    out = {}
+    for path, strength in loras:
+        entry = lora_metadata(path).get("sampling") if strength else None
+        if entry:
+            try:
+                made = {k: v for k, v in json.loads(entry).items() if k in ("solver", "steps", "shift", "guide_scale")}
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            log.info("LoRA %s is made for %s; these are the defaults now (flags still win)", Path(path).name,
+                     ", ".join(f"{k} {v}" for k, v in made.items()))
+            out.update(made)
+    return out
 
 
 def _has_clip(folder) -> bool:

@@ -76,7 +76,7 @@ class Pipeline:
 
     # -- a call ------------------------------------------------------------------------------------
     def __call__(self, prompt, *, task="t2v", size=None, frame_num=None, steps=None, shift=None, guide_scale=None,
-                 seed=0, solver="unipc", negative_prompt=None, image=None, first_frame=None, last_frame=None,
+                 seed=0, solver=None, negative_prompt=None, image=None, first_frame=None, last_frame=None,
                  video=None, denoise=1.0, latents=None, cache=None, vae_tile="auto", batched_cfg=False,
                  skip_layers=None, cfg_zero_star=None, enhance=None, riflex=None, context_windows=None,
                  extend_frames=None, overlap_frames=9, loop=False, refine=None, upscale=None, upscaler=None,
