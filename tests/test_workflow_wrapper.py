@@ -195,8 +195,10 @@ def test_lora_select_chains_into_the_model_recipe(tmp_path):
     assert model.loras == ((str(tmp_path / "loras" / "a.safetensors"), 0.75),
                            (str(tmp_path / "loras" / "style" / "b.safetensors"), -0.5))
     assert (model.dtype, model.quantization, model.blocks_to_swap, model.prefetch_blocks) == ("bf16", "fp8_e4m3fn", 3, 2)
-    with pytest.raises(KinemaError, match="WanVideoLoraSelect.merge_loras"):
-        call("WanVideoLoraSelect", ctx, lora="a.safetensors", strength=1.0, merge_loras=False)
+    (runtime,) = call("WanVideoLoraSelect", ctx, lora="a.safetensors", strength=0.5, merge_loras=False)
+    (model,) = call("WanVideoModelLoader", ctx, model=DIT, base_precision="bf16", quantization="disabled",
+                    load_device="offload_device", attention_mode="sdpa", lora=runtime)
+    assert model.loras == ((str(tmp_path / "loras" / "a.safetensors"), (0.5,)),)  # a strength list: run unmerged
 
 
 # -- what Kinema does not have yet is an error naming the node and input ---------------------------

@@ -19,7 +19,7 @@ log = logging.getLogger("kinema")
 # How the pipeline's argument names read on the command line, for messages.
 FLAGS = {
     "ckpt": "--ckpt_dir", "dit": "--dit", "vae": "--vae", "t5": "--t5", "tokenizer": "--tokenizer", "clip": "--clip",
-    "loras": "--lora", "lora_ignore_unmatched": "--lora_ignore_unmatched", "dtype": "--dtype", "quantization": "--quantization", "t5_quantization": "--t5_quantization",
+    "loras": "--lora", "lora_ignore_unmatched": "--lora_ignore_unmatched", "lora_runtime": "--lora_runtime", "dtype": "--dtype", "quantization": "--quantization", "t5_quantization": "--t5_quantization",
     "offload": "--offload_model", "t5_cpu": "--t5_cpu", "blocks_to_swap": "--blocks_to_swap",
     "prefetch_blocks": "--prefetch_blocks", "stream_dit": "--stream_dit", "attention": "--attention",
     "compile": "--compile", "fp8_fast": "--fp8_fast", "prompt": "--prompt", "negative_prompt": "--negative_prompt",
@@ -44,7 +44,7 @@ def load_options(args):
         t5_quantization=args.t5_quantization, offload=args.offload_model, t5_cpu=args.t5_cpu,
         blocks_to_swap=args.blocks_to_swap, prefetch_blocks=args.prefetch_blocks, stream_dit=args.stream_dit,
         attention=args.attention, compile=args.compile, fp8_fast=args.fp8_fast,
-        lora_ignore_unmatched=args.lora_ignore_unmatched, names=FLAGS,
+        lora_ignore_unmatched=args.lora_ignore_unmatched, lora_runtime=args.lora_runtime, names=FLAGS,
     ).check()
 
 

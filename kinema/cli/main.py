@@ -82,6 +82,9 @@ def _model_flags(g) -> None:
                    help="merge a LoRA .safetensors into the DiT at STRENGTH (1.0 if not given); repeatable, applied in order; "
                         "any common layout (diffusers / PEFT, kohya, ComfyUI / musubi, DiffSynth, LightX2V diff, LyCORIS "
                         "LoKr / LoHa)")
+    g.add_argument("--lora_runtime", action="store_true",
+                   help="run every --lora unmerged: added to its layers' outputs at run time (fp8 and streamed DiTs "
+                        "untouched); FILE:S1,S2,... (one strength per step, the last repeated) always runs unmerged")
     g.add_argument("--lora_ignore_unmatched", action="store_true",
                    help="leave out LoRA keys that match no layer of the DiT (a warning names them) instead of refusing")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="DiT weights (auto: bf16 on GPU, fp32 on CPU)")

@@ -57,16 +57,18 @@ class Pipeline:
     def load(cls, ckpt=None, *, dit=None, vae=None, t5=None, tokenizer=None, clip=None, loras=(), dtype=None, device=None,
              quantization=None, t5_quantization=None, offload=None, t5_cpu=False, blocks_to_swap=0, prefetch_blocks=None,
              stream_dit=False, attention="auto", compile=False, fp8_fast=False,
-             lora_ignore_unmatched=False) -> Pipeline:
+             lora_ignore_unmatched=False, lora_runtime=False) -> Pipeline:
         """Load a model set: `ckpt` (an official Wan2.1, diffusers or ComfyUI-style folder) or its parts (`dit`,
         `vae`, `t5`, `tokenizer`, `clip`: files or folders in any format the loaders read); neither: the built-in
-        model. loras: [(path, strength), ...] merged into the DiT. dtype: the DiT's weights, None = bf16 on CUDA,
+        model. loras: [(path, strength), ...] merged into the DiT; a LoRA given per-step strengths (a list, the
+        last repeated) runs unmerged, as does every LoRA with lora_runtime=True (kinema/lora/runtime.py). dtype: the DiT's weights, None = bf16 on CUDA,
         fp32 on the CPU. device: None = cuda if available, else cpu. lora_ignore_unmatched: LoRA keys that match
         no layer are left out with a warning naming them (by default an error). The memory options are `kinema generate`'s
         (README, "Memory and speed"). Every option is checked before any file is read."""
         opts, runtime = LoadOptions(ckpt, dit, vae, t5, tokenizer, clip, loras, dtype, device, quantization,
                                     t5_quantization, offload, t5_cpu, blocks_to_swap, prefetch_blocks, stream_dit,
-                                    attention, compile, fp8_fast, bool(lora_ignore_unmatched)).check()
+                                    attention, compile, fp8_fast, bool(lora_ignore_unmatched),
+                                    bool(lora_runtime)).check()
         return cls.from_options(opts, runtime)
 
     @classmethod
@@ -170,7 +172,7 @@ class Pipeline:
                  s.height, s.frame_num, s.steps - start.start_step, s.solver, s.shift, s.guide_scale, s.seed)
         with off.visit("dit"):
             return sample_latents(m.dit, prompts, condition, start, s, guidance=job.guidance, extras=job.extras,
-                                  windows=job.windows, known_latents=known,
+                                  windows=job.windows, known_latents=known, hooks=m.lora_hooks,
                                   train_frames=train_latent_frames(m.info.sample_defaults, m.geometry.temporal),
                                   cache=cache, callback=job.callback, cancel=job.cancel, preview=self.preview,
                                   progress=job.progress, attention=self.runtime.attention)

@@ -121,16 +121,16 @@ def torch_compile_settings(ctx, backend, fullgraph, mode, dynamic, dynamo_cache_
                 "blocks": LINK("SELECTEDBLOCKS"),
                 "low_mem_load": BOOLEAN(False, tooltip="A memory option of the wrapper's loader; Kinema reads LoRAs "
                                                        "tensor by tensor anyway"),
-                "merge_loras": BOOLEAN(True, tooltip="Kinema merges LoRAs into the weights")})
+                "merge_loras": BOOLEAN(True, tooltip="merge into the weights (no cost per step), or add the LoRA at run "
+                                                     "time (the weights untouched: fp8 layers exact)")})
 def lora_select(ctx, lora, strength, prev_lora=None, blocks=None, low_mem_load=False, merge_loras=True, unique_id=None):
-    """A LoRA merged into the DiT when WanVideoModelLoader loads it; chain several with prev_lora."""
+    """A LoRA applied when WanVideoModelLoader loads the DiT: merged, or run unmerged (kinema/lora/runtime.py);
+    chain several with prev_lora."""
     refuse_links("WanVideoLoraSelect", {"blocks": blocks}, {"blocks": "per-block LoRA selection"})
-    if not merge_loras:
-        raise unsupported("WanVideoLoraSelect", "merge_loras", "applying LoRAs unmerged", "set merge_loras to true")
     loras = list(prev_lora or [])
     if round(float(strength), 4) != 0.0:
         loras.append({"path": _path(ctx, "loras", lora), "strength": round(float(strength), 4),
-                      "name": Path(lora).stem})
+                      "name": Path(lora).stem, "merge": bool(merge_loras)})
     return (loras,)
 
 
@@ -304,7 +304,8 @@ def model_loader(ctx, model, base_precision="bf16", quantization="disabled", loa
     swap = block_swap_args or {}
     return (DiTRecipe(_path(ctx, "diffusion_models", model), dtype=PRECISIONS[base_precision],
                       quantization=QUANTIZATIONS[quantization], fp8_fast=quantization.endswith("_fast"),
-                      loras=tuple((l["path"], float(l["strength"])) for l in lora or ()),
+                      loras=tuple((l["path"], float(l["strength"]) if l.get("merge", True) else (float(l["strength"]),))
+                                  for l in lora or ()),  # a strength list: unmerged
                       attention=ATTENTION[attention_mode], blocks_to_swap=int(swap.get("blocks_to_swap", 0)),
                       prefetch_blocks=swap.get("prefetch_blocks") or None,
                       compile=(compile_args or {}).get("mode")),)
@@ -718,7 +719,7 @@ def sampler(ctx, model, image_embeds, steps, cfg, shift, seed, force_offload=Tru
 
     with _visit(part):
         x0 = sample_latents(dit, prompts, condition, start, s, guidance=guidance_for(bool(batched_cfg)), extras=extras,
-                            windows=context_options,
+                            windows=context_options, hooks=part.lora_hooks,
                             train_frames=train_latent_frames(part.info.sample_defaults), cache=cache,
                             callback=callback, cancel=ctx.cancel, preview=preview, progress=False,
                             attention=rt.attention)
