@@ -132,3 +132,26 @@ def test_cli_refine_and_upscale(stages, tmp_path, capsys):
     capsys.readouterr()
     assert main([*gen, "--refine_denoise", "0.4", "--save_file", str(tmp_path / "x.webp")]) == 2
     assert "--refine_denoise tunes the refine pass, which is off; add --refine_size" in capsys.readouterr().err
+
+
+def test_comfy_upscale_nodes(stages, tmp_path):
+    import shutil
+
+    import kinema.workflow.nodes  # noqa: F401  (registration)
+    from kinema.workflow.context import ExecutionContext
+    from kinema.workflow.folders import ModelFolders
+    from kinema.workflow.types import NODES
+
+    (tmp_path / "upscale_models" / "mine").mkdir(parents=True)
+    shutil.copy(stages / "stage1.safetensors", tmp_path / "upscale_models" / "mine" / "stage1.safetensors")
+    ctx = ExecutionContext(ModelFolders(tmp_path), tmp_path, tmp_path, tmp_path)
+    names = NODES["UpscaleModelLoader"].inputs["model_name"].choices(ctx)
+    assert names == ["kinema_builtin_upscaler", "mine/stage1.safetensors"]
+    (model,) = NODES["UpscaleModelLoader"].fn(ctx, model_name="mine/stage1.safetensors")
+    frames = torch.rand(3, 8, 12, 3)  # IMAGE [F, H, W, 3] in [0, 1]
+    (big,) = NODES["ImageUpscaleWithModel"].fn(ctx, upscale_model=model, image=frames)
+    assert big.shape == (3, 16, 24, 3)
+    want = random_stage(1)(frames.permute(3, 0, 1, 2)[None] * 2 - 1)[0].clamp(-1, 1)
+    assert torch.allclose(big, ((want + 1) / 2).permute(1, 2, 3, 0), atol=1e-5)
+    with pytest.raises(KinemaError, match="UpscaleModelLoader"):
+        NODES["UpscaleModelLoader"].fn(ctx, model_name="../escape.pth")

@@ -12,7 +12,7 @@ import torch
 from kinema.errors import KinemaError
 from kinema.models.upscaler import Upscaler2x, UpscalerCascade, UpscalerConfig
 
-BUILTIN_UPSCALER = Path(__file__).resolve().parent.parent / "builtin" / "upscaler"  # x2 stages: stage1, stage2, ...
+BUILTIN_UPSCALER = Path(__file__).resolve().parent.parent / "builtin" / "model" / "upscaler"  # x2 stages: stage1, ...
 KIND = "kinema-upscaler-x2"
 
 
@@ -62,24 +62,24 @@ def _kinema_stage(path: Path) -> Upscaler2x | None:
     return stage.eval().requires_grad_(False)
 
 
-def load_upscaler(source: str | Path | None = None, factor: int = 2, device="cpu") -> Upscaler:
+def load_upscaler(source: str | Path | None = None, factor: int | None = 2, device="cpu") -> Upscaler:
     """An upscaler for `factor`: Kinema's stages (the built-in ones when `source` is None, or a folder of
-    stage*.safetensors, or one stage file), as many x2 stages as the factor needs; or any other file, through
-    spandrel (its own scale; `factor` must match it)."""
-    if factor not in (2, 4, 8):
+    stage*.safetensors, or one stage file), as many x2 stages as the factor needs (None: all of them); or any
+    other file, through spandrel (its own scale; a `factor` given must match it)."""
+    if factor not in (None, 2, 4, 8):
         raise KinemaError(f"upscale factor {factor!r} must be 2, 4 or 8 (x2 stages in a cascade).")
-    need = {2: 1, 4: 2, 8: 3}[factor]
     path = Path(source) if source is not None else BUILTIN_UPSCALER
     if not path.exists():
         raise KinemaError(f"upscaler {path} does not exist; give a Kinema upscaler folder or file, or a Real-ESRGAN "
                           "family model file (with `pip install spandrel`).")
     files = sorted(path.glob("stage*.safetensors")) if path.is_dir() else [path]
     stages = [s for s in (_kinema_stage(f) for f in files) if s is not None]
+    need = len(stages) if factor is None else {2: 1, 4: 2, 8: 3}[factor]
     if stages:
         if len(stages) < need:
             raise KinemaError(f"upscaler {path} has {len(stages)} x2 stage(s); x{factor} needs {need}. Use "
                               f"x{2 ** len(stages)} or an upscaler with more stages.")
-        return Upscaler(UpscalerCascade(stages[:need]).to(device), factor, "kinema", str(path))
+        return Upscaler(UpscalerCascade(stages[:need]).to(device), 2**need, "kinema", str(path))
     if path.is_dir():
         raise KinemaError(f"upscaler folder {path} holds no stage*.safetensors of Kinema's upscaler.")
     return _spandrel(path, factor, device)
@@ -97,6 +97,6 @@ def _spandrel(path: Path, factor: int, device) -> Upscaler:
         raise KinemaError(f"upscaler {path} could not be read by spandrel: {e}") from None
     if not isinstance(desc, spandrel.ImageModelDescriptor):
         raise KinemaError(f"upscaler {path} is a {type(desc).__name__}, not an image upscaler.")
-    if desc.scale != factor:
+    if factor is not None and desc.scale != factor:
         raise KinemaError(f"upscaler {path} upscales x{desc.scale}; ask for --upscale {desc.scale}.")
     return Upscaler(desc.model.eval().requires_grad_(False), desc.scale, "spandrel", str(path))
