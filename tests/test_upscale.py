@@ -8,7 +8,7 @@ import torch
 from conftest import StubTextEncoder
 
 from kinema.errors import KinemaError
-from kinema.models.upscaler import Upscaler2x, UpscalerCascade, UpscalerConfig
+from kinema.models.upscaler import Upscaler2x, UpscalerConfig
 from kinema.upscale import Upscaler, load_upscaler, resize_video, save_upscaler, upscale_video
 
 PROMPT = "a red circle moving right"

@@ -81,7 +81,8 @@ def _model_flags(g) -> None:
     g.add_argument("--lora", action="append", default=None, metavar="FILE[:STRENGTH]",
                    help="merge a LoRA .safetensors into the DiT at STRENGTH (1.0 if not given); repeatable, applied in order; "
                         "any common layout (diffusers / PEFT, kohya, ComfyUI / musubi, DiffSynth, LightX2V diff, LyCORIS "
-                        "LoKr / LoHa)")
+                        "LoKr / LoHa); builtin:NAME for one shipped with the built-in model (builtin:distill-4step: "
+                        "4 steps, no guidance)")
     g.add_argument("--lora_runtime", action="store_true",
                    help="run every --lora unmerged: added to its layers' outputs at run time (fp8 and streamed DiTs "
                         "untouched); FILE:S1,S2,... (one strength per step, the last repeated) always runs unmerged")

@@ -249,10 +249,19 @@ def lora_metadata(path: str | os.PathLike) -> dict[str, str]:
     return dict(_open_safetensors(path).metadata() or {})
 
 
+BUILTIN_PREFIX = "builtin:"
+
+
 def parse_lora_spec(spec: str) -> tuple[str, float | tuple[float, ...]]:
     """`FILE[:STRENGTH]` -> (file, strength), or `FILE:S1,S2,...` -> (file, per-step strengths: the LoRA then runs
     unmerged, kinema/lora/runtime.py); the strength is taken after the last ':' only if it is a number (or a
-    list of them), so paths with ':' (e.g. C:\\loras\\x.safetensors) still work. The file must exist."""
+    list of them), so paths with ':' (e.g. C:\\loras\\x.safetensors) still work. The file must exist.
+    `builtin:NAME[:STRENGTH]` names a LoRA shipped with the built-in model (e.g. builtin:distill-4step)."""
+    if spec.startswith(BUILTIN_PREFIX):  # builtin:NAME[:STRENGTH], a LoRA shipped with the built-in model
+        from kinema.builtin import builtin_lora
+
+        name, sep, tail = spec[len(BUILTIN_PREFIX):].partition(":")
+        return parse_lora_spec(str(builtin_lora(name)) + (sep + tail if sep else ""))
     head, sep, tail = spec.rpartition(":")
     path, strength = spec, 1.0
     if sep and head and not Path(spec).expanduser().is_file():

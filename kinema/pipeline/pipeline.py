@@ -61,8 +61,8 @@ class Pipeline:
         """Load a model set: `ckpt` (an official Wan2.1, diffusers or ComfyUI-style folder) or its parts (`dit`,
         `vae`, `t5`, `tokenizer`, `clip`: files or folders in any format the loaders read); neither: the built-in
         model. loras: [(path, strength), ...] merged into the DiT; a LoRA given per-step strengths (a list, the
-        last repeated) runs unmerged, as does every LoRA with lora_runtime=True (kinema/lora/runtime.py). dtype: the DiT's weights, None = bf16 on CUDA,
-        fp32 on the CPU. device: None = cuda if available, else cpu. lora_ignore_unmatched: LoRA keys that match
+        last repeated) runs unmerged, as does every LoRA with lora_runtime=True (kinema/lora/runtime.py). dtype:
+        the DiT's weights, None = bf16 on CUDA, fp32 on the CPU. device: None = cuda if available, else cpu. lora_ignore_unmatched: LoRA keys that match
         no layer are left out with a warning naming them (by default an error). The memory options are `kinema generate`'s
         (README, "Memory and speed"). Every option is checked before any file is read."""
         opts, runtime = LoadOptions(ckpt, dit, vae, t5, tokenizer, clip, loras, dtype, device, quantization,
@@ -131,7 +131,7 @@ class Pipeline:
             return self._run(job)
 
     def _run(self, job: Job) -> Result:
-        m, rt, s, off = self.models, self.runtime, job.settings, self.offloader
+        m, s, off = self.models, job.settings, self.offloader
         cache = make_cache(_beside(job.cache, m.source), m.dit, s.width * s.height)  # calibration read before any model runs
         vae = m.vae if isinstance(m.vae, TiledVAE) else TiledVAE(m.vae, job.vae_tile)
         device = off.device
