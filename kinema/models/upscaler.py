@@ -1,9 +1,9 @@
 """A learned x2 video upscaler: the residual over a bicubic upscale, predicted from the frames and their neighbours.
 
-Each stage takes video [B, 3, F, H, W] in [-1, 1] and returns [B, 3, F, 2H, 2W]: bicubic(x) + r(x), where r is
-a small temporal network at the low resolution (3D convolutions see the frames before and after, so edges
-move consistently from frame to frame) that ends in a sub-pixel (pixel-shuffle) step to the high resolution.
-A cascade of stages raises the resolution x2 at a time (the second brief's progressive super-resolution).
+Each stage takes video [B, 3, F, H, W] in [-1, 1] and returns [B, 3, F, 2H, 2W]: b + r(b), b = bicubic(x), where
+r is a small temporal network on the bicubic frames (3D convolutions see the frames before and after, so edges
+move consistently from frame to frame). A cascade of stages raises the resolution x2 at a time (the second
+brief's progressive super-resolution).
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ from torch import nn
 
 @dataclass(frozen=True)
 class UpscalerConfig:
-    dim: int = 32  # channels of the low-resolution trunk
-    blocks: int = 6  # residual blocks of the trunk
+    dim: int = 16  # channels of the trunk (at the high resolution)
+    blocks: int = 3  # residual blocks of the trunk
     frames: int = 3  # temporal kernel size of the trunk's convolutions (1: frame by frame)
-    out_dim: int = 16  # channels after the sub-pixel step, at the high resolution
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+TAIL_INIT = 0.1  # a new stage starts near plain bicubic (a zero tail would pass no gradient back)
 
 
 def _conv(cin: int, cout: int, t: int, k: int = 3) -> nn.Conv3d:
@@ -40,36 +42,34 @@ class _Block(nn.Module):
 
 
 class Upscaler2x(nn.Module):
-    """One x2 stage: bicubic + a learned residual."""
+    """One x2 stage: bicubic, plus a residual the trunk predicts from the bicubic frames and their neighbours
+    (at the high resolution, so the residual at a pixel is a function of the same neighbourhood wherever the
+    pixel falls between the low-resolution ones)."""
 
     def __init__(self, config: UpscalerConfig = UpscalerConfig()):
         super().__init__()
         c = self.config = config
         self.head = _conv(3, c.dim, c.frames)
         self.blocks = nn.Sequential(*[_Block(c.dim, c.frames) for _ in range(c.blocks)])
-        self.to_subpixels = _conv(c.dim, 4 * c.out_dim, 1)  # per frame: 4 sub-pixel positions x out_dim
-        self.tail = _conv(c.out_dim, 3, 1)
-        nn.init.zeros_(self.tail.weight)  # a new stage starts as plain bicubic
-        nn.init.zeros_(self.tail.bias)
+        self.tail = _conv(c.dim, 3, 1)
+        with torch.no_grad():
+            self.tail.weight.mul_(TAIL_INIT)
+            self.tail.bias.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, 3, F, H, W] -> [B, 3, F, 2H, 2W]
         b, _, f, h, w = x.shape
         base = F.interpolate(x.transpose(1, 2).reshape(b * f, 3, h, w), scale_factor=2, mode="bicubic",
                              align_corners=False).view(b, f, 3, 2 * h, 2 * w).transpose(1, 2)
-        feat = self.blocks(F.silu(self.head(x)))
-        sub = self.to_subpixels(F.silu(feat))  # [B, 4 * out, F, H, W]
-        sub = sub.transpose(1, 2).reshape(b * f, -1, h, w)
-        hi = F.pixel_shuffle(sub, 2).view(b, f, -1, 2 * h, 2 * w).transpose(1, 2)  # [B, out, F, 2H, 2W]
-        return base + self.tail(F.silu(hi))
+        return base + self.tail(F.silu(self.blocks(F.silu(self.head(base)))))
 
     @property
     def receptive(self) -> tuple[int, int]:
         """(frames, low-resolution pixels) an output sees on each side: a tile margin that makes a tiled run
-        exact. Temporal: the head and the blocks' convolutions; spatial: those, the sub-pixel and tail
-        convolutions (one low-resolution pixel each, rounded up) and bicubic's two pixels."""
+        exact. Temporal: the head and the blocks' convolutions; spatial: every convolution's pixel at the high
+        resolution (half a low-resolution one each, rounded up) and bicubic's two low-resolution pixels."""
         c = self.config
-        layers = 1 + 2 * c.blocks
-        return layers * (c.frames // 2), layers + 4
+        layers = 2 + 2 * c.blocks
+        return (layers - 1) * (c.frames // 2), -(-layers // 2) + 2
 
 
 class UpscalerCascade(nn.Module):
