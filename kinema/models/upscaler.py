@@ -26,6 +26,7 @@ class UpscalerConfig:
 
 
 TAIL_INIT = 0.1  # a new stage starts near plain bicubic (a zero tail would pass no gradient back)
+SLOPE = 0.1  # leaky ReLU: no unit can die (with SiLU, a loss spike drove stages back to plain bicubic for good)
 
 
 def _conv(cin: int, cout: int, t: int, k: int = 3) -> nn.Conv3d:
@@ -38,7 +39,7 @@ class _Block(nn.Module):
         self.conv1, self.conv2 = _conv(dim, dim, t), _conv(dim, dim, t)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.conv2(F.silu(self.conv1(x)))
+        return x + self.conv2(F.leaky_relu(self.conv1(x), SLOPE))
 
 
 class Upscaler2x(nn.Module):
@@ -60,7 +61,7 @@ class Upscaler2x(nn.Module):
         b, _, f, h, w = x.shape
         base = F.interpolate(x.transpose(1, 2).reshape(b * f, 3, h, w), scale_factor=2, mode="bicubic",
                              align_corners=False).view(b, f, 3, 2 * h, 2 * w).transpose(1, 2)
-        return base + self.tail(F.silu(self.blocks(F.silu(self.head(base)))))
+        return base + self.tail(F.leaky_relu(self.blocks(F.leaky_relu(self.head(base), SLOPE)), SLOPE))
 
     @property
     def receptive(self) -> tuple[int, int]:

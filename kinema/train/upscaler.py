@@ -43,11 +43,15 @@ class UpscalerTrainConfig(configs.TrainConfig):
     pool_size: int = 400
     random_colors: float = 0.3
     l1_weight: float = 1.0
+    mse_weight: float = 0.0
     edge_weight: float = 1.0
     # extra weight where bicubic misses the truth by more than 2% (edges): most pixels are flat and bicubic gets
     # them right, so unweighted, the loss hardly sees what the stage is for
     detail_weight: float = 10.0
     feature_weight: float = 0.002  # its gradient is ~200x the L1's at equal weight (measured): 0.002 makes them alike
+    # steps of pixels alone before the feature term joins: from a near-zero residual, the feature term (and a
+    # squared loss) kept stages at plain bicubic in several runs here; L1 and the edge term get them away from it
+    feature_start: int = 600
     feature_vae: str = "builtin"  # whose encoder gives the feature term ("builtin": the shipped VAE)
     adversarial_weight: float = 0.01
     adversarial_start: int = 300  # steps of reconstruction alone before the discriminator joins
@@ -150,10 +154,11 @@ class UpscalerTask(TrainTask):
             bic = F.interpolate(_frames(low), scale_factor=2, mode="bicubic", align_corners=False)
             wt = 1 + c.detail_weight * ((bic - f_true).abs().amax(1, keepdim=True) > 0.04).float()  # [B*F, 1, H, W]
         l1 = ((f_out - f_true).abs() * wt).mean() / wt.mean()
+        mse = ((f_out - f_true).pow(2) * wt).mean() / wt.mean()
         edges = edge_l1(f_out, f_true)
-        loss = c.l1_weight * l1 + c.edge_weight * edges
-        terms = {"l1": l1.item(), "edge": edges.item()}
-        if self.features is not None:  # on each clip's middle frame (the feature network costs more than the upscaler)
+        loss = c.l1_weight * l1 + c.mse_weight * mse + c.edge_weight * edges
+        terms = {"l1": l1.item(), "mse": mse.item(), "edge": edges.item()}
+        if self.features is not None and step >= c.feature_start:  # on each clip's middle frame (the feature network costs more than the upscaler)
             mid = out.shape[2] // 2
             feat = sum((a - b).abs().mean() for a, b in zip(self.features(out[:, :, mid]), self.features(high[:, :, mid])))
             loss = loss + c.feature_weight * feat
