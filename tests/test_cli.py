@@ -133,7 +133,8 @@ def test_help_documents_every_flag():
                  "--last_frame", "--prompt", "--save_file", "--negative_prompt", "--video", "--denoise", "--fps",
                  "--format", "--output_dir", "--filename_prefix", "--crf", "--pix_fmt", "--loop_count", "--pingpong", "--dit", "--vae", "--t5", "--tokenizer", "--clip"]:
         assert flag in text, flag
-    assert "(default: t2v-14B)" in text and "the model's own, else 1280*720" in text and "(default: unipc)" in text
+    assert "(default: t2v-14B)" in text and "the model's own, else 1280*720" in text and "default unipc" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
 
 
 def test_bad_flag_value_exits_2():

@@ -20,6 +20,7 @@ from kinema.errors import KinemaError
 from kinema.models.dit import DiTConfig, WanDiT
 from kinema.sampling import (
     SOLVERS,
+    WAN_SOLVERS,
     add_noise,
     initial_noise,
     sample,
@@ -123,7 +124,7 @@ def diffusers_sample(solver, model_fn, noise, steps, shift, start_step=0):
 
 @pytest.mark.parametrize("steps", [4, 10])
 @pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", WAN_SOLVERS)
 def test_matches_diffusers(solver, shift, steps, model_fn):
     noise = initial_noise(SHAPE, seed=1)
     ref = diffusers_sample(solver, model_fn, noise, steps, shift)
@@ -141,7 +142,7 @@ def test_solvers_differ(model_fn):
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 10, 20, 40, 50])
 @pytest.mark.parametrize("shift", [1.0, 2.0, 3.0, 5.0, 8.0, 16.0])
-@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("solver", WAN_SOLVERS)
 def test_schedule_is_official(solver, steps, shift):
     """Every sigma (the final 0 included) and every integer timestep, bit for bit."""
     sigmas, timesteps = schedule(solver, steps, shift)
@@ -202,7 +203,7 @@ def test_start_step(solver, model_fn):
     seen, progress = [], []
 
     def counting(x, t, *step):
-        seen.append(int(t))
+        seen.append(float(t))
         return model_fn(x, t)
 
     latents = add_noise(x0, noise, sigmas[k])
@@ -211,9 +212,10 @@ def test_start_step(solver, model_fn):
     assert seen == timesteps[k:].tolist()
     assert progress == [(i, steps) for i in range(k + 1, steps + 1)]
     assert out.shape == SHAPE and torch.isfinite(out).all()
-    # diffusers started at the same index: its multistep solvers also begin at first order, without history
-    ref = diffusers_sample(solver, model_fn, latents, steps, 3.0, start_step=k)
-    assert (out - ref).abs().max().item() < 1e-4
+    if solver in WAN_SOLVERS:
+        # diffusers started at the same index: its multistep solvers also begin at first order, without history
+        ref = diffusers_sample(solver, model_fn, latents, steps, 3.0, start_step=k)
+        assert (out - ref).abs().max().item() < 1e-4
     # a last-step-only run is one first-order step to sigma 0: x0 = x - sigma * v, whatever the solver
     x = add_noise(x0, noise, sigmas[-2])
     last = sample(model_fn, x, sigmas, timesteps, solver, start_step=steps - 1, progress=False)

@@ -30,6 +30,16 @@ FROM_KEYS = {
 }
 
 
+
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default where it has one: an unset (None) or off (False) default says nothing; the help
+    text tells what then applies."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
 def _bool(v: str) -> bool:
     if v.lower() in ("true", "1", "yes"):
         return True
@@ -42,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kinema", description="Wan2.1 video generation.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="generate a video or image", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = sub.add_parser("generate", help="generate a video or image", formatter_class=_DefaultsHelp)
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     _model_flags(g)
     _memory_flags(g)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -184,6 +185,9 @@ def run_interruptible(executor, prompt: dict) -> dict:
             box["error"] = exc
 
     worker = threading.Thread(target=work, name="kinema-run", daemon=True)
+    main_thread = threading.current_thread() is threading.main_thread()
+    # Ctrl-C raises KeyboardInterrupt here whatever handler a library (or an embedding program) left behind
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler) if main_thread else None
     worker.start()
     try:
         while worker.is_alive():
@@ -194,6 +198,8 @@ def run_interruptible(executor, prompt: dict) -> dict:
         worker.join()
     finally:
         bars.close()
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
     if "error" in box:
         raise box["error"]
     if cancel.is_set():

@@ -156,6 +156,7 @@ STEPS = {"euler": euler_step, "unipc": unipc_step, "dpm++": dpmpp_step,
          # for step-distilled models (4-8 steps, guidance 1): Euler on the fixed distillation sigmas, and LCM
          "flowmatch_distill": euler_step, "lcm": lcm_step}
 SOLVERS = tuple(STEPS)  # what the Pipeline and the command line offer: Wan's three and the distilled two
+WAN_SOLVERS = ("euler", "unipc", "dpm++")  # the official Wan2.1 schedules (the distilled two run fixed grids)
 # ComfyUI's KSampler names whose maths differs from those (kinema/workflow/nodes/comfy.py); the one loop runs them.
 STEPS.update({"unipc_bh1": unipc_bh1_step, "dpmpp_2m": kdiffusion_dpmpp_2m_step})
 
