@@ -268,3 +268,10 @@ def shared_stop(callback, cancel, mesh: Mesh):
         return False if any_rank(stop, mesh) else None
 
     return step
+
+
+def finish(mesh: Mesh) -> None:
+    """The end of a parallel command: every rank waits for the others (rank 0's file is written), then leaves."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

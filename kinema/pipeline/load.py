@@ -114,9 +114,9 @@ class LoadOptions:
             raise KinemaError(f"{n('dit_fsdp')} and {place} both place the DiT's block weights; use one ({n('dit_fsdp')} "
                               f"keeps 1/N of them on each of N GPUs).")
         if fsdp and self.offload:
-            raise KinemaError(f"{n('offload')} moves whole models between the CPU and the GPU, but {' and '.join(fsdp)} "
-                              f"keep{'s' if len(fsdp) == 1 else ''} their shards on the GPU; leave out {n('offload')} (it is "
-                              "off by default in parallel runs).")
+            raise KinemaError(f"{n('offload')} moves whole models between the CPU and the GPU, but with "
+                              f"{' and '.join(fsdp)} each GPU holds only shards; leave out {n('offload')} (it is off by "
+                              "default in parallel runs).")
         if par.t5_fsdp and self.t5_cpu:
             raise KinemaError(f"{n('t5_fsdp')} shards umT5 over the GPUs and {n('t5_cpu')} keeps it on the CPU; use one.")
         if par.dit_fsdp and dtype == torch.float16:
