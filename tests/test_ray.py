@@ -119,3 +119,28 @@ def test_ray_workers_run_the_queue(tmp_path, head):
     assert video == ["video_00001.webp"]
     a, b = read_video(server.output / video[0]).frames, read_video(reference.output / video[0]).frames
     assert a.shape == b.shape == (5, 64, 64, 3) and (a.int() - b.int()).abs().max() <= 2
+
+
+@pytest.mark.slow
+def test_a_parallel_job_on_a_placement_group(tmp_path, head):
+    """--ring_size 2: a worker is two rank actors on a placement group, joined by torch.distributed (gloo here);
+    Kinema's pipeline nodes split the job's tokens over them, and the video equals the in-process server's."""
+    videos = {}
+    for name, args in (("ray", ("--ray", head, "--ring_size", "2")), ("local", ())):
+        (tmp_path / name).mkdir()
+        server = Server(tmp_path / name, *args).wait_ready(timeout=120)
+        try:
+            r = server.post(kinema_prompt(5, "ring"))
+            assert r.status_code == 200, r.text
+            (entry,) = wait_history(server, 1, timeout=300).values()
+            log = server.text()
+            if name == "ray":
+                assert [w["ranks"] for w in httpx.get(server.url + "/kinema/workers", timeout=10).json()["workers"]] == [2]
+                assert "ray worker 0 ready: 2 ranks" in log and "Parallel run" not in log  # the ranks log, not the server
+        finally:
+            server.stop()
+        assert entry["status"]["status_str"] == "success", (entry["status"], log[-3000:])
+        from kinema.media import read_video
+
+        videos[name] = read_video(server.output / "ring_00001.webp").frames.int()
+    assert videos["ray"].shape == (5, 64, 64, 3) and (videos["ray"] - videos["local"]).abs().max() <= 2
