@@ -164,7 +164,8 @@ def specs_for(world: int, tasks) -> list:
 
 
 def test_two_ranks(root, tmp_path):
-    """Every split of 2 ranks on t2v, and the step cache, fp8, LoRA and context windows across ranks."""
+    """Every split of 2 ranks on t2v, and the step cache, fp8, LoRA, context windows, batched guidance, skip-layer
+    guidance and RIFLEx across ranks."""
     mag = dict(cache="magcache:0.1:2", steps=STEPS)
     extras = [
         ("cache/u2", "t2v", "t2v", dict(ulysses_size=2), mag),
@@ -173,6 +174,8 @@ def test_two_ranks(root, tmp_path):
         ("lora_fp8/fsdp", "t2v", "t2v", dict(dit_fsdp=True, t5_fsdp=True),
          dict(loras=[(str(root / "lora.safetensors"), 0.8)], quantization="fp8_e4m3fn_scaled")),
         ("fp8/u2", "t2v", "t2v", dict(ulysses_size=2), dict(quantization="fp8_e4m3fn")),
+        ("batched/u2", "t2v", "t2v", dict(ulysses_size=2), dict(batched_cfg=True)),
+        ("slg_riflex/r2", "t2v", "t2v", dict(ring_size=2), dict(skip_layers=dict(blocks=[1], start=0.0), riflex=2)),
     ]
     ranks, refs = run_and_compare(2, root, specs_for(2, ["t2v"]) + extras, tmp_path)
     decisions = refs["cache/u2"]["decisions"]
