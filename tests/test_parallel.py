@@ -202,3 +202,23 @@ def test_image_tasks(root, tmp_path, world):
          dict(loras=[(str(root / "lora.safetensors"), 0.8)])),
     ]
     run_and_compare(world, root, specs_for(world, ["i2v", "flf2v"]) + extras, tmp_path)
+
+
+def test_memory_plan_counts_one_rank(root):
+    """The memory check before a parallel run counts this rank's chunk of the tokens and its shards."""
+    from dataclasses import replace
+
+    from kinema.cli.plan import read_target
+    from kinema.memory.plan import Run, estimate
+    from kinema.pipeline.load import LoadOptions, open_checkpoints
+
+    opts, _ = LoadOptions(ckpt=root / "t2v").check()
+    meta, _ = read_target(open_checkpoints(opts))
+    run = Run(task="t2v", width=80, height=48, frame_num=9, device="cpu", dtype=torch.float32)
+    one, split = estimate(meta, run), estimate(meta, replace(run, sequence_ranks=4, dit_shards=4, t5_shards=4))
+    assert one.tokens == 45 and split.tokens == 12
+
+    def weights(plan, name):
+        return max(u.weights for p in plan.phases for u in p.uses if u.component == name)
+
+    assert weights(split, "dit") < 0.8 * weights(one, "dit") and weights(split, "t5") < weights(one, "t5")
