@@ -18,7 +18,9 @@ nccl on GPUs), joined as torchrun would:
     python bench/distributed.py --dim 256 --grid 4x16x16 --runs 2   # a quick smoke run
 
 On a CPU the ranks share the machine's cores (each gets cores / ranks threads), so the step times show
-the cost of the split, not a speed-up; on a GPU machine each rank has its own GPU.
+the cost of the split, not a speed-up; on a GPU machine each rank has its own GPU. Rank 0's CPU seconds
+per step (process time) are printed beside the wall time: on a machine other jobs share, they show the
+work a rank does when the wall time shows mostly the wait for a core.
 """
 
 from __future__ import annotations
@@ -184,17 +186,19 @@ def rank_main(rank: int, world: int, port: int, args, ckpt: str, out: str) -> No
             return out
 
         step()  # warm-up
-        times, comms = [], []
+        times, comms, cpus = [], [], []
         for _ in range(args.runs):
             if world > 1:
                 dist.barrier()
             comm.seconds = 0.0
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
             times.append(time.perf_counter() - t0)
+            cpus.append(time.process_time() - c0)
             comms.append(comm.seconds)
         local, full = weight_bytes(dit)
         results[name] = {"step_s": statistics.median(times), "comm_s": statistics.median(comms),
+                         "cpu_s": statistics.median(cpus),
                          "weights_local": local, "weights_full": full,
                          "weights_peak": peak["peak"] if peak else local,
                          "cuda_peak": torch.cuda.max_memory_allocated() if cuda else None}
@@ -238,12 +242,12 @@ def main(argv=None) -> None:
     print(f"DiT: {args.layers} blocks, dim {args.dim}, {args.heads} heads; {tokens} tokens ({'x'.join(map(str, args.grid))}); "
           f"{device}; median of {args.runs}\n")
     base = table[worlds[0]][next(iter(table[worlds[0]]))]
-    print("| ranks | split | step (s) | vs 1 rank | communication | weights per rank: at rest | at peak |")
-    print("|---|---|---|---|---|---|---|")
+    print("| ranks | split | step (s) | vs 1 rank | rank 0 CPU (s) | communication | weights per rank: at rest | at peak |")
+    print("|---|---|---|---|---|---|---|---|")
     for world, rows in table.items():
         for name, r in rows.items():
             full = r["weights_full"]
-            print(f"| {world} | {name} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f}x | "
+            print(f"| {world} | {name} | {r['step_s']:.3f} | {r['step_s'] / base['step_s']:.2f}x | {r['cpu_s']:.2f} | "
                   f"{r['comm_s'] / r['step_s']:.0%} ({r['comm_s']:.3f} s) | "
                   f"{r['weights_local'] / 2**20:.1f} MiB ({r['weights_local'] / full:.2f}x) | "
                   f"{r['weights_peak'] / 2**20:.1f} MiB ({r['weights_peak'] / full:.2f}x) |"
