@@ -4,13 +4,11 @@ model cache, save decodable files with the settings embedded, and name the node 
 
 import json
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-import kinema
 from kinema.errors import Cancelled, KinemaError
 from kinema.media import read_metadata, read_video, save_video
 from kinema.builtin import builtin_path

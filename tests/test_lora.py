@@ -237,6 +237,7 @@ def test_parse_lora_spec(tmp_path):
     assert parse_lora_spec(f"{plain}:-1") == (str(plain), -1.0)
     assert parse_lora_spec(str(odd)) == (str(odd), 1.0)
     assert parse_lora_spec(f"{odd}:2") == (str(odd), 2.0)
+    assert parse_lora_spec(f"{plain}:1,0.5,0") == (str(plain), (1.0, 0.5, 0.0))  # per step: unmerged
     _raises(KinemaError, "strength 'strong' is not a number", parse_lora_spec, f"{plain}:strong")
     _raises(KinemaError, "finite", parse_lora_spec, f"{plain}:nan")
     _raises(KinemaError, "missing.safetensors not found", parse_lora_spec, str(tmp_path / "missing.safetensors:0.5"))
@@ -418,3 +419,57 @@ def test_several_loras_quantise_an_fp8_layer_once():
     q = lambda m: m.blocks[0].self_attn.q  # noqa: E731
     assert torch.equal(q(model).weight.float(), q(both).weight.float())
     assert torch.equal(q(model).scale_weight, q(both).scale_weight)
+
+
+def test_unmerged_lora_follows_its_step_schedule(tmp_path):
+    """A LoRA left unmerged gives, at each step, what merging it at that step's strength gives; the model's weights
+    never change; removing it restores the model exactly; full deltas refuse to run unmerged."""
+    from kinema.lora.runtime import LoRASchedule, attach_lora
+    from kinema.sampling.context import StepContext
+
+    base, injected = _trained()
+    weights = lora_state_dict(injected)
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hook = attach_lora(model, weights, LoRASchedule((1.0, 0.5, 0.0)))
+    for step, strength in ((0, 1.0), (1, 0.5), (2, 0.0), (7, 0.0)):
+        merged = copy.deepcopy(base)
+        merge_lora(merged, weights, strength)
+        ctx = StepContext(step=step, steps=8, sigma=0.5, timestep=500)
+        with torch.no_grad():
+            got = model(**_inputs(model), hooks=(hook,), step=ctx)
+        assert rel_err(got, _run(merged)) < 1e-5, step
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    hook.remove()
+    assert torch.equal(_run(model), _run(base))
+    from kinema.lora.formats import Delta
+
+    full = {"blocks.0.ffn.0": Delta("full", (torch.zeros(256, 128),))}
+    _raises(KinemaError, "only merges", attach_lora, copy.deepcopy(base), full, LoRASchedule((1.0,)))
+
+
+def test_pipeline_and_cli_run_loras_unmerged(tmp_path):
+    import kinema
+    from kinema.cli.main import main
+    from kinema.demo import write_random_checkpoint
+    from kinema.loading.dit import open_dit
+    from kinema.media import read_video
+
+    ckpt = tmp_path / "tiny"
+    write_random_checkpoint(ckpt)
+    dit = open_dit(str(ckpt)).load().model
+    inject_lora(dit, 2, 2.0, ("self_attn", "ffn"))
+    _randomize(dit, seed=5)
+    path = save_lora(tmp_path / "l.safetensors", lora_state_dict(dit))
+    kw = dict(size="32*32", frame_num=5, steps=3, seed=1, decode=False, progress=False)
+    merged = kinema.Pipeline.load(str(ckpt), loras=[(str(path), 0.7)])("a cat", **kw).latents
+    runtime = kinema.Pipeline.load(str(ckpt), loras=[(str(path), 0.7)], lora_runtime=True)
+    assert runtime.models.loras[0][1] == 0.7 and len(runtime.models.lora_hooks) == 1
+    assert rel_err(runtime("a cat", **kw).latents, merged) < 1e-4
+    scheduled = kinema.Pipeline.load(str(ckpt), loras=[(str(path), (0.7, 0.7, 0.0))])("a cat", **kw).latents
+    assert (scheduled - merged).abs().max() > 1e-4  # the last step ran without it
+    out = tmp_path / "a.webp"
+    assert main(["generate", "--task", "t2v-1.3B", "--ckpt_dir", str(ckpt), "--size", "32*32", "--frame_num", "5",
+                 "--sample_steps", "3", "--prompt", "a cat", "--base_seed", "1", "--lora", f"{path}:1,0.5",
+                 "--save_file", str(out)]) == 0
+    assert read_video(out).frames.shape == (5, 32, 32, 3)

@@ -350,3 +350,42 @@ def test_dit_world_pool_is_the_same_rendered_in_parallel(monkeypatch):
     parallel = pool()
     assert [len(c) for _, c in serial] == [16, 16, 16, 16, 6] and [c for _, c in serial] == [c for _, c in parallel]
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(serial, parallel))
+
+
+def test_distill_trainer_learns_resumes_and_exports(dit_model, tmp_path):
+    """kinema train distill: the teacher's trajectories are kept, the student LoRA learns, resumes, and its file
+    says the sampling it is made for (which then becomes the model's default)."""
+    from kinema.lora import lora_metadata
+    from kinema.train.distill import DistillConfig, DistillTask
+
+    values = {**TINY_DIT, "base": str(dit_model), "rank": 2, "alpha": 2.0, "trajectories": 8, "trajectory_batch": 4,
+              "teacher_steps": 4, "student_steps": 2, "lr": 1e-2, "ema": 0.0, "object_weight": 0.0}
+    model = _check_trainer(lambda c: DistillTask(c, torch.device("cpu")), DistillConfig, values, tmp_path, steps=6)
+    meta = lora_metadata(model / "lora.safetensors")
+    made = json.loads(meta["sampling"])
+    assert made["solver"] == "flowmatch_distill" and made["steps"] == 2 and made["guide_scale"] == 1.0
+    saved = torch.load(tmp_path / "a" / "trajectories.pt", weights_only=False)["data"]
+    assert saved["states"].shape[:2] == (8, 3) and len(saved["captions"]) == 8  # x at the 2 student sigmas and x0
+    pipe = kinema.Pipeline.load(str(dit_model), loras=[(str(model / "lora.safetensors"), 1.0)])
+    assert (pipe.prepare("x").settings.solver, pipe.prepare("x").settings.steps) == ("flowmatch_distill", 2)
+    with pytest.raises(KinemaError, match="multiple of student_steps"):
+        configs.build(DistillConfig, {**values, "teacher_steps": 5})
+
+
+def test_upscaler_trainer_learns_resumes_and_exports(vae_model, tmp_path):
+    from kinema.train.upscaler import UpscalerTask, UpscalerTrainConfig
+    from kinema.upscale import load_upscaler
+
+    values = dict(low=16, crop=8, pool_size=4, batch_size=2, clip_frames=3, frames=5, dim=8, blocks=1,
+                  feature_vae=str(vae_model), adversarial_weight=0.0, holdout_clips=1, lr=3e-3, warmup_steps=1,
+                  log_every=1, threads=1, ema=0.0)
+    model = _check_trainer(lambda c: UpscalerTask(c, torch.device("cpu")), UpscalerTrainConfig, values, tmp_path)
+    up = load_upscaler(model / "stage.safetensors", 2)
+    assert up.model(torch.zeros(1, 3, 2, 16, 16)).shape == (1, 3, 2, 32, 32)
+    # with the adversarial term the discriminator trains too
+    cfg = configs.build(UpscalerTrainConfig, {**values, "adversarial_weight": 0.01, "adversarial_start": 0, "steps": 2,
+                                              "output_dir": str(tmp_path / "adv")})
+    task = UpscalerTask(cfg, torch.device("cpu"))
+    disc = {k: v.clone() for k, v in task.disc.state_dict().items()}
+    train(task, cfg, progress=False)
+    assert any(not torch.equal(v, task.disc.state_dict()[k]) for k, v in disc.items())

@@ -2,7 +2,6 @@
 cancel; validation error types one by one, fuzzed prompts; `kinema run` end to end."""
 
 import json
-import math
 import random
 import threading
 import time

@@ -2,7 +2,6 @@
 device has them; on this CPU the same fp8 weights, upcast per layer, with a warning saying so."""
 
 import logging
-from pathlib import Path
 
 from kinema.workflow.context import ExecutionContext
 from kinema.workflow.folders import ModelFolders

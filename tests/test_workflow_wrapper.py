@@ -195,8 +195,10 @@ def test_lora_select_chains_into_the_model_recipe(tmp_path):
     assert model.loras == ((str(tmp_path / "loras" / "a.safetensors"), 0.75),
                            (str(tmp_path / "loras" / "style" / "b.safetensors"), -0.5))
     assert (model.dtype, model.quantization, model.blocks_to_swap, model.prefetch_blocks) == ("bf16", "fp8_e4m3fn", 3, 2)
-    with pytest.raises(KinemaError, match="WanVideoLoraSelect.merge_loras"):
-        call("WanVideoLoraSelect", ctx, lora="a.safetensors", strength=1.0, merge_loras=False)
+    (runtime,) = call("WanVideoLoraSelect", ctx, lora="a.safetensors", strength=0.5, merge_loras=False)
+    (model,) = call("WanVideoModelLoader", ctx, model=DIT, base_precision="bf16", quantization="disabled",
+                    load_device="offload_device", attention_mode="sdpa", lora=runtime)
+    assert model.loras == ((str(tmp_path / "loras" / "a.safetensors"), (0.5,)),)  # a strength list: run unmerged
 
 
 # -- what Kinema does not have yet is an error naming the node and input ---------------------------
@@ -208,7 +210,7 @@ def test_unsupported_options_are_clear_errors(ctx):
              ({"experimental_args": "cfg_zero_star"}, "WanVideoSampler.experimental_args", "its settings node"),
              ({"riflex_freq_index": 60}, "WanVideoSampler.riflex_freq_index", "RIFLEx index 60 does not exist"),
              ({"end_step": 2}, "WanVideoSampler.end_step", "part of the schedule"),
-             ({"scheduler": "lcm"}, "WanVideoSampler.scheduler", "'lcm'")]
+             ({"scheduler": "res_multistep"}, "WanVideoSampler.scheduler", "'res_multistep'")]
     for extra, where, what in cases:
         with pytest.raises(KinemaError) as e:
             sample(ctx, model, t5, embeds, steps=1, **extra)
@@ -225,7 +227,7 @@ def test_unsupported_options_are_clear_errors(ctx):
         ("WanVideoModelLoader", dict(model=DIT, base_precision="fp16_fast"), "WanVideoModelLoader.base_precision"),
         ("WanVideoTeaCache", dict(rel_l1_thresh=0.1, use_coefficients=False), "WanVideoTeaCache.use_coefficients"),
         ("WanVideoExperimentalArgs", dict(cfg_zero_star=True, use_tcfg=True), "WanVideoExperimentalArgs.use_tcfg"),
-        ("WanVideoTextEncode", dict(positive_prompt="a | b", negative_prompt="", t5=t5), "WanVideoTextEncode.positive_prompt"),
+        ("WanVideoTextEncode", dict(positive_prompt="a || b", negative_prompt="", t5=t5), "WanVideoTextEncode.positive_prompt"),
         ("WanVideoImageToVideoEncode", dict(width=64, height=64, num_frames=5, noise_aug_strength=0.1, vae=vae),
          "WanVideoImageToVideoEncode.noise_aug_strength"),
         ("VHS_VideoCombine", dict(images=torch.zeros(1, 16, 16, 3), frame_rate=8, loop_count=0, format="video/h264-mp4",
@@ -250,7 +252,7 @@ def test_object_info_matches_the_wrapper(ctx):
                                                       "context_options", "cache_args"]
     assert sampler["output"] == ["LATENT", "LATENT"] and sampler["output_name"] == ["samples", "denoised_samples"]
     assert sampler["input"]["required"]["seed"][1]["control_after_generate"] is True
-    assert sampler["input"]["required"]["scheduler"][0] == ["unipc", "dpm++", "euler"]
+    assert sampler["input"]["required"]["scheduler"][0] == ["unipc", "dpm++", "euler", "flowmatch_distill", "lcm"]
     assert sampler["python_module"] == "custom_nodes.ComfyUI-WanVideoWrapper"
     loader = info["WanVideoModelLoader"]
     assert loader["input_order"]["required"] == ["model", "base_precision", "quantization", "load_device"]
@@ -416,3 +418,27 @@ def test_ui_examples_convert_and_run_through_the_executor(tmp_path, models):
     assert ui["30"]["gifs"][0]["filename"] == "WanVideo2_1_T2V_00003.mp4"
     other = read_video(ui["30"]["gifs"][0]["fullpath"]).frames.float()
     assert (other - video.frames.float()).abs().mean() > 1  # a different seed, a different clip
+
+
+def test_windows_prompt_travel_and_distilled_schedulers_equal_pipeline(ctx, pipe):
+    model, t5, vae = loaders(ctx)
+    (embeds,) = call("WanVideoEmptyEmbeds", ctx, width=64, height=64, num_frames=33)
+    (context,) = call("WanVideoContextOptions", ctx, context_schedule="static_standard", context_frames=17,
+                      context_stride=4, context_overlap=8, freenoise=False)
+    travel = PROMPT + " | a blue square moving up on a white background"
+    (text,) = call("WanVideoTextEncode", ctx, positive_prompt=travel, negative_prompt="", t5=t5)
+    args = dict(model=model, image_embeds=embeds, text_embeds=text, steps=STEPS, cfg=4.0, shift=3.0, seed=42,
+                force_offload=True, scheduler="unipc", riflex_freq_index=0)
+    samples, _ = call("WanVideoSampler", ctx, context_options=context, **args)
+    ref = pipe(travel, size="64*64", frame_num=33, steps=STEPS, shift=3.0, guide_scale=4.0, seed=42, negative_prompt="",
+               context_windows=dict(frames=17, overlap=8, schedule="static_standard"), decode=False, progress=False)
+    assert (samples["samples"][0] - ref.latents.cpu()).abs().max().item() <= 1e-6
+    with pytest.raises(KinemaError, match="connect context_options"):
+        call("WanVideoSampler", ctx, **args)
+
+    (embeds,) = call("WanVideoEmptyEmbeds", ctx, width=64, height=64, num_frames=17)
+    for scheduler in ("flowmatch_distill", "lcm"):
+        got = sample(ctx, model, t5, embeds, scheduler=scheduler, cfg=1.0, steps=4)
+        ref = pipe(PROMPT, size="64*64", frame_num=17, steps=4, shift=3.0, guide_scale=1.0, seed=42, solver=scheduler,
+                   negative_prompt="", decode=False, progress=False)
+        assert (got[0] - ref.latents.cpu()).abs().max().item() <= 1e-6, scheduler

@@ -19,6 +19,12 @@ def add_parser(sub) -> None:
     e.add_argument("--lora_samples", type=int, default=40, help="t2v samples per LoRA strength")
     e.add_argument("--seed", type=int, default=None, help="evaluation world seed (default: one training never uses)")
     e.add_argument("--sample_steps", type=int, default=None, help="sampling steps (default: the model's)")
+    e.add_argument("--sample_solver", default=None, help="sampler (default: the model's, or a merged distillation LoRA's)")
+    e.add_argument("--sample_shift", type=float, default=None, help="flow shift (default: the model's)")
+    e.add_argument("--sample_guide_scale", type=float, default=None, help="guidance scale (default: the model's)")
+    e.add_argument("--merge_lora", action="append", default=None, metavar="FILE[:STRENGTH]",
+                   help="merge a LoRA into the model for every part (e.g. a step-distillation LoRA, whose sampling "
+                        "settings become the defaults); repeatable")
     e.add_argument("--cache", default=None, metavar="SPEC",
                    help="step caching while sampling, as `kinema generate --cache` (teacache:T, magcache:T:K)")
     e.add_argument("--only", default="t2v,i2v,flf2v,vae,lora", help="comma-separated parts to run")
@@ -43,10 +49,11 @@ def run(args: argparse.Namespace) -> None:
         from kinema.sampling.cache import parse_cache
 
         parse_cache(args.cache, "--cache")  # a bad spec is an error before any model loads
-    pipe = kinema.Pipeline.load(args.ckpt_dir)  # None: the built-in model
+    pipe = kinema.Pipeline.load(args.ckpt_dir, loras=tuple(args.merge_lora or ()))  # None: the built-in model
     s = EvalSettings(t2v=args.t2v, i2v=args.i2v, flf2v=args.flf2v, vae=args.vae, lora=args.lora_samples,
                      seed=EVAL_SEED if args.seed is None else args.seed, steps=args.sample_steps, only=only,
-                     cache=args.cache)
+                     cache=args.cache, solver=args.sample_solver, shift=args.sample_shift,
+                     guide_scale=args.sample_guide_scale)
     results = evaluate(pipe, s, lora=args.lora)
     print(table(results))
     if args.json:

@@ -20,7 +20,7 @@ log = logging.getLogger("kinema")
 # How the pipeline's argument names read on the command line, for messages.
 FLAGS = {
     "ckpt": "--ckpt_dir", "dit": "--dit", "vae": "--vae", "t5": "--t5", "tokenizer": "--tokenizer", "clip": "--clip",
-    "loras": "--lora", "lora_ignore_unmatched": "--lora_ignore_unmatched", "dtype": "--dtype", "quantization": "--quantization", "t5_quantization": "--t5_quantization",
+    "loras": "--lora", "lora_ignore_unmatched": "--lora_ignore_unmatched", "lora_runtime": "--lora_runtime", "dtype": "--dtype", "quantization": "--quantization", "t5_quantization": "--t5_quantization",
     "offload": "--offload_model", "t5_cpu": "--t5_cpu", "blocks_to_swap": "--blocks_to_swap",
     "prefetch_blocks": "--prefetch_blocks", "stream_dit": "--stream_dit", "attention": "--attention",
     "compile": "--compile", "fp8_fast": "--fp8_fast", "prompt": "--prompt", "negative_prompt": "--negative_prompt",
@@ -28,7 +28,10 @@ FLAGS = {
     "guide_scale": "--sample_guide_scale", "seed": "--base_seed", "solver": "--sample_solver", "denoise": "--denoise",
     "image": "--image", "first_frame": "--first_frame", "last_frame": "--last_frame", "video": "--video",
     "cache": "--cache", "vae_tile": "--vae_tile", "skip_layers": "--slg", "cfg_zero_star": "--cfg_zero_star",
-    "enhance": "--feta", "riflex": "--riflex", "context_windows": "--context_frames",
+    "enhance": "--feta", "riflex": "--riflex", "context_windows": "--context_frames", "extend_frames": "--extend_frames",
+    "overlap_frames": "--overlap_frames", "loop": "--loop", "refine": "--refine_size", "refine_size": "--refine_size",
+    "refine_denoise": "--refine_denoise", "refine_steps": "--refine_steps", "refine_method": "--refine_method",
+    "upscale": "--upscale", "upscaler": "--upscaler", "upscale_tile": "--upscale_tile",
     "batched_cfg": "--batched_cfg", "ulysses_size": "--ulysses_size", "ring_size": "--ring_size",
     "cfg_parallel": "--cfg_parallel", "t5_fsdp": "--t5_fsdp", "dit_fsdp": "--dit_fsdp", "vae_parallel": "--vae_parallel",
 }
@@ -51,7 +54,8 @@ def load_options(args):
         t5_quantization=args.t5_quantization, offload=args.offload_model, t5_cpu=args.t5_cpu,
         blocks_to_swap=args.blocks_to_swap, prefetch_blocks=args.prefetch_blocks, stream_dit=args.stream_dit,
         attention=args.attention, compile=args.compile, fp8_fast=args.fp8_fast,
-        lora_ignore_unmatched=args.lora_ignore_unmatched, parallel=parallel, names=FLAGS,
+        lora_ignore_unmatched=args.lora_ignore_unmatched, lora_runtime=args.lora_runtime, parallel=parallel,
+        names=FLAGS,
     ).check()
 
 
@@ -61,8 +65,22 @@ def call_arguments(args) -> dict:
                 shift=args.sample_shift, guide_scale=args.sample_guide_scale, seed=args.base_seed,
                 solver=args.sample_solver, negative_prompt=args.negative_prompt, image=args.image,
                 first_frame=args.first_frame, last_frame=args.last_frame, video=args.video,
-                denoise=args.denoise, cache=args.cache, vae_tile=args.vae_tile,
-                batched_cfg=args.batched_cfg, **extras_arguments(args))
+                denoise=args.denoise, cache=args.cache, vae_tile=args.vae_tile, batched_cfg=args.batched_cfg,
+                extend_frames=args.extend_frames, overlap_frames=args.overlap_frames, loop=args.loop,
+                refine=refine_argument(args), upscale=args.upscale, upscaler=args.upscaler,
+                upscale_tile=args.upscale_tile, **extras_arguments(args))
+
+
+def refine_argument(args) -> dict | None:
+    """--refine_* as Pipeline.__call__'s refine; a tuning flag without --refine_size is an error."""
+    tune = {k: v for k, v in (("denoise", args.refine_denoise), ("steps", args.refine_steps),
+                              ("method", args.refine_method)) if v is not None}
+    if args.refine_size is None:
+        if tune:
+            raise KinemaError(f"{', '.join('--refine_' + k for k in tune)} tunes the refine pass, which is off; add "
+                              "--refine_size.")
+        return None
+    return {"size": args.refine_size, **tune}
 
 
 def extras_arguments(args) -> dict:
@@ -84,7 +102,8 @@ def extras_arguments(args) -> dict:
     if windows and args.context_frames is None:
         raise KinemaError(f"{', '.join('--' + ('freenoise' if k == 'freenoise' else 'context_' + k) for k in windows)} "
                           "tunes context windows, which are off; add --context_frames.")
-    return dict(context_windows=dict(frames=args.context_frames, **windows) if args.context_frames is not None else None,skip_layers=dict(blocks=args.slg, **slg) if args.slg is not None else None,
+    return dict(context_windows=dict(frames=args.context_frames, **windows) if args.context_frames is not None else None,
+                skip_layers=dict(blocks=args.slg, **slg) if args.slg is not None else None,
                 cfg_zero_star=zero if args.cfg_zero_star else None,
                 enhance=dict(weight=args.feta, **feta) if args.feta is not None else None,
                 riflex=args.riflex)

@@ -26,7 +26,8 @@ FROM_KEYS = {
     "quantization": "quantization", "t5_quantization": "t5_quantization", "attention": "attention", "vae_tile": "vae_tile",
     **{k: k for k in ("slg", "slg_start", "slg_end", "slg_mode", "slg_scale", "cfg_zero_star", "zero_init_steps", "feta",
                       "feta_start", "feta_end", "riflex", "context_frames", "context_stride", "context_overlap",
-                      "context_schedule", "context_fuse", "freenoise", "context_rope")},
+                      "context_schedule", "context_fuse", "freenoise", "context_rope", "extend_frames", "overlap_frames",
+                      "loop", "refine_size", "refine_denoise", "refine_steps", "refine_method", "upscale", "upscaler")},
 }
 
 
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     _memory_flags(g)
     _sampling_flags(g)
     _input_flags(g)
+    _stage_flags(g)
     _output_flags(g)
     _parallel_flags(g)
     g.set_defaults(run=cmd_generate)
@@ -81,7 +83,11 @@ def _model_flags(g) -> None:
     g.add_argument("--lora", action="append", default=None, metavar="FILE[:STRENGTH]",
                    help="merge a LoRA .safetensors into the DiT at STRENGTH (1.0 if not given); repeatable, applied in order; "
                         "any common layout (diffusers / PEFT, kohya, ComfyUI / musubi, DiffSynth, LightX2V diff, LyCORIS "
-                        "LoKr / LoHa)")
+                        "LoKr / LoHa); builtin:NAME for one shipped with the built-in model (builtin:distill-4step: "
+                        "4 steps, no guidance)")
+    g.add_argument("--lora_runtime", action="store_true",
+                   help="run every --lora unmerged: added to its layers' outputs at run time (fp8 and streamed DiTs "
+                        "untouched); FILE:S1,S2,... (one strength per step, the last repeated) always runs unmerged")
     g.add_argument("--lora_ignore_unmatched", action="store_true",
                    help="leave out LoRA keys that match no layer of the DiT (a warning names them) instead of refusing")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="DiT weights (auto: bf16 on GPU, fp32 on CPU)")
@@ -129,7 +135,8 @@ def _sampling_flags(g) -> None:
     g.add_argument("--size", default=None, help="W*H of the output (for i2v/flf2v: the area; the image sets the aspect); "
                    "default: the model's own, else 1280*720")
     g.add_argument("--frame_num", type=int, default=None, help="frames, 4n+1 (default 81; 1 for t2i)")
-    g.add_argument("--sample_solver", default="unipc", choices=SOLVERS, help="sampler")
+    g.add_argument("--sample_solver", default=None, choices=SOLVERS,
+                   help="sampler (default unipc, or what the model or a distillation LoRA is made for)")
     g.add_argument("--sample_steps", type=int, default=None, help="sampling steps (default 50; 40 for i2v)")
     g.add_argument("--sample_shift", type=float, default=None, help="flow shift (default 5.0; 3.0 for i2v at 480p; 16 for flf2v)")
     g.add_argument("--sample_guide_scale", type=float, default=None, help="classifier-free guidance scale (default 5.0, or the model's)")
@@ -196,6 +203,26 @@ def _parallel_flags(g) -> None:
                         "per process)")
 
 
+def _stage_flags(g) -> None:
+    r = g.add_argument_group("refine and upscale (README, \"Refine and upscale\")")
+    r.add_argument("--refine_size", default=None, metavar="W*H",
+                   help="a second pass at this size: the first pass's result resized (--refine_method), re-noised to "
+                        "--refine_denoise and denoised again by the same model")
+    r.add_argument("--refine_denoise", type=float, default=None, help="with --refine_size: strength in (0, 1] (default 0.3)")
+    r.add_argument("--refine_steps", type=int, default=None, help="with --refine_size: steps of the schedule (default: "
+                   "the first pass's; the pass runs the last refine_denoise of them)")
+    r.add_argument("--refine_method", default=None, choices=["bicubic", "lanczos", "latent"],
+                   help="with --refine_size: resize pixels (bicubic, lanczos) or latents (default bicubic)")
+    r.add_argument("--upscale", type=int, default=None, choices=[2, 4, 8],
+                   help="raise the decoded video's resolution with the learned x2 cascade (the built-in upscaler, or "
+                        "--upscaler)")
+    r.add_argument("--upscaler", default=None, metavar="PATH",
+                   help="with --upscale: a Kinema upscaler folder / file, or a Real-ESRGAN family model file "
+                        "(pip install 'kinema[upscalers]')")
+    r.add_argument("--upscale_tile", type=int, default=128, metavar="PIXELS",
+                   help="with --upscale: tile side in input pixels (exact: tiles overlap by the network's reach)")
+
+
 def _input_flags(g) -> None:
     g.add_argument("--prompt", default=None, help="what to generate")
     g.add_argument("--negative_prompt", default=None, help="what to avoid (default: the official one for the task)")
@@ -204,6 +231,11 @@ def _input_flags(g) -> None:
     g.add_argument("--last_frame", default=None, help="flf2v: the last frame")
     g.add_argument("--video", default=None, help="v2v: the input video")
     g.add_argument("--denoise", type=float, default=0.7, help="v2v: how much of the input to re-noise, in (0, 1]")
+    g.add_argument("--extend_frames", type=int, default=None, metavar="N",
+                   help="task extend: frames to add after --video (a multiple of 4); run again on the output to go on")
+    g.add_argument("--overlap_frames", type=int, default=9, metavar="K",
+                   help="task extend: the video's last K frames (4k+1) the new frames continue from")
+    g.add_argument("--loop", action="store_true", help="task extend: make the new end lead back into the first frame")
     g.add_argument("--from", dest="from_file", default=None, help="repeat the run recorded in a Kinema output file's metadata")
 
 

@@ -26,7 +26,7 @@ def read_target(ckpts: Checkpoints) -> tuple[MetaModels, Target]:
 
 def plan_run(job: Job, opts: LoadOptions, runtime: Runtime, prefetch: int) -> Run:
     """The job about to run, in the memory plan's terms."""
-    settings = job.settings
+    settings = job.settings if job.refine is None else job.refine.settings(job.settings)  # the refine pass is larger
     mesh = runtime.parallel
     split = {} if mesh is None else dict(
         sequence_ranks=mesh.sequence.size, dit_shards=mesh.shard_group.size if mesh.options.dit_fsdp else 1,

@@ -1,15 +1,16 @@
-"""`kinema train vae|dit|lora CONFIG`: train, or resume the run in the config's output_dir."""
+"""`kinema train vae|dit|lora|distill|upscaler CONFIG`: train, or resume the run in the config's output_dir."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-TRAINERS = ("vae", "dit", "lora")
+TRAINERS = ("vae", "dit", "lora", "distill", "upscaler")
 
 
 def add_parser(sub) -> None:
-    t = sub.add_parser("train", help="train a VAE, a DiT or a LoRA (resumes the run in output_dir)",
+    t = sub.add_parser("train", help="train a VAE, a DiT, a LoRA, a step-distillation LoRA or an upscaler (resumes the "
+                       "run in output_dir)",
                        description=__doc__)
     t.add_argument("--debug", action="store_true", help="show tracebacks")
     t.add_argument("what", choices=TRAINERS, help="what to train")
@@ -49,6 +50,10 @@ def run(args: argparse.Namespace) -> None:
         from kinema.train.vae import VAEConfig as Config, VAETask as Task
     elif args.what == "dit":
         from kinema.train.dit import DiTTask as Task, DiTTrainConfig as Config
+    elif args.what == "upscaler":
+        from kinema.train.upscaler import UpscalerTask as Task, UpscalerTrainConfig as Config
+    elif args.what == "distill":
+        from kinema.train.distill import DistillConfig as Config, DistillTask as Task
     else:
         from kinema.train.lora import LoRATask as Task, LoRATrainConfig as Config
     cfg = configs.load(Config, args.config, overrides)

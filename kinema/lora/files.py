@@ -249,18 +249,30 @@ def lora_metadata(path: str | os.PathLike) -> dict[str, str]:
     return dict(_open_safetensors(path).metadata() or {})
 
 
-def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """`FILE[:STRENGTH]` -> (file, strength); the strength is taken after the last ':' only if it is a
-    number, so paths with ':' (e.g. C:\\loras\\x.safetensors) still work. The file must exist."""
+BUILTIN_PREFIX = "builtin:"
+
+
+def parse_lora_spec(spec: str) -> tuple[str, float | tuple[float, ...]]:
+    """`FILE[:STRENGTH]` -> (file, strength), or `FILE:S1,S2,...` -> (file, per-step strengths: the LoRA then runs
+    unmerged, kinema/lora/runtime.py); the strength is taken after the last ':' only if it is a number (or a
+    list of them), so paths with ':' (e.g. C:\\loras\\x.safetensors) still work. The file must exist.
+    `builtin:NAME[:STRENGTH]` names a LoRA shipped with the built-in model (e.g. builtin:distill-4step)."""
+    if spec.startswith(BUILTIN_PREFIX):  # builtin:NAME[:STRENGTH], a LoRA shipped with the built-in model
+        from kinema.builtin import builtin_lora
+
+        name, sep, tail = spec[len(BUILTIN_PREFIX):].partition(":")
+        return parse_lora_spec(str(builtin_lora(name)) + (sep + tail if sep else ""))
     head, sep, tail = spec.rpartition(":")
     path, strength = spec, 1.0
     if sep and head and not Path(spec).expanduser().is_file():
         try:
-            path, strength = head, float(tail)
+            values = tuple(float(v) for v in tail.split(","))
+            path, strength = head, values[0] if len(values) == 1 else values
         except ValueError:
             if not Path(spec).expanduser().exists() and Path(head).expanduser().is_file():
-                raise KinemaError(f"--lora {spec}: strength {tail!r} is not a number; write FILE:STRENGTH, e.g. {head}:0.8.") from None
-    if not math.isfinite(strength):
+                raise KinemaError(f"--lora {spec}: strength {tail!r} is not a number; write FILE:STRENGTH, e.g. "
+                                  f"{head}:0.8 (or per-step strengths {head}:1,1,0.5).") from None
+    if not all(math.isfinite(v) for v in (strength if isinstance(strength, tuple) else (strength,))):
         raise KinemaError(f"--lora {spec}: strength {tail!r} must be a finite number, e.g. 0.8.")
     if not Path(path).expanduser().is_file():
         raise KinemaError(f"--lora {spec}: LoRA file {path} not found. Check the path.")
@@ -270,8 +282,10 @@ def parse_lora_spec(spec: str) -> tuple[str, float]:
 def read_loras(specs: list[tuple[str | os.PathLike, float]], model: nn.Module,
                ignore_unmatched: bool = False) -> list[tuple[Path, float, LoRAFileWeights]]:
     """Read and check every LoRA file against `model` (a loaded DiT, or one on the meta device: only shapes
-    matter), before any weight changes: [(path, strength, weights)]."""
-    return [(Path(p), float(s), read_lora(p, model, ignore_unmatched)[0]) for p, s in specs]
+    matter), before any weight changes: [(path, strength, weights)] (strength as given: a number, or per-step
+    strengths for an unmerged LoRA)."""
+    return [(Path(p), s if isinstance(s, tuple) else float(s), read_lora(p, model, ignore_unmatched)[0])
+            for p, s in specs]
 
 
 def apply_loras(dit: nn.Module, specs: list[tuple[str | os.PathLike, float]], loaded=None,

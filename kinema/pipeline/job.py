@@ -14,10 +14,12 @@ from kinema.errors import KinemaError
 from kinema.memory.vae_tiling import parse_vae_tile
 from kinema.pipeline.extras import Extras, parse_extras
 from kinema.pipeline.guidance import Guidance, guidance_for
+from kinema.pipeline.extend import Extension, parse_extension
 from kinema.pipeline.inputs import image_input, video_input
 from kinema.pipeline.models import Target
+from kinema.pipeline.refine import Refine, Upscale, parse_refine, parse_upscale
 from kinema.pipeline.settings import Settings, resolve_settings
-from kinema.pipeline.tasks import Task, get_task, task_using
+from kinema.pipeline.tasks import ANY_MODEL, Task, get_task, task_using
 from kinema.sampling.cache import CacheSpec, StepCache, parse_cache
 from kinema.sampling.windows import ContextWindows
 
@@ -35,6 +37,9 @@ class Job:
     guidance: Guidance = field(default_factory=lambda: guidance_for(False))
     extras: Extras = field(default_factory=Extras)  # skip-layer guidance, CFG-Zero*, Enhance-A-Video, RIFLEx
     windows: ContextWindows | None = None  # context windows (kinema/sampling/windows.py)
+    extension: Extension | None = None  # task extend: how the video is continued (kinema/pipeline/extend.py)
+    refine: Refine | None = None  # a second pass at a larger size (kinema/pipeline/refine.py)
+    upscale: Upscale | None = None  # the learned upscaler after decoding
     prompts: tuple[str, ...] = ()  # the prompt's '|' sections (prompt travel), or the one prompt
     callback: object = None
     cancel: object = None
@@ -44,8 +49,9 @@ class Job:
 
 def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=None, last_frame=None, video=None,
                 latents=None, cache=None, vae_tile="auto", batched_cfg=False, skip_layers=None, cfg_zero_star=None,
-                enhance=None, riflex=None, context_windows=None, callback=None, cancel=None, decode=True, progress=True,
-                names=None, **settings) -> Job:
+                enhance=None, riflex=None, context_windows=None, extend_frames=None, overlap_frames=9, loop=False,
+                refine=None, upscale=None, upscaler=None, upscale_tile=128, callback=None, cancel=None, decode=True,
+                progress=True, names=None, **settings) -> Job:
     """A call's arguments (`Pipeline.__call__`'s) -> Job, or one KinemaError naming the value and the fix.
     `names` maps argument names to the names messages use (the command line's flags)."""
     names = names or {}
@@ -54,9 +60,10 @@ def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=N
     media = media_inputs(spec, task, {"image": image, "first_frame": first_frame, "last_frame": last_frame,
                                       "video": video}, names)
     first = media.get(spec.images[0]) if spec.images else None
+    extension = _extension(spec, target, media.get("video"), extend_frames, overlap_frames, loop, settings, names)
     s = resolve_settings(spec, target.info.sample_defaults, prompt=prompt, geometry=target.geometry, names=names,
                          image_size=None if first is None else tuple(first.shape[1:]),
-                         video_frames=None if video is None else media["video"].shape[1], **settings)
+                         video_frames=None if video is None or extension else media["video"].shape[1], **settings)
     if latents is not None:
         want = s.latent_shape(target.geometry)
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != want:
@@ -73,9 +80,41 @@ def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=N
                           guided=s.guided, dit_config=target.dit_config, names=names)
     windows = parse_windows(context_windows, names.get("context_windows", "context_windows"))
     sections = prompt_sections(s.prompt, windows is not None, names.get("prompt", "prompt"))
+    second = parse_refine(refine, names)
+    if second is not None and extension is not None:
+        raise KinemaError(f"{names.get('refine', 'refine')} is not for task extend (it would re-generate the video "
+                          "being continued); refine the first clip, then extend it.")
+    up = parse_upscale(upscale, upscaler, upscale_tile, names)
     return Job(s, {k: media[k] for k in spec.images}, media.get("video"), latents, cache, vae_tile,
-               guidance_for(bool(batched_cfg)), extras, windows, sections, callback, cancel, bool(decode),
-               bool(progress))
+               guidance_for(bool(batched_cfg)), extras, windows, extension, second, up, sections, callback, cancel,
+               bool(decode), bool(progress))
+
+
+def _extension(spec: Task, target: Target, video, frames, overlap, loop, settings: dict, names: dict):
+    """Task extend: its Extension, with the run's size and frame count set from the video (settings changed in
+    place); other tasks: None, and the extension arguments refused."""
+    n = names.get
+    if spec.name != "extend":
+        if frames is not None or loop:
+            raise KinemaError(f"{n('extend_frames', 'extend_frames') if frames is not None else n('loop', 'loop')} "
+                              "is for task extend; add it (with the video to continue) or drop the flag.")
+        return None
+    for key in ("size", "frame_num"):
+        if settings.get(key) is not None:
+            raise KinemaError(f"task extend keeps the video's size and adds {n('extend_frames', 'extend_frames')} "
+                              f"frames; drop {n(key, key)}.")
+    if frames is None:
+        raise KinemaError(f"task extend needs {n('extend_frames', 'extend_frames')}: how many frames to add (e.g. 32).")
+    ext = parse_extension(frames, overlap, loop, video.shape[1], names, target.geometry.temporal)
+    if ext.loop and target.dit_config.in_dim <= target.geometry.z_dim:
+        raise KinemaError(f"{n('loop', 'loop')} needs a DiT that takes known frames anywhere (an image-to-video type "
+                          "model, like the built-in one); this checkpoint is a text-to-video model.")
+    if target.dit_config.in_dim > target.geometry.z_dim and not target.has_clip:
+        raise KinemaError("task extend on an image-to-video type DiT needs the CLIP vision encoder (the known frames' "
+                          "tokens); pass clip=... (--clip) or a checkpoint folder that has it.")
+    settings["size"] = (video.shape[3], video.shape[2])
+    settings["frame_num"] = ext.clip_frames()
+    return ext
 
 
 def parse_windows(value, name: str = "context_windows") -> ContextWindows | None:
@@ -112,7 +151,9 @@ def prompt_sections(prompt: str, windows: bool, name: str = "prompt") -> tuple[s
 def check_task(target: Target, spec: Task, asked: str) -> None:
     """Can this model set run this task? Kinema-trained models list their tasks; official ones follow their
     DiT variant."""
-    if target.info.tasks:
+    if spec.model_type == ANY_MODEL:  # e.g. extend: the known frames by latent replacement work on any DiT
+        pass
+    elif target.info.tasks:
         if spec.name not in target.info.tasks:
             raise KinemaError(f"this model was trained for {', '.join(target.info.tasks)}, not {asked}.")
     elif target.model_type != spec.model_type:

@@ -28,12 +28,13 @@ class Start:
         return self.start_step > 0
 
 
-def fit_video(video: torch.Tensor, settings: Settings, temporal: int = 4) -> torch.Tensor:
+def fit_video(video: torch.Tensor, settings: Settings, temporal: int = 4, keep_frames: bool = False) -> torch.Tensor:
     """A source video [3, F, H, W] as the run encodes it: resized to the run's size (bilinear, antialiased)
-    and cut to its first `frame_num` frames (a whole number of `temporal`-frame latent steps)."""
+    and cut to its first `frame_num` frames (a whole number of `temporal`-frame latent steps); keep_frames:
+    every frame kept (a video to extend)."""
     v = F.interpolate(video.float().transpose(0, 1), size=(settings.height, settings.width), mode="bilinear",
                       antialias=True)  # [F, 3, H, W]
-    keep = min(settings.frame_num, 1 + (v.shape[0] - 1) // temporal * temporal)
+    keep = v.shape[0] if keep_frames else min(settings.frame_num, 1 + (v.shape[0] - 1) // temporal * temporal)
     return v[:keep].transpose(0, 1)  # [3, F', H, W]
 
 

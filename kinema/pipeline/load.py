@@ -51,6 +51,7 @@ class LoadOptions:
     compile: object = False
     fp8_fast: bool = False
     lora_ignore_unmatched: bool = False  # LoRA keys that match no layer: left out with a warning, not an error
+    lora_runtime: bool = False  # every LoRA unmerged (kinema/lora/runtime.py); per-step strengths always are
     parallel: ParallelOptions = ParallelOptions()  # sequence / CFG parallel, FSDP, parallel VAE (kinema/parallel)
     names: dict = field(default_factory=dict, compare=False, repr=False)  # how messages name options (CLI: flags)
 
@@ -101,9 +102,10 @@ class LoadOptions:
         if self.stream_dit and n:
             raise KinemaError(f"{stream} and {swap} both place the DiT's blocks; use one ({stream} reads them from "
                               f"disk, {swap} keeps them in CPU memory).")
-        if self.stream_dit and self.loras:
+        if self.stream_dit and any(not unmerged(s, self.lora_runtime) for _, s in self.loras):
             raise KinemaError(f"{self.name('loras')} cannot be merged into a streamed DiT (its block weights are re-read "
-                              f"from the file on every call); merge the LoRA into a checkpoint first, or leave out {stream}.")
+                              f"from the file on every call); run it unmerged (lora_runtime, --lora_runtime), merge it into "
+                              f"a checkpoint first, or leave out {stream}.")
 
     def _check_parallel(self, dtype: torch.dtype) -> None:
         """Memory options that cannot work with the parallel ones (README, "Many GPUs")."""
@@ -191,7 +193,8 @@ def _loras(specs, name: str) -> tuple[tuple[str, float], ...]:
     from kinema.lora import parse_lora_spec
 
     if isinstance(specs, (str, os.PathLike)) or (isinstance(specs, tuple) and len(specs) == 2 and
-                                                  isinstance(specs[1], (int, float))):
+                                                  isinstance(specs[0], (str, os.PathLike)) and
+                                                  isinstance(specs[1], (int, float, tuple, list))):
         specs = [specs]
     out = []
     for spec in specs or ():
@@ -201,12 +204,21 @@ def _loras(specs, name: str) -> tuple[tuple[str, float], ...]:
         if not (isinstance(spec, (tuple, list)) and len(spec) == 2):
             raise KinemaError(f"{name}: {spec!r} is not (path, strength) or 'FILE[:STRENGTH]'.")
         path, strength = spec
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength):
-            raise KinemaError(f"{name}: strength {strength!r} of {path} must be a finite number, e.g. 0.8.")
+        values = tuple(strength) if isinstance(strength, (tuple, list)) else (strength,)
+        if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                             for v in values):
+            raise KinemaError(f"{name}: strength {strength!r} of {path} must be a finite number, e.g. 0.8 (or a list "
+                              "of them, one per step).")
         if not Path(path).expanduser().is_file():
             raise KinemaError(f"{name}: LoRA file {path} not found. Check the path.")
-        out.append((str(path), float(strength)))
+        out.append((str(path), float(values[0]) if len(values) == 1 and not isinstance(strength, (tuple, list))
+                    else tuple(float(v) for v in values)))
     return tuple(out)
+
+
+def unmerged(strength, runtime: bool) -> bool:
+    """Whether a LoRA runs unmerged: per-step strengths, or every LoRA when `runtime` (lora_runtime)."""
+    return runtime or isinstance(strength, tuple)
 
 
 @dataclass
@@ -238,8 +250,32 @@ def open_checkpoints(opts: LoadOptions) -> Checkpoints:
         root = opts.ckpt
     dit_path = str(opts.dit or root)
     ckpt = open_dit(dit_path)
+    made_for = lora_sampling(opts.loras)  # a distillation LoRA's sampling becomes the model's default
+    if made_for:
+        ckpt.folder_config = {**ckpt.folder_config, "sample_defaults": {**ckpt.info.sample_defaults, **made_for}}
     clip = opts.clip or (root if ckpt.model.config.model_type != "t2v" and root is not None and _has_clip(root) else None)
     return Checkpoints(dit_path, str(opts.vae or root), str(opts.t5 or root), clip and str(clip), ckpt, builtin)
+
+
+def lora_sampling(loras) -> dict:
+    """The sampling settings the LoRAs in use are made for (a `sampling` entry in a LoRA file's metadata, which
+    `kinema train distill` writes: solver, steps, shift, guide_scale), later ones winning; {} when none says."""
+    import json
+
+    from kinema.lora import lora_metadata
+
+    out = {}
+    for path, strength in loras:
+        entry = lora_metadata(path).get("sampling") if strength else None
+        if entry:
+            try:
+                made = {k: v for k, v in json.loads(entry).items() if k in ("solver", "steps", "shift", "guide_scale")}
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            log.info("LoRA %s is made for %s; these are the defaults now (flags still win)", Path(path).name,
+                     ", ".join(f"{k} {v}" for k, v in made.items()))
+            out.update(made)
+    return out
 
 
 def _has_clip(folder) -> bool:
@@ -290,29 +326,36 @@ def load_models(opts: LoadOptions, runtime: Runtime, ckpts: Checkpoints) -> Mode
         te = kinema.load_text_encoder(ckpts.t5, tokenizer=opts.tokenizer, device="cpu" if runtime.t5_cpu else home,
                                       dtype=runtime.encoder_dtype, quantization=opts.t5_quantization,
                                       fp8_fast=opts.fp8_fast)
-    loaded, placement, compiled = load_dit_part(opts, runtime, ckpts.dit_checkpoint, prefetch, loras)
+    loaded, placement, compiled, lora_hooks = load_dit_part(opts, runtime, ckpts.dit_checkpoint, prefetch, loras)
     dit = loaded.model
     vae = kinema.load_vae(ckpts.vae, device=home)
     clip = kinema.load_clip_vision(ckpts.clip, dtype=runtime.encoder_dtype, device=home) if ckpts.clip else None
     log.info("Models loaded in %.1fs: %s DiT, %d layers, width %d", time.perf_counter() - t0, dit.config.model_type,
              dit.config.num_layers, dit.config.dim)
     return Models(dit, vae, te, clip, loaded.info, placement, loaded.fp16_guard, compiled, loaded.quantization,
-                  opts.t5_quantization, tuple((str(Path(p).resolve()), s) for p, s in opts.loras), ckpts.source)
+                  opts.t5_quantization, tuple((str(Path(p).resolve()), s) for p, s in opts.loras), ckpts.source,
+                  lora_hooks)
 
 
 def load_dit_part(opts: LoadOptions, runtime: Runtime, checkpoint: DiTCheckpoint, prefetch: int, loras=None):
     """The DiT of checked options: loaded (or streamed from disk), its LoRAs merged (`loras`: read_loras' result
-    for opts.loras), block swap set up (`prefetch` > 0), its blocks compiled. Returns (LoadedDiT, placement or
-    None, compile mode or None)."""
+    for the merged ones) or hooked on unmerged (per-step strengths, or lora_runtime), block swap set up
+    (`prefetch` > 0), its blocks compiled. Returns (LoadedDiT, placement or None, compile mode or None, the
+    unmerged LoRAs' block hooks)."""
     placement = None
     mesh = runtime.parallel
-    if mesh is not None and mesh.options.dit_fsdp and mesh.shard_group.size > 1:
+    if opts.loras and loras is None:
         from kinema.lora import read_loras
+
+        loras = read_loras(list(opts.loras), checkpoint.model, opts.lora_ignore_unmatched)  # shapes only: meta is enough
+    loras = loras or []
+    merged = [entry for entry in loras if not unmerged(entry[1], opts.lora_runtime)]
+    if mesh is not None and mesh.options.dit_fsdp and mesh.shard_group.size > 1:
         from kinema.parallel.fsdp import shard_dit
 
-        loras = loras if loras is not None else read_loras(list(opts.loras), checkpoint.model, opts.lora_ignore_unmatched)
-        return shard_dit(checkpoint, mesh.shard_group, runtime.dtype, runtime.home, opts.quantization, opts.fp8_fast,
-                         loras), None, None
+        loaded = shard_dit(checkpoint, mesh.shard_group, runtime.dtype, runtime.home, opts.quantization, opts.fp8_fast,
+                           merged)  # merged into each unit before it is sharded
+        return loaded, None, None, _hook_unmerged(loaded.model, loras, opts)
     if opts.stream_dit:
         from kinema.memory.streaming import stream_dit
 
@@ -321,11 +364,11 @@ def load_dit_part(opts: LoadOptions, runtime: Runtime, checkpoint: DiTCheckpoint
                                        prefetch_blocks=opts.prefetch_blocks or 1)
     else:
         loaded = checkpoint.load(runtime.dtype, "cpu" if prefetch else runtime.home, opts.quantization, opts.fp8_fast)
-    if opts.loras:
-        from kinema.lora import apply_loras, read_loras
+    if merged:
+        from kinema.lora import apply_loras
 
-        apply_loras(loaded.model, list(opts.loras), loras if loras is not None else
-                    read_loras(list(opts.loras), loaded.model, opts.lora_ignore_unmatched))
+        apply_loras(loaded.model, [(p, s) for p, s, _ in merged], merged)
+    lora_hooks = _hook_unmerged(loaded.model, loras, opts)
     if prefetch:
         from kinema.memory.block_swap import BlockSwap
 
@@ -335,4 +378,17 @@ def load_dit_part(opts: LoadOptions, runtime: Runtime, checkpoint: DiTCheckpoint
         from kinema.memory.compile import compile_blocks
 
         compiled = compile_blocks(loaded.model, opts.compile, device=runtime.device)  # where it runs, not where offload keeps it
-    return loaded, placement, compiled
+    return loaded, placement, compiled, lora_hooks
+
+
+def _hook_unmerged(model, loras, opts: LoadOptions) -> tuple:
+    """Forward hooks for the LoRAs that run unmerged (per-step strengths, or lora_runtime); their block hooks."""
+    from kinema.lora.runtime import LoRASchedule, attach_lora
+
+    hooks = []
+    for path, strength, weights in loras:
+        if unmerged(strength, opts.lora_runtime):
+            schedule = LoRASchedule(strength if isinstance(strength, tuple) else (strength,))
+            hooks.append(attach_lora(model, weights, schedule, path.name))
+            log.info("LoRA %s unmerged, strength per step %s", path.name, schedule.describe())
+    return tuple(hooks)

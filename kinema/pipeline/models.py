@@ -44,6 +44,7 @@ class Models:
     t5_quantization: str | None = None
     loras: tuple[tuple[str, float], ...] = ()  # merged LoRAs (path, strength), in order
     source: str | None = None  # the checkpoint (folder or DiT file), for metadata
+    lora_hooks: tuple = ()  # unmerged LoRAs (kinema.lora.runtime.RuntimeLoRA): block hooks for every DiT call
 
     @property
     def geometry(self) -> Geometry:

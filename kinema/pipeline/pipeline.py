@@ -28,16 +28,19 @@ from kinema.parallel.mesh import ParallelOptions, broadcast_object, shared_stop
 from kinema.parallel.sequence import sequence_hooks
 from kinema.parallel.vae import ParallelVAE
 from kinema.pipeline.conditioning import make_condition
+from kinema.pipeline.extend import extension_inputs, join
 from kinema.pipeline.extras import train_latent_frames
 from kinema.pipeline.job import Job, prepare_job
-from kinema.pipeline.latents import prepare_latents
+from kinema.pipeline.latents import fit_video, prepare_latents
 from kinema.pipeline.load import LoadOptions, load_models, open_checkpoints
 from kinema.pipeline.models import Models, Runtime
 from kinema.pipeline.preview import LatentPreview
 from kinema.pipeline.prompts import encode_prompts
+from kinema.pipeline.refine import refine_input
 from kinema.pipeline.result import Result
 from kinema.pipeline.sample import decode_latents, sample_latents
 from kinema.sampling.cache import CacheSpec, calibration_beside, make_cache
+from kinema.upscale import load_upscaler, upscale_video
 
 log = logging.getLogger("kinema")
 
@@ -52,17 +55,19 @@ class Pipeline:
                           else Offloader(models, enabled=False))
         self.preview = LatentPreview(models.vae)
         self._lock = threading.RLock()
+        self._upscalers = {}
 
     @classmethod
     def load(cls, ckpt=None, *, dit=None, vae=None, t5=None, tokenizer=None, clip=None, loras=(), dtype=None, device=None,
              quantization=None, t5_quantization=None, offload=None, t5_cpu=False, blocks_to_swap=0, prefetch_blocks=None,
              stream_dit=False, attention="auto", compile=False, fp8_fast=False,
-             lora_ignore_unmatched=False, ulysses_size=1, ring_size=1, cfg_parallel=False, t5_fsdp=False,
-             dit_fsdp=False, vae_parallel=False) -> Pipeline:
+             lora_ignore_unmatched=False, lora_runtime=False, ulysses_size=1, ring_size=1, cfg_parallel=False,
+             t5_fsdp=False, dit_fsdp=False, vae_parallel=False) -> Pipeline:
         """Load a model set: `ckpt` (an official Wan2.1, diffusers or ComfyUI-style folder) or its parts (`dit`,
         `vae`, `t5`, `tokenizer`, `clip`: files or folders in any format the loaders read); neither: the built-in
-        model. loras: [(path, strength), ...] merged into the DiT. dtype: the DiT's weights, None = bf16 on CUDA,
-        fp32 on the CPU. device: None = cuda if available, else cpu. lora_ignore_unmatched: LoRA keys that match
+        model. loras: [(path, strength), ...] merged into the DiT; a LoRA given per-step strengths (a list, the
+        last repeated) runs unmerged, as does every LoRA with lora_runtime=True (kinema/lora/runtime.py). dtype:
+        the DiT's weights, None = bf16 on CUDA, fp32 on the CPU. device: None = cuda if available, else cpu. lora_ignore_unmatched: LoRA keys that match
         no layer are left out with a warning naming them (by default an error). The memory options are `kinema generate`'s
         (README, "Memory and speed"); the parallel ones (ulysses_size ... vae_parallel) too, for a program started
         by torchrun on every rank (README, "Many GPUs and many machines"). Every option is checked before any file
@@ -70,7 +75,8 @@ class Pipeline:
         parallel = ParallelOptions(ulysses_size, ring_size, cfg_parallel, t5_fsdp, dit_fsdp, vae_parallel)
         opts, runtime = LoadOptions(ckpt, dit, vae, t5, tokenizer, clip, loras, dtype, device, quantization,
                                     t5_quantization, offload, t5_cpu, blocks_to_swap, prefetch_blocks, stream_dit,
-                                    attention, compile, fp8_fast, bool(lora_ignore_unmatched), parallel=parallel).check()
+                                    attention, compile, fp8_fast, bool(lora_ignore_unmatched),
+                                    bool(lora_runtime), parallel=parallel).check()
         return cls.from_options(opts, runtime)
 
     @classmethod
@@ -80,10 +86,11 @@ class Pipeline:
 
     # -- a call ------------------------------------------------------------------------------------
     def __call__(self, prompt, *, task="t2v", size=None, frame_num=None, steps=None, shift=None, guide_scale=None,
-                 seed=0, solver="unipc", negative_prompt=None, image=None, first_frame=None, last_frame=None,
+                 seed=0, solver=None, negative_prompt=None, image=None, first_frame=None, last_frame=None,
                  video=None, denoise=1.0, latents=None, cache=None, vae_tile="auto", batched_cfg=False,
                  skip_layers=None, cfg_zero_star=None, enhance=None, riflex=None, context_windows=None,
-                 callback=None, cancel=None, decode=True, progress=True) -> Result:
+                 extend_frames=None, overlap_frames=9, loop=False, refine=None, upscale=None, upscaler=None,
+                 upscale_tile=128, callback=None, cancel=None, decode=True, progress=True) -> Result:
         """Generate one video (or image, task "t2i"). See the README's Python section for every argument;
         unset values take the model's own defaults, then the task's official ones."""
         with self._lock:
@@ -92,7 +99,9 @@ class Pipeline:
                                image=image, first_frame=first_frame, last_frame=last_frame, video=video,
                                denoise=denoise, latents=latents, cache=cache, vae_tile=vae_tile, batched_cfg=batched_cfg,
                                skip_layers=skip_layers, cfg_zero_star=cfg_zero_star, enhance=enhance, riflex=riflex,
-                               context_windows=context_windows,
+                               context_windows=context_windows, extend_frames=extend_frames,
+                               overlap_frames=overlap_frames, loop=loop, refine=refine, upscale=upscale,
+                               upscaler=upscaler, upscale_tile=upscale_tile,
                                callback=callback, cancel=cancel, decode=decode, progress=progress)
             return self.run(job)
 
@@ -108,6 +117,8 @@ class Pipeline:
         """Refuse a call whose DiT activations alone exceed the memory free on the device (the command line's
         memory plan counts everything; kinema/memory/plan.py)."""
         s, g, dit = job.settings, self.models.geometry, self.models.dit
+        if job.refine is not None and job.refine.width * job.refine.height > s.width * s.height:
+            s = job.refine.settings(s)  # the larger pass decides
         _, t, h, w = s.latent_shape(g)
         if job.windows is not None:  # one window at a time
             t = min(t, job.windows.latent_frames)
@@ -131,7 +142,7 @@ class Pipeline:
             return self._run(job)
 
     def _run(self, job: Job) -> Result:
-        m, rt, off, mesh = self.models, self.runtime, self.offloader, self.runtime.parallel
+        m, off, mesh = self.models, self.offloader, self.runtime.parallel
         if mesh is not None:  # every rank runs rank 0's call: its seed (drawn at random?) and prompt
             settings, prompts = broadcast_object((job.settings, job.prompts), mesh)
             job = replace(job, settings=settings, prompts=prompts, progress=job.progress and mesh.leader,
@@ -140,25 +151,58 @@ class Pipeline:
         s = job.settings
         cache = make_cache(_beside(job.cache, m.source), m.dit, s.width * s.height)  # calibration read before any model runs
         vae = m.vae if isinstance(m.vae, TiledVAE) else TiledVAE(m.vae, job.vae_tile)
+        if mesh is not None and mesh.options.vae_parallel:
+            vae = ParallelVAE(vae, mesh)  # the decode split by tiles over the ranks (encodes run whole)
         device = off.device
         with off.visit("t5"):  # the official order: umT5, CLIP, VAE encode, DiT, VAE decode
             prompts = [encode_prompts(m.text_encoder, p, s.negative_prompt if s.guided else None, m.dit.config.text_len,
                                       device) for p in job.prompts or (s.prompt,)]
-        condition = make_condition(s.task, job.images, s.frame_num, s.height, s.width, vae, m.clip, m.dit.config,
-                                   device, off.visit)
-        start = prepare_latents(s, m.geometry, device, vae, job.video, job.latents, off.visit, job.windows)
-        log.info("Generating %s %dx%d, %d frames, %d steps (%s, shift %g, guidance %g, seed %d)", s.task.name, s.width,
+        ext = job.extension
+        if ext is not None:  # task extend: the known frames of the new clip, and the latents of its overlap
+            video = fit_video(job.video, s, m.geometry.temporal, keep_frames=True)
+            condition, known = extension_inputs(ext, video, vae, m.clip, m.dit.config, device, off.visit)
+        else:
+            condition = make_condition(s.task, job.images, s.frame_num, s.height, s.width, vae, m.clip, m.dit.config,
+                                       device, off.visit)
+        start = prepare_latents(s, m.geometry, device, vae, None if ext else job.video, job.latents, off.visit,
+                                job.windows)
+        x0 = self._sample(job, s, prompts, condition, start, cache, known if ext else None)
+        partway = start.partway
+        out = decode_latents(vae, x0, off.visit) if job.decode or (job.refine and job.refine.method != "latent") else None
+        if job.refine is not None:  # the second pass, at the larger size
+            s = job.refine.settings(s)
+            cache = make_cache(_beside(job.cache, m.source), m.dit, s.width * s.height)
+            source, latents = refine_input(job.refine, x0, out, m.geometry.spatial)
+            condition = make_condition(s.task, job.images, s.frame_num, s.height, s.width, vae, m.clip, m.dit.config,
+                                       device, off.visit)
+            start = prepare_latents(s, m.geometry, device, vae, source, latents, off.visit, job.windows)
+            x0 = self._sample(job, s, prompts, condition, start, cache, None, "Refining")
+            out = decode_latents(vae, x0, off.visit) if job.decode else None
+        if ext is not None and out is not None:
+            out = join(ext, video, out)
+        if job.upscale is not None and out is not None:
+            out = upscale_video(self.upscaler(job.upscale), out, job.upscale.tile, progress=job.progress)
+        return Result(out, x0[0], self.record(job, partway, cache), cache)
+
+    def _sample(self, job: Job, s, prompts, condition, start, cache, known=None, what="Generating"):
+        """One sampling pass of the DiT (kinema.pipeline.sample.sample_latents) with the job's options."""
+        m, off = self.models, self.offloader
+        log.info("%s %s %dx%d, %d frames, %d steps (%s, shift %g, guidance %g, seed %d)", what, s.task.name, s.width,
                  s.height, s.frame_num, s.steps - start.start_step, s.solver, s.shift, s.guide_scale, s.seed)
         with off.visit("dit"):
-            x0 = sample_latents(m.dit, prompts, condition, start, s, guidance=job.guidance, extras=job.extras,
-                                windows=job.windows,
-                                train_frames=train_latent_frames(m.info.sample_defaults, m.geometry.temporal), cache=cache,
-                                callback=job.callback, cancel=job.cancel, preview=self.preview, progress=job.progress,
-                                attention=rt.attention, hooks=sequence_hooks(mesh))
-        if mesh is not None and mesh.options.vae_parallel:
-            vae = ParallelVAE(vae, mesh)
-        out = decode_latents(vae, x0, off.visit) if job.decode else None
-        return Result(out, x0[0], self.record(job, start.partway, cache), cache)
+            return sample_latents(m.dit, prompts, condition, start, s, guidance=job.guidance, extras=job.extras,
+                                  windows=job.windows, known_latents=known,
+                                  hooks=(*m.lora_hooks, *sequence_hooks(self.runtime.parallel)),
+                                  train_frames=train_latent_frames(m.info.sample_defaults, m.geometry.temporal),
+                                  cache=cache, callback=job.callback, cancel=job.cancel, preview=self.preview,
+                                  progress=job.progress, attention=self.runtime.attention)
+
+    def upscaler(self, spec):
+        """The upscaler a job asks for, loaded once per pipeline (kinema.upscale.load_upscaler)."""
+        key = (spec.upscaler, spec.factor)
+        if key not in self._upscalers:
+            self._upscalers[key] = load_upscaler(spec.upscaler, spec.factor, self.runtime.device)
+        return self._upscalers[key]
 
     def record(self, job: Job, partway: bool, cache=None) -> dict:
         """Every value the run used: the settings embedded in saved files, which `kinema generate --from` repeats."""
@@ -172,6 +216,13 @@ class Pipeline:
             if value:
                 rec[key] = value if not isinstance(value, tuple) else f"{value[0]}x{value[1]}"
         rec.update(job.extras.record())
+        if job.extension is not None:  # the clip's size and length follow from the video: not repeated as flags
+            for key in ("size", "width", "height", "frame_num"):
+                rec.pop(key, None)
+            rec.update(job.extension.record())
+        for stage in (job.refine, job.upscale):
+            if stage is not None:
+                rec.update({k: v for k, v in stage.record().items() if v is not None})
         if (w := job.windows) is not None:
             rec.update(context_frames=w.frames, context_stride=w.stride, context_overlap=w.overlap,
                        context_schedule=w.schedule, context_fuse=w.fuse, freenoise=w.freenoise, context_rope=w.rope)

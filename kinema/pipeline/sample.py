@@ -9,6 +9,7 @@ import torch
 
 from kinema.errors import KinemaError
 from kinema.pipeline.conditioning import Condition
+from kinema.pipeline.extend import replace_known
 from kinema.pipeline.extras import Extras, train_latent_frames
 from kinema.pipeline.guidance import Guidance, Sequential, guided_model
 from kinema.pipeline.latents import Start
@@ -23,13 +24,14 @@ log = logging.getLogger("kinema")
 @torch.no_grad()
 def sample_latents(dit, prompts: Prompts | list[Prompts], condition: Condition, start: Start, settings: Settings, *,
                    guidance: Guidance = Sequential(), extras: Extras = Extras(), windows: ContextWindows | None = None,
-                   train_frames: int | None = None, hooks=(), cache=None, callback=None, cancel=None, preview=None,
+                   known_latents: torch.Tensor | None = None, train_frames: int | None = None, hooks=(), cache=None, callback=None, cancel=None, preview=None,
                    progress: bool = True, attention: str = "sdpa") -> torch.Tensor:
     """Denoise `start.x` [1, z, T, h, w] from step `start.start_step` to sigma 0; returns x0 [1, z, T, h, w].
 
     prompts: the text context, or one per prompt-travel section (with `windows`: each window takes its
     section's). extras: the guidance extras (kinema.pipeline.extras); windows: context windows
-    (kinema.sampling.windows) or None; train_frames: the model's training length in latent frames, for RIFLEx's
+    (kinema.sampling.windows) or None; known_latents: [1, z, k, h, w], the clean latents of the video's first k
+    latent frames (task extend), which the model sees at each step's noise level (kinema.pipeline.extend); train_frames: the model's training length in latent frames, for RIFLEx's
     auto (default: Wan2.1's). hooks: more BlockHooks around the DiT's blocks (kinema/models/hooks.py); `cache`,
     a StepCache, is one more, reset for this run. callback / cancel / preview: as kinema.sampling.sample.
     attention: the DiT's backend."""
@@ -52,8 +54,12 @@ def sample_latents(dit, prompts: Prompts | list[Prompts], condition: Condition, 
     if windows is not None:
         log.info("Context windows: %s over %d latent frames", windows.describe(), start.x.shape[2])
         model_fn = windowed(fns, windows, start.x.shape[2])
+    if known_latents is not None:
+        model_fn = replace_known(model_fn, known_latents, start.x)
     x0 = sample(model_fn, start.x, start.sigmas, start.timesteps, settings.solver, start.start_step, progress,
-                callback, cancel, preview)
+                callback, cancel, preview, settings.seed)
+    if known_latents is not None:  # the known frames exactly as given
+        x0[:, :, : known_latents.shape[2]] = known_latents.to(x0)
     if cache is not None:
         log.info("%s", cache.summary())
     return x0

@@ -135,7 +135,7 @@ def _whole(value, name: str, fix: str, low: int, high: int) -> int:
 
 
 def resolve_settings(task, defaults: dict, *, prompt, negative_prompt=None, size=None, frame_num=None, steps=None,
-                     shift=None, guide_scale=None, seed=0, solver="unipc", denoise=1.0, image_size=None,
+                     shift=None, guide_scale=None, seed=0, solver=None, denoise=1.0, image_size=None,
                      video_frames: int | None = None, geometry: Geometry = Geometry(), names=None) -> Settings:
     """The settings of one run. `defaults`: the model's own sampling defaults (kinema.loading.dit.ModelInfo).
     `image_size`: (height, width) of the first known frame (i2v / flf2v: the output takes its aspect).
@@ -162,6 +162,8 @@ def resolve_settings(task, defaults: dict, *, prompt, negative_prompt=None, size
     if negative_prompt is None:
         negative_prompt = defaults.get("negative_prompt", task.negative_prompt)
     seed = _seed(seed, n("seed", "seed"))
+    if solver is None:
+        solver = defaults.get("solver", "unipc")
     if solver not in SOLVERS:
         raise KinemaError(f"unknown {n('solver', 'solver')} {solver!r}; choose one of {', '.join(SOLVERS)}.")
     denoise = _number(denoise, n("denoise", "denoise"), "use a strength in (0, 1] (1 = ignore the input video)", 0, 1,

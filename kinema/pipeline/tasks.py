@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from kinema.errors import KinemaError
 
+ANY_MODEL = "any"  # a task every DiT variant can run
 TEXT_LEN = 512  # the text context is padded with zeros to this many tokens, as the reference does
 
 NEGATIVE_PROMPT = (
@@ -27,8 +28,8 @@ class Task:
     """A task as data: the DiT variant it runs on, the inputs it needs, its official defaults.
     The pipeline, the command line and the memory plan all read this one declaration."""
 
-    name: str  # t2v | i2v | flf2v | t2i | v2v
-    model_type: str  # the DiT variant it needs: t2v | i2v | flf2v
+    name: str  # t2v | i2v | flf2v | t2i | v2v | extend
+    model_type: str  # the DiT variant it needs: t2v | i2v | flf2v, or ANY_MODEL
     images: tuple[str, ...] = ()  # image inputs it needs, in frame order: ("image",) or ("first_frame", "last_frame")
     video: bool = False  # it starts from a source video (v2v)
     frames: int | None = None  # a fixed frame count (t2i: 1); None: any 4n + 1
@@ -66,6 +67,9 @@ TASKS = {
     "v2v": Task("v2v", "t2v", video=True),
     "i2v": Task("i2v", "i2v", images=("image",), steps=40, shift_480p=3.0, negative_prompt=I2V_NEGATIVE_PROMPT),
     "flf2v": Task("flf2v", "flf2v", images=("first_frame", "last_frame"), shift=16.0, negative_prompt=FLF2V_NEGATIVE_PROMPT),
+    # a video continued from its last frames (kinema/pipeline/extend.py): any DiT, the known frames through the
+    # image condition where the DiT takes one, and by latent replacement on every DiT
+    "extend": Task("extend", ANY_MODEL, video=True),
 }
 
 # The official task names (model size included) map onto the same tasks.

@@ -54,6 +54,7 @@ def sample(
     callback: Callable[[StepInfo], bool | None] | None = None,
     cancel: threading.Event | None = None,
     preview: Callable[[torch.Tensor], np.ndarray] | None = None,
+    seed: int = 0,
 ) -> torch.Tensor:
     """Integrate from sigmas[start_step] to 0 and return the clean latent x0.
 
@@ -63,7 +64,8 @@ def sample(
     noised with `add_noise` (v2v, second stages). Multistep solvers start a part-way run at
     first order, having no history yet. progress: a tqdm bar. callback(StepInfo) after every
     step: returning False raises Cancelled. cancel: a threading.Event checked after every step.
-    preview: the latent -> uint8 RGB projection StepInfo.preview uses.
+    preview: the latent -> uint8 RGB projection StepInfo.preview uses. seed: the run's seed, for the fresh
+    noise of stochastic solvers (lcm).
     """
     step = STEPS[check_solver(solver)]
     n = len(timesteps)
@@ -73,7 +75,7 @@ def sample(
         raise ValueError(f"start_step must be in [0, {n}), got {start_step}")
     sigma = sigmas.tolist()  # the solvers' coefficients are host-side scalars
     x = noise.float()
-    state = SolverState()
+    state = SolverState(seed=seed)
     for i in tqdm(range(start_step, n), disable=not progress, desc=f"sampling ({solver})"):
         ctx = StepContext(step=i, steps=n, sigma=sigma[i], timestep=int(timesteps[i]))
         v = model_fn(x, timesteps[i : i + 1].to(x.device), ctx).float()

@@ -41,12 +41,17 @@ def shift_sigmas(sigmas, shift: float):
 
 
 def schedule(solver: str, steps: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The official Wan2.1 schedule for `solver`: sigmas float32 [steps + 1] ending in 0, timesteps int64 [steps]."""
+    """The official Wan2.1 schedule for `solver`: sigmas float32 [steps + 1] ending in 0, timesteps int64 [steps];
+    for the distilled solvers (below) timesteps float32 = sigmas * 1000, as ComfyUI-WanVideoWrapper passes them."""
     check_solver(solver)
     if not isinstance(steps, int) or steps < 1:
         raise KinemaError(f"sampling steps must be a positive integer, got {steps!r}")
     if not shift > 0:
         raise KinemaError(f"shift must be positive (Wan uses 1 to 8), got {shift!r}")
+    if solver in DISTILLED:
+        sigmas = shift_sigmas(DISTILLED[solver](steps), shift)
+        return (torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32)),
+                torch.from_numpy((sigmas * NUM_TRAIN_TIMESTEPS).astype(np.float32)))
     if solver == "dpm++":
         sigmas = np.linspace(1, 0, steps + 1)[:steps]
     else:
@@ -55,6 +60,23 @@ def schedule(solver: str, steps: int, shift: float) -> tuple[torch.Tensor, torch
     timesteps = torch.from_numpy(sigmas * NUM_TRAIN_TIMESTEPS).to(torch.int64)  # truncation, as official
     sigmas = torch.from_numpy(np.append(sigmas, 0.0).astype(np.float32))
     return sigmas, timesteps
+
+
+def _distill_sigmas(steps: int) -> np.ndarray:
+    """The step-distillation grid before the shift: 1 - k / steps, the first at 999 / 1000. At 4 steps this is
+    the wrapper's flowmatch_distill list of timesteps [999, 750, 500, 250] (LightX2V's 4-step LoRAs)."""
+    sigmas = 1 - np.arange(steps) / steps
+    sigmas[0] = 1 - 1 / NUM_TRAIN_TIMESTEPS
+    return sigmas
+
+
+def _lcm_sigmas(steps: int) -> np.ndarray:
+    """The wrapper's lcm grid before the shift: timesteps linspace(1000, 1, steps) / 1000 (diffusers' flow-match
+    Euler grid)."""
+    return np.linspace(NUM_TRAIN_TIMESTEPS, 1, steps) / NUM_TRAIN_TIMESTEPS
+
+
+DISTILLED = {"flowmatch_distill": _distill_sigmas, "lcm": _lcm_sigmas}
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:

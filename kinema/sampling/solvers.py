@@ -30,6 +30,7 @@ class SolverState:
     x0s: tuple[torch.Tensor, ...] = ()  # the last x0 predictions, newest last (at most 2)
     last_x: torch.Tensor | None = None  # UniPC: the x its last predictor started from
     last_order: int = 0  # UniPC: the order of that predictor
+    seed: int = 0  # LCM: the run's seed, from which each step's fresh noise is drawn
 
 
 def _lam(sigma: float) -> float:
@@ -42,6 +43,23 @@ def _lam(sigma: float) -> float:
 
 def euler_step(x, v, sigmas, i, state):
     return x + (sigmas[i + 1] - sigmas[i]) * v, state
+
+
+def step_noise(shape, seed: int, i: int) -> torch.Tensor:
+    """The fresh noise a stochastic step `i` adds, float32 on the CPU: one stream per (seed, step), so a seed
+    gives the same video on every device and whichever step a run starts at."""
+    g = torch.Generator("cpu").manual_seed((seed * 1_000_003 + 7919 * (i + 1)) % (2**63 - 1))
+    return torch.randn(tuple(shape), generator=g, dtype=torch.float32)
+
+
+def lcm_step(x, v, sigmas, i, state):
+    """LCM on a flow model: the x0 estimate x - sigma v, noised afresh to the next sigma,
+    (1 - sigma') x0 + sigma' eps; the last step returns x0. For step-distilled models (distillation LoRAs)."""
+    x0 = x - sigmas[i] * v
+    t = sigmas[i + 1]
+    if t == 0:
+        return x0, state
+    return (1 - t) * x0 + t * step_noise(x.shape, state.seed, i).to(x.device), state
 
 
 def _exp_integrator(x, m0, sigma_s, sigma_t):
@@ -134,8 +152,10 @@ def kdiffusion_dpmpp_2m_step(x, v, sigmas, i, state):
     return ratio * x + (1 - ratio) * d, SolverState(x0s=(m0,))
 
 
-STEPS = {"euler": euler_step, "unipc": unipc_step, "dpm++": dpmpp_step}
-SOLVERS = tuple(STEPS)  # the official Wan solvers: what the Pipeline and the command line offer
+STEPS = {"euler": euler_step, "unipc": unipc_step, "dpm++": dpmpp_step,
+         # for step-distilled models (4-8 steps, guidance 1): Euler on the fixed distillation sigmas, and LCM
+         "flowmatch_distill": euler_step, "lcm": lcm_step}
+SOLVERS = tuple(STEPS)  # what the Pipeline and the command line offer: Wan's three and the distilled two
 # ComfyUI's KSampler names whose maths differs from those (kinema/workflow/nodes/comfy.py); the one loop runs them.
 STEPS.update({"unipc_bh1": unipc_bh1_step, "dpmpp_2m": kdiffusion_dpmpp_2m_step})
 

@@ -68,6 +68,9 @@ class Analysis:
     monotonic: bool
     moved: float = 0.0  # |displacement| in pixels
     background_rgb: tuple[float, float, float] = field(default=(0.0, 0.0, 0.0))
+    # per frame: the background (border median) and the object's colour (its interior's median; None where absent)
+    frame_backgrounds: list[tuple[float, float, float]] = field(default_factory=list)
+    frame_colors: list[tuple[float, float, float] | None] = field(default_factory=list)
 
     def caption(self) -> str:
         """The recovered caption; an attribute that could not be recovered reads 'unknown'."""
@@ -252,7 +255,7 @@ def analyse(frames: np.ndarray, colors: dict | None = None) -> Analysis:
         objs.append(obj)
         track.append((float(xs[obj].mean()) + 0.5, float(ys[obj].mean()) + 0.5))
 
-    color = color_rgb = shape = fill_ratio = skew = direction = displacement = None
+    color = color_rgb = shape = fill_ratio = skew = direction = displacement = frame_colors = None
     moved, monotonic = 0.0, False
     have = [i for i in range(f) if present[i]]
     if have:
@@ -260,6 +263,9 @@ def analyse(frames: np.ndarray, colors: dict | None = None) -> Analysis:
         pix = []
         for i in have:
             pix.append(x[i][_interior(objs[i])])
+        frame_colors = [None] * f
+        for i, p in zip(have, pix):
+            frame_colors[i] = tuple(float(v) for v in np.median(p, axis=0))
         rgb = np.median(np.concatenate(pix), axis=0)
         color_rgb = tuple(float(v) for v in rgb)
         color, _ = _nearest(rgb, colors)
@@ -299,4 +305,6 @@ def analyse(frames: np.ndarray, colors: dict | None = None) -> Analysis:
     return Analysis(background=background, background_dist=background_dist, color=color, color_rgb=color_rgb,
                     shape=shape, fill_ratio=fill_ratio, skew=skew, direction=direction, displacement=displacement,
                     track=track, present=present, single=single, monotonic=monotonic, moved=moved,
-                    background_rgb=tuple(float(v) for v in bg))
+                    background_rgb=tuple(float(v) for v in bg),
+                    frame_backgrounds=[tuple(float(v) for v in b) for b in bg_frame],
+                    frame_colors=frame_colors if have else [None] * f)

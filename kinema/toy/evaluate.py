@@ -47,8 +47,15 @@ class EvalSettings:
     lora: int = 40
     seed: int = EVAL_SEED
     steps: int | None = None  # None: the model's default
+    solver: str | None = None  # None: the model's default (a distillation LoRA's, when merged)
+    shift: float | None = None
+    guide_scale: float | None = None
     cache: str | None = None  # step caching for every generated sample, e.g. "teacache:0.1" (kinema/sampling/cache.py)
     only: tuple[str, ...] = field(default=("t2v", "i2v", "flf2v", "vae", "lora"))
+
+    def sampling(self) -> dict:
+        """The pipeline's sampling arguments these settings fix (None: the model's own)."""
+        return dict(steps=self.steps, solver=self.solver, shift=self.shift, guide_scale=self.guide_scale)
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
@@ -75,8 +82,8 @@ def eval_t2v(pipe, s: EvalSettings, progress=None, colors=tuple(world.COLORS), s
     hits = {k: [] for k in ("background", "color", "direction", "shape")}
     frames_ok, records = [], []
     for i, spec in enumerate(_specs(s.seed + seed_offset, s.t2v, w, h, colors)):
-        video = pipe(spec.caption, task="t2v", seed=s.seed + i, steps=s.steps, batched_cfg=True, cache=s.cache,
-                     progress=False).video
+        video = pipe(spec.caption, task="t2v", seed=s.seed + i, batched_cfg=True, cache=s.cache, progress=False,
+                     **s.sampling()).video
         a = analyse(to_uint8(video))
         m = a.matches(spec)
         for k in hits:
@@ -98,8 +105,8 @@ def eval_i2v(pipe, s: EvalSettings, progress=None) -> dict:
             clip = world.render(spec, w, h, f)
             first, last = (world.to_tensor(clip[j : j + 1])[:, 0] for j in (0, f - 1))
             kwargs = {"image": first} if task == "i2v" else {"first_frame": first, "last_frame": last}
-            video = pipe(spec.caption, task=task, seed=s.seed + i, steps=s.steps, batched_cfg=True, cache=s.cache,
-                         progress=False, **kwargs).video
+            video = pipe(spec.caption, task=task, seed=s.seed + i, batched_cfg=True, cache=s.cache, progress=False,
+                         **s.sampling(), **kwargs).video
             frames = to_uint8(video)
             a = analyse(frames)
             if task == "i2v":
@@ -142,7 +149,8 @@ def eval_lora(pipe, lora_path: str, s: EvalSettings, progress=None) -> dict:
         dit = copy.deepcopy(pipe.models.dit)
         if strength:
             apply_loras(dit, [(lora_path, strength)])
-        sub = EvalSettings(t2v=s.lora, seed=s.seed + 4, steps=s.steps)
+        sub = EvalSettings(t2v=s.lora, seed=s.seed + 4, steps=s.steps, solver=s.solver, shift=s.shift,
+                           guide_scale=s.guide_scale)
         with_lora = Pipeline(replace(pipe.models, dit=dit, loras=((str(lora_path), strength),) if strength else ()),
                              pipe.runtime)
         _, records = eval_t2v(with_lora, sub, progress, colors=tuple(world.EXTRA_COLORS))

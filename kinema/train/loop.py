@@ -47,6 +47,11 @@ class TrainTask:
     def loss(self, step: int, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """Parameter groups whose gradients are clipped each on its own (a GAN's generator and discriminator); the
+        first group's norm is the one logged."""
+        return [self.trainable()]
+
     def sample(self, folder: Path, step: int) -> None:  # optional
         pass
 
@@ -252,7 +257,8 @@ def train(task: TrainTask, cfg: configs.TrainConfig, progress: bool = True) -> d
                                   f"(now {cfg.lr}) or resume from an earlier checkpoint.")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            limit = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = [torch.nn.utils.clip_grad_norm_(g, limit) for g in task.clip_groups()][0]
             opt.step()
             step += 1
             if ema is not None:

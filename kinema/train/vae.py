@@ -36,6 +36,9 @@ class VAEConfig(configs.TrainConfig):
     num_res_blocks: int = 2
     train_frames: int = 5  # frames per training clip (1 + 4k); the causal path is the same at any length
     crop: int = 32  # random square crops of this size (0 = whole frames)
+    crop_around_object: bool = False  # with a pool: every crop holds part of the object's path
+    image_batch: int = 0  # > 0 (with a pool): this many whole single frames per step beside the clips
+    image_weight: float = 1.0  # their loss's weight
     kl_weight: float = 1e-6
     init_logvar: float = -6.0
     init_mu_scale: float = 10.0
@@ -64,6 +67,10 @@ class VAEConfig(configs.TrainConfig):
             raise configs.KinemaError("train_frames and frames must be 1 + 4k (1, 5, 9, 13, 17, ...).")
         if self.crop and (self.crop % 8 or self.crop > min(self.width, self.height)):
             raise configs.KinemaError(f"crop={self.crop} must be a multiple of 8 and fit in {self.width}x{self.height}.")
+        if self.image_batch and not self.pool_size:
+            raise configs.KinemaError("image_batch draws single frames from a pool: set pool_size too.")
+        if self.crop_around_object and not (self.pool_size and self.crop):
+            raise configs.KinemaError("crop_around_object crops clips of a pool: set pool_size and crop too.")
         if self.temporal_init not in ("", "identity"):
             raise configs.KinemaError(f"temporal_init={self.temporal_init!r}: use 'identity' or leave it empty.")
         if self.init not in ("kaiming", "default"):
@@ -205,13 +212,24 @@ class VAETask(TrainTask):
         if self.data is not None:
             return self.data(step).to(self.device)
         if self.pool is not None:
-            return self.pool.batch(step, cfg.batch_size, cfg.crop, cfg.train_frames).to(self.device)
+            return self.pool.batch(step, cfg.batch_size, cfg.crop, cfg.train_frames,
+                                   cfg.crop_around_object).to(self.device)
         video, _ = clip_batch(self._data_seed(), step, cfg.batch_size, cfg.width, cfg.height, cfg.train_frames,
                               colors=self.colors, random_colors=cfg.random_colors, crop=cfg.crop)
         return video.to(self.device)
 
     def loss(self, step, generator):
-        cfg, video = self.cfg, self.batch(step)
+        cfg = self.cfg
+        loss, terms = self._reconstruction_loss(self.batch(step), generator)
+        if cfg.image_batch:  # whole single frames beside the clips, so the spatial path stays sharp
+            images = self.pool.batch(step + (1 << 40), cfg.image_batch, 0, 1).to(self.device)
+            image_loss, image_terms = self._reconstruction_loss(images, generator)
+            loss = loss + cfg.image_weight * image_loss
+            terms.update({f"image_{k}": v for k, v in image_terms.items()})
+        return loss, terms
+
+    def _reconstruction_loss(self, video: torch.Tensor, generator):
+        cfg = self.cfg
         with torch.set_grad_enabled(cfg.train_encoder):
             mu, logvar = moments(self.vae, video)
         recon, mu, logvar = reconstruct(self.vae, video, generator, (mu, logvar))

@@ -84,14 +84,30 @@ class ClipPool:
         self.seed = seed
         self.clips, _ = render_clips(seed, range(size), width, height, frames, colors, random_colors)  # [N, F, H, W, 3]
 
-    def batch(self, step: int, batch_size: int, crop: int, frames: int = 0) -> torch.Tensor:
-        """`frames` > 0: a random run of that many frames of each drawn clip (1: single frames, for images)."""
+    def batch(self, step: int, batch_size: int, crop: int, frames: int = 0, around_object: bool = False) -> torch.Tensor:
+        """`frames` > 0: a random run of that many frames of each drawn clip (1: single frames, for images).
+        around_object: each crop holds a random pixel of the object's path (a crop of plain background teaches
+        little, and half of the random 32x32 crops of a 64x64 clip miss most of the object)."""
         rng = world.clip_rng(self.seed + 1, step)  # a stream of its own: draws and crops of step `step`
         n, f, h, w, _ = self.clips.shape
         frames = frames or f
         picked = []
         for i in rng.integers(0, n, batch_size):
-            y, x = (rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)) if crop else (0, 0)
             t = rng.integers(0, f - frames + 1) if frames < f else 0
-            picked.append(self.clips[i, t : t + frames, y : y + (crop or h), x : x + (crop or w)])
+            clip = self.clips[i, t : t + frames]
+            y, x = (rng.integers(0, h - crop + 1), rng.integers(0, w - crop + 1)) if crop else (0, 0)
+            if crop and around_object:
+                ys, xs = np.nonzero(object_mask(clip))
+                if len(ys):
+                    k = rng.integers(len(ys))
+                    y = rng.integers(max(0, ys[k] - crop + 1), min(h - crop, ys[k]) + 1)
+                    x = rng.integers(max(0, xs[k] - crop + 1), min(w - crop, xs[k]) + 1)
+            picked.append(clip[:, y : y + (crop or h), x : x + (crop or w)])
         return torch.stack([world.to_tensor(c) for c in picked])
+
+
+def object_mask(clip: np.ndarray) -> np.ndarray:
+    """[H, W] bool: pixels that differ from the clip's median colour in any frame (the object's path), for
+    uint8 frames [F, H, W, 3] of one object on a plain background."""
+    median = np.median(clip.reshape(-1, 3), axis=0)
+    return (np.abs(clip.astype(np.int16) - median).max(axis=3) > 25).any(axis=0)

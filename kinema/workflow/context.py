@@ -32,6 +32,7 @@ class LoadedDiTPart:
     fp16_guard: object | None = None
     compiled: str | None = None
     quantization: str | None = None
+    lora_hooks: tuple = ()  # unmerged LoRAs: block hooks every sampling pass must run with
 
 
 def _bytes_of(obj) -> int:
@@ -152,8 +153,9 @@ def _load_dit(r: DiTRecipe) -> LoadedDiTPart:
                                 fp8_fast=fp8_fast).check(complete=False)
     ckpt = open_dit(r.path)
     prefetch = check_block_swap(ckpt.model.config.num_layers, r.blocks_to_swap, r.prefetch_blocks) if r.blocks_to_swap else 0
-    loaded, placement, compiled = load_dit_part(opts, runtime, ckpt, prefetch)
-    return LoadedDiTPart(loaded.model, loaded.info, runtime, placement, loaded.fp16_guard, compiled, loaded.quantization)
+    loaded, placement, compiled, lora_hooks = load_dit_part(opts, runtime, ckpt, prefetch)
+    return LoadedDiTPart(loaded.model, loaded.info, runtime, placement, loaded.fp16_guard, compiled, loaded.quantization,
+                         lora_hooks)
 
 
 @dataclass

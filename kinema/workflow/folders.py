@@ -1,7 +1,7 @@
 """Model files in ComfyUI's folder layout, so a ComfyUI models folder works as it is.
 
 Under `--models DIR`: diffusion_models/ (and the legacy unet/), text_encoders/ (and clip/), vae/,
-clip_vision/, loras/; plus the folders an `extra_model_paths.yaml` in ComfyUI's format names. Names
+clip_vision/, loras/, upscale_models/; plus the folders an `extra_model_paths.yaml` in ComfyUI's format names. Names
 are what ComfyUI shows: the path below the kind's folder with forward slashes, found recursively,
 sorted. A folder that is a checkpoint of its own (a diffusers folder: config.json or model_index.json
 inside) is one name. The built-in model is listed first under fixed names, so every node works with
@@ -23,6 +23,7 @@ KINDS = {
     "vae": ("vae",),
     "clip_vision": ("clip_vision",),
     "loras": ("loras",),
+    "upscale_models": ("upscale_models",),
 }
 ALIASES = {"unet": "diffusion_models", "clip": "text_encoders"}  # ComfyUI's map_legacy
 EXTENSIONS = SAFETENSORS_SUFFIXES + TORCH_SUFFIXES  # what Kinema's loaders read
@@ -34,6 +35,7 @@ BUILTIN = {
     "text_encoders": ("kinema_builtin_umt5.safetensors", "text_encoder"),
     "vae": ("kinema_builtin_vae.safetensors", "vae"),
     "clip_vision": ("kinema_builtin_clip_vision.safetensors", "image_encoder"),
+    "upscale_models": ("kinema_builtin_upscaler", "upscaler"),  # the learned x2 stages (x4 in all)
 }
 
 

@@ -93,6 +93,7 @@ class TextEmbeds:
     negative: torch.Tensor | None
     prompt: str = ""
     negative_prompt: str = ""
+    travel: tuple[torch.Tensor, ...] = ()  # prompt travel ('a | b | c'): the later sections' embeddings [1, L_i, 4096]
 
 
 @dataclass

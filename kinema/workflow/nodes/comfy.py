@@ -159,6 +159,32 @@ def lora_loader_model_only(ctx, model: DiTRecipe, lora_name, strength_model):
     return (replace(model, loras=(*model.loras, (path, float(strength_model)))),)
 
 
+@node("UpscaleModelLoader", required={"model_name": CHOICE(listed("upscale_models"))}, outputs=("UPSCALE_MODEL",),
+      category="loaders")
+def upscale_model_loader(ctx, model_name):
+    """An upscaler from upscale_models/: Kinema's learned x2 stages (a folder of them: the whole cascade; the
+    built-in one is x4), or a Real-ESRGAN family file through spandrel."""
+    from kinema.upscale import load_upscaler
+
+    path = _model_path(ctx, "UpscaleModelLoader", "model_name", "upscale_models", model_name)
+    try:
+        return (load_upscaler(path, None),)
+    except KinemaError as e:
+        raise _error("UpscaleModelLoader", "model_name", str(e)) from None
+
+
+@node("ImageUpscaleWithModel", required={"upscale_model": LINK("UPSCALE_MODEL"), "image": LINK("IMAGE")},
+      outputs=("IMAGE",), category="image/upscaling")
+def image_upscale_with_model(ctx, upscale_model, image):
+    """Frames [F, H, W, 3] in [0, 1] upscaled by the model's factor, in tiles (Kinema's stages see the frames
+    around each one: a video upscales as a video)."""
+    from kinema.upscale import upscale_video
+
+    video = image[..., :3].permute(3, 0, 1, 2).float() * 2 - 1  # [3, F, H, W]
+    out = upscale_video(upscale_model, video)
+    return (((out + 1) / 2).clamp(0, 1).permute(1, 2, 3, 0).contiguous(),)
+
+
 @node("ModelSamplingSD3", required={"model": LINK("MODEL"), "shift": FLOAT(3.0, 0.0, 100.0, 0.01)},
       outputs=("MODEL",), category="advanced/model")
 def model_sampling_sd3(ctx, model: DiTRecipe, shift):

@@ -36,7 +36,8 @@ QUANTIZATIONS = {"disabled": "auto", "fp8_e4m3fn": "fp8_e4m3fn", "fp8_e4m3fn_fas
                  "fp8_e4m3fn_scaled": "fp8_e4m3fn_scaled", "fp8_e4m3fn_scaled_fast": "fp8_e4m3fn_scaled",
                  "fp8_e5m2": "fp8_e5m2"}  # "disabled" is the wrapper's autoselect: fp8 files stay fp8, others as stored
 ATTENTION = {"sdpa": "sdpa", "flash_attn_2": "flash_attn", "sageattn": "sageattn"}
-SCHEDULERS = {"unipc": "unipc", "dpm++": "dpm++", "euler": "euler"}
+SCHEDULERS = {"unipc": "unipc", "dpm++": "dpm++", "euler": "euler", "flowmatch_distill": "flowmatch_distill",
+              "lcm": "lcm"}
 COMPILE_MODES = ("default", "max-autotune", "max-autotune-no-cudagraphs", "reduce-overhead")
 
 
@@ -120,16 +121,16 @@ def torch_compile_settings(ctx, backend, fullgraph, mode, dynamic, dynamo_cache_
                 "blocks": LINK("SELECTEDBLOCKS"),
                 "low_mem_load": BOOLEAN(False, tooltip="A memory option of the wrapper's loader; Kinema reads LoRAs "
                                                        "tensor by tensor anyway"),
-                "merge_loras": BOOLEAN(True, tooltip="Kinema merges LoRAs into the weights")})
+                "merge_loras": BOOLEAN(True, tooltip="merge into the weights (no cost per step), or add the LoRA at run "
+                                                     "time (the weights untouched: fp8 layers exact)")})
 def lora_select(ctx, lora, strength, prev_lora=None, blocks=None, low_mem_load=False, merge_loras=True, unique_id=None):
-    """A LoRA merged into the DiT when WanVideoModelLoader loads it; chain several with prev_lora."""
+    """A LoRA applied when WanVideoModelLoader loads the DiT: merged, or run unmerged (kinema/lora/runtime.py);
+    chain several with prev_lora."""
     refuse_links("WanVideoLoraSelect", {"blocks": blocks}, {"blocks": "per-block LoRA selection"})
-    if not merge_loras:
-        raise unsupported("WanVideoLoraSelect", "merge_loras", "applying LoRAs unmerged", "set merge_loras to true")
     loras = list(prev_lora or [])
     if round(float(strength), 4) != 0.0:
         loras.append({"path": _path(ctx, "loras", lora), "strength": round(float(strength), 4),
-                      "name": Path(lora).stem})
+                      "name": Path(lora).stem, "merge": bool(merge_loras)})
     return (loras,)
 
 
@@ -303,7 +304,8 @@ def model_loader(ctx, model, base_precision="bf16", quantization="disabled", loa
     swap = block_swap_args or {}
     return (DiTRecipe(_path(ctx, "diffusion_models", model), dtype=PRECISIONS[base_precision],
                       quantization=QUANTIZATIONS[quantization], fp8_fast=quantization.endswith("_fast"),
-                      loras=tuple((l["path"], float(l["strength"])) for l in lora or ()),
+                      loras=tuple((l["path"], float(l["strength"]) if l.get("merge", True) else (float(l["strength"]),))
+                                  for l in lora or ()),  # a strength list: unmerged
                       attention=ATTENTION[attention_mode], blocks_to_swap=int(swap.get("blocks_to_swap", 0)),
                       prefetch_blocks=swap.get("prefetch_blocks") or None,
                       compile=(compile_args or {}).get("mode")),)
@@ -359,8 +361,10 @@ def text_encode(ctx, positive_prompt, negative_prompt, t5=None, force_offload=Tr
     n = "WanVideoTextEncode"
     if t5 is None:
         raise KinemaError(f"{n}.t5 is not connected; connect a LoadWanVideoT5TextEncoder.")
-    if "|" in positive_prompt:
-        raise unsupported(n, "positive_prompt", "prompt travel ('|' between prompts)", "write one prompt")
+    sections = [p.strip() for p in positive_prompt.split("|")]
+    if len(sections) > 1 and not all(sections):
+        raise KinemaError(f"{n}.positive_prompt {positive_prompt!r} has an empty '|' section; write text between "
+                          "every '|'.")
     if "[1]" in positive_prompt:
         raise unsupported(n, "positive_prompt", "EchoShot multi-shot prompts ('[1]', '[2]', ...)", "write one prompt")
     import re
@@ -369,9 +373,9 @@ def text_encode(ctx, positive_prompt, negative_prompt, t5=None, force_offload=Tr
         raise unsupported(n, "positive_prompt", "prompt weights '(text:1.2)'", "write the text without weights")
     recipe = t5 if device == "gpu" else TextEncoderRecipe(t5.path, t5.tokenizer, t5.dtype, t5.quantization, "cpu")
     encoder = ctx.models.text_encoder(recipe)
-    with torch.no_grad():
-        pos, neg = encoder.encode([positive_prompt, negative_prompt])  # [L_i, text_dim] each, unpadded
-    return (TextEmbeds(pos[None], neg[None], positive_prompt, negative_prompt),)
+    with torch.no_grad():  # one batch: the prompt (each '|' section: prompt travel) and the negative prompt
+        *pos, neg = encoder.encode([*sections, negative_prompt])  # [L_i, text_dim] each, unpadded
+    return (TextEmbeds(pos[0][None], neg[None], positive_prompt, negative_prompt, tuple(p[None] for p in pos[1:])),)
 
 
 def _image_to_model(image: torch.Tensor, name: str) -> torch.Tensor:
@@ -597,7 +601,8 @@ SAMPLER_UNSUPPORTED = {
                 "seed": INT(0, 0, SEED_MAX, control_after_generate=True),
                 "force_offload": BOOLEAN(True, tooltip="Kinema moves the DiT off the GPU after sampling when offloading"),
                 "scheduler": CHOICE(list(SCHEDULERS), "unipc", tooltip="unipc and dpm++: the official Wan2.1 "
-                                    "solvers and schedules; euler: Euler steps on Wan's default schedule"),
+                                    "solvers and schedules; euler: Euler steps on Wan's default schedule; "
+                                    "flowmatch_distill and lcm: for step-distilled models (4-8 steps, cfg 1)"),
                 "riflex_freq_index": INT(0, 0, 1000, tooltip="RIFLEx frequency index for videos longer than "
                                          "trained; 0 = off (the wrapper suggests 6)")},
       optional={"text_embeds": LINK("WANVIDEOTEXTEMBEDS"),
@@ -664,11 +669,15 @@ def sampler(ctx, model, image_embeds, steps, cfg, shift, seed, force_offload=Tru
                          denoise=float(denoise_strength) if samples is not None else 1.0)
     geometry = Geometry(patch=tuple(cfg_dit.patch_size), z_dim=cfg_dit.out_dim)
     device = rt.device
-    prompts = Prompts(pad_context([text_embeds.positive[0].to(device)], cfg_dit.text_len),
-                      pad_context([text_embeds.negative[0].to(device)], cfg_dit.text_len)
-                      if s.guided and text_embeds.negative is not None else None)
-    if s.guided and prompts.uncond is None:
+    if s.guided and text_embeds.negative is None:
         raise KinemaError(f"{n}: cfg {cfg} needs the negative prompt's embeddings; text_embeds has none.")
+    uncond = pad_context([text_embeds.negative[0].to(device)], cfg_dit.text_len) if s.guided else None
+    prompts = [Prompts(pad_context([p[0].to(device)], cfg_dit.text_len), uncond)
+               for p in (text_embeds.positive, *text_embeds.travel)]  # one per prompt-travel section
+    if len(prompts) > 1 and context_options is None:
+        raise KinemaError(f"{n}: text_embeds holds {len(prompts)} '|'-separated prompts (prompt travel), which are "
+                          "spread over context windows; connect context_options (WanVideoContextOptions) or write "
+                          "one prompt.")
 
     image_dit = cfg_dit.in_dim > geometry.z_dim
     if e.y is not None and not image_dit:
@@ -710,7 +719,7 @@ def sampler(ctx, model, image_embeds, steps, cfg, shift, seed, force_offload=Tru
 
     with _visit(part):
         x0 = sample_latents(dit, prompts, condition, start, s, guidance=guidance_for(bool(batched_cfg)), extras=extras,
-                            windows=context_options,
+                            windows=context_options, hooks=part.lora_hooks,
                             train_frames=train_latent_frames(part.info.sample_defaults), cache=cache,
                             callback=callback, cancel=ctx.cancel, preview=preview, progress=False,
                             attention=rt.attention)

@@ -1,0 +1,136 @@
+"""Stage: extend a video. Its last frames become the known first frames of a new clip (the inpaint way),
+and the new frames are colour-matched to them and joined on.
+
+The new clip is `overlap + extend` frames long (`+ overlap - 1` with `loop`). Its first `overlap` pixel
+frames are the video's last ones: known through the image condition y (mask + their latents) on DiTs
+that take one, and on every DiT by latent replacement: on each step the model sees the known latent
+frames at the step's noise level, (1 - sigma) z + sigma eps with the run's own noise, so the new frames
+continue them (ComfyUI's "noise mask" inpainting). With `loop` the clip's last `overlap - 1` frames are
+the video's first ones (known through y only: a causal VAE's latent of a clip's start is not the latent
+of the same frames mid-clip), so the join leads back into the first frame.
+
+The join keeps every input frame and appends the new ones after the overlap. Each new frame is
+colour-corrected per channel so the overlap as generated has the input overlap's mean and spread; the
+correction is measured on the overlap only, so repeated extensions do not drift in colour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kinema.errors import KinemaError
+
+MAX_COLOUR_GAIN = 1.25  # the per-channel spread correction is clamped to [1/1.25, 1.25]
+
+
+@dataclass(frozen=True)
+class Extension:
+    """How a video is extended: `frames` new frames after an overlap of the last `overlap` frames."""
+
+    frames: int
+    overlap: int = 9
+    loop: bool = False
+
+    def clip_frames(self) -> int:
+        """Frames of the clip the model generates."""
+        return self.overlap + self.frames + (self.overlap - 1 if self.loop else 0)
+
+    def latent_overlap(self, temporal: int = 4) -> int:
+        """Latent frames the overlap fills exactly (overlap = temporal k + 1)."""
+        return (self.overlap - 1) // temporal + 1
+
+    def record(self) -> dict:
+        return {"extend_frames": self.frames, "overlap_frames": self.overlap, "loop": self.loop}
+
+
+def parse_extension(frames, overlap, loop, video_frames: int, names: dict | None = None, temporal: int = 4) -> Extension:
+    """The extension settings, checked against the source video's frame count."""
+    n = (names or {}).get
+    for value, name, rule in ((frames, n("extend_frames", "extend_frames"), f"a multiple of {temporal}, e.g. 32"),
+                              (overlap, n("overlap_frames", "overlap_frames"), f"{temporal}k + 1, e.g. 9 or 17")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise KinemaError(f"{name} {value!r} must be a whole number of frames: {rule}.")
+    if frames % temporal:
+        raise KinemaError(f"{n('extend_frames', 'extend_frames')} {frames} must be a multiple of {temporal} (the "
+                          f"VAE makes {temporal} frames per latent frame); use {max(temporal, frames // temporal * temporal)}.")
+    if (overlap - 1) % temporal or overlap < temporal + 1:
+        raise KinemaError(f"{n('overlap_frames', 'overlap_frames')} {overlap} must be {temporal}k + 1 and at least "
+                          f"{temporal + 1} (e.g. 9 or 17), so the known frames fill whole latent frames.")
+    if overlap > video_frames:
+        raise KinemaError(f"{n('overlap_frames', 'overlap_frames')} {overlap} is more than the {video_frames} frames of "
+                          "the video; use a shorter overlap or a longer video.")
+    if not isinstance(loop, bool):
+        raise KinemaError(f"{n('loop', 'loop')} {loop!r} must be True or False.")
+    return Extension(frames, overlap, loop)
+
+
+def known_frames(ext: Extension, video: torch.Tensor) -> dict[int, torch.Tensor]:
+    """{pixel frame of the new clip: frame [3, H, W]} for a source video [3, F, H, W]: its last `overlap` frames
+    first; with `loop`, its first `overlap - 1` frames last."""
+    k = ext.overlap
+    known = {i: video[:, -k + i] for i in range(k)}
+    if ext.loop:
+        end = ext.clip_frames() - (k - 1)
+        known.update({end + i: video[:, i] for i in range(k - 1)})
+    return known
+
+
+def anchor_images(ext: Extension, video: torch.Tensor, two: bool) -> list[torch.Tensor]:
+    """The images whose CLIP tokens condition an image DiT: the video's last frame (and its first with `loop`);
+    `two`: a DiT that takes exactly two images (flf2v) gets the last frame twice when there is no loop."""
+    images = [video[:, -1]] + ([video[:, 0]] if ext.loop else [])
+    return images * 2 if two and len(images) == 1 else images
+
+
+def replace_known(model_fn, z: torch.Tensor, noise: torch.Tensor):
+    """model_fn(x, t, step) that sees the known latent frames z [1, C, k, h, w] (the clip's first k) at the step's
+    noise level, (1 - sigma) z + sigma noise, whatever the solver carries there."""
+    k = z.shape[2]
+
+    def fn(x: torch.Tensor, t: torch.Tensor, step) -> torch.Tensor:
+        x = x.clone()
+        x[:, :, :k] = (1 - step.sigma) * z + step.sigma * noise[:, :, :k]
+        return model_fn(x, t, step)
+
+    return fn
+
+
+def colour_match(new: torch.Tensor, generated_overlap: torch.Tensor, overlap: torch.Tensor) -> torch.Tensor:
+    """New frames [3, F, H, W] corrected per channel by the affine map that takes the generated overlap's mean and
+    spread to the source overlap's (both [3, K, H, W]); the gain is clamped to [1/1.25, 1.25]."""
+    g, s = generated_overlap.float().flatten(1), overlap.float().flatten(1)
+    gain = (s.std(1) / g.std(1).clamp_min(1e-4)).clamp(1 / MAX_COLOUR_GAIN, MAX_COLOUR_GAIN)
+    out = (new.float() - g.mean(1)[:, None, None, None]) * gain[:, None, None, None] + s.mean(1)[:, None, None, None]
+    return out.clamp(-1, 1)
+
+
+def join(ext: Extension, video: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
+    """The source video [3, F, H, W] with the generated clip's new frames, colour-matched, appended:
+    [3, F + frames, H, W]."""
+    k = ext.overlap
+    new = colour_match(clip[:, k : k + ext.frames], clip[:, :k], video[:, -k:])
+    return torch.cat([video.float(), new], dim=1)
+
+
+@torch.no_grad()
+def extension_inputs(ext: Extension, video: torch.Tensor, vae, clip, dit_config, device, visit):
+    """(Condition, overlap latents [1, z, k, h, w]) of the new clip for a source video [3, F, H, W] at the run's
+    size: the image condition (CLIP tokens of the anchors, y of the known frames) where the DiT takes one; the
+    overlap encoded on its own (a clip's start: exactly the latents of the new clip's first frames)."""
+    from kinema.pipeline.conditioning import Condition, build_condition
+
+    frames = ext.clip_frames()
+    _, _, height, width = video.shape
+    condition = Condition()
+    if dit_config.in_dim > vae.z_dim:
+        anchors = anchor_images(ext, video, dit_config.model_type == "flf2v")
+        with visit("clip"):
+            tokens = torch.cat([clip.encode(a[None].to(clip.device)) for a in anchors], dim=1)
+        with visit("vae"):
+            y = build_condition(vae, known_frames(ext, video), frames, height, width)
+        condition = Condition(tokens.to(device), y.to(device))
+    with visit("vae"):
+        z = vae.encode(video[:, -ext.overlap :][None].to(vae.device))
+    return condition, z.to(device)

@@ -1,0 +1,157 @@
+"""Task extend: a video continued from its last frames (known by the image condition and latent replacement),
+colour-matched and joined; through the Python API and kinema generate, with its errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import StubTextEncoder
+
+from kinema.errors import KinemaError
+from kinema.models.dit import DiTConfig, WanDiT
+from kinema.pipeline.extend import Extension, colour_match, join, known_frames, parse_extension, replace_known
+from kinema.pipeline.models import Models
+from kinema.pipeline.pipeline import Pipeline
+from kinema.sampling.context import StepContext
+
+PROMPT = "a red circle moving right"
+
+
+# -- the pieces -------------------------------------------------------------------------------------
+def test_extension_frames_and_checks():
+    ext = parse_extension(32, 9, False, 17)
+    assert (ext.clip_frames(), ext.latent_overlap()) == (41, 3)
+    assert parse_extension(8, 5, True, 9).clip_frames() == 5 + 8 + 4
+    for args, text in (((30, 9, False, 17), "multiple of 4"), ((32, 8, False, 17), "4k \\+ 1"),
+                       ((32, 1, False, 17), "at least 5"), ((32, 21, False, 17), "more than the 17 frames"),
+                       ((0, 9, False, 17), "whole number"), ((32, 9, "yes", 17), "True or False")):
+        with pytest.raises(KinemaError, match=text):
+            parse_extension(*args)
+
+
+def test_known_frames_put_the_overlap_first_and_the_loop_last():
+    video = torch.arange(10.0).view(1, 10, 1, 1).expand(3, 10, 2, 2)
+    known = known_frames(Extension(8, 5), video)
+    assert {i: int(f[0, 0, 0]) for i, f in known.items()} == {0: 5, 1: 6, 2: 7, 3: 8, 4: 9}
+    known = known_frames(Extension(8, 5, loop=True), video)  # clip of 17: new frames 5..12, then frames 0..3
+    assert {i: int(f[0, 0, 0]) for i, f in known.items()} == {0: 5, 1: 6, 2: 7, 3: 8, 4: 9, 13: 0, 14: 1, 15: 2, 16: 3}
+
+
+def test_colour_match_maps_the_generated_overlap_onto_the_source():
+    g = torch.Generator().manual_seed(0)
+    source = torch.rand(3, 5, 8, 8, generator=g) * 0.6 - 0.3
+    shifted = (source - source.mean()) * 1.1 + 0.1  # the model's overlap: brighter, a little more contrast
+    out = colour_match(shifted, shifted, source)
+    assert torch.allclose(out.mean((1, 2, 3)), source.mean((1, 2, 3)), atol=1e-5)
+    assert torch.allclose(out.flatten(1).std(1), source.flatten(1).std(1), atol=1e-5)
+    # a wild overlap is corrected at most by the clamp on the gain
+    flat = torch.full_like(source, 0.2) + 1e-3 * torch.randn(source.shape, generator=g)
+    assert (colour_match(flat, flat, source).flatten(1).std(1) <= 1.25 * flat.flatten(1).std(1) + 1e-6).all()
+
+
+def test_join_keeps_the_source_and_appends_the_new_frames():
+    video = torch.rand(3, 12, 4, 4) * 2 - 1
+    ext = Extension(8, 5)
+    clip = torch.cat([video[:, -5:], torch.rand(3, 8, 4, 4) * 2 - 1], dim=1)  # a perfect overlap: no correction
+    out = join(ext, video, clip)
+    assert out.shape == (3, 20, 4, 4) and torch.equal(out[:, :12], video)
+    assert torch.allclose(out[:, 12:], clip[:, 5:13], atol=1e-5)
+
+
+def test_replace_known_shows_the_model_the_known_frames_at_each_noise_level():
+    z, noise = torch.randn(1, 4, 2, 3, 3), torch.randn(1, 4, 5, 3, 3)
+    seen = []
+    fn = replace_known(lambda x, t, step: seen.append(x) or torch.zeros_like(x), z, noise)
+    x = torch.randn(1, 4, 5, 3, 3)
+    fn(x, None, StepContext(step=3, steps=10, sigma=0.25, timestep=250))
+    assert torch.allclose(seen[0][:, :, :2], 0.75 * z + 0.25 * noise[:, :, :2])
+    assert torch.equal(seen[0][:, :, 2:], x[:, :, 2:])
+
+
+# -- through the pipeline -------------------------------------------------------------------------------
+def tiny_models(i2v: bool) -> Models:
+    from kinema.encoders.image import ClipVisionEncoder
+    from kinema.loading.dit import ModelInfo
+    from kinema.models.clip import ClipVisionConfig, CLIPVisionTower
+    from kinema.models.vae import WanVAE
+
+    torch.manual_seed(0)
+    vae = WanVAE(dim=8, dim_mult=(1, 2, 2, 2)).eval().requires_grad_(False)
+    if not i2v:
+        dit = WanDiT(DiTConfig("t2v", dim=64, ffn_dim=64, text_dim=16, num_heads=2, num_layers=2)).eval()
+        return Models(dit, vae, StubTextEncoder(), None, ModelInfo())
+    dit = WanDiT(DiTConfig("i2v", in_dim=36, dim=64, ffn_dim=64, text_dim=16, num_heads=2, num_layers=2,
+                           image_dim=32)).eval()
+    clip = ClipVisionEncoder(CLIPVisionTower(ClipVisionConfig(dim=32, mlp_dim=64, num_heads=2, num_layers=2)).eval())
+    return Models(dit, vae, StubTextEncoder(), clip, ModelInfo(("t2v", "i2v", "flf2v")))
+
+
+@pytest.fixture(scope="module")
+def source():
+    g = torch.Generator().manual_seed(5)
+    return torch.rand(3, 13, 32, 32, generator=g) * 2 - 1  # [3, F, H, W] in [-1, 1]
+
+
+@pytest.mark.parametrize("i2v", [False, True])
+def test_pipeline_extends(source, i2v):
+    pipe = Pipeline(tiny_models(i2v))
+    out = pipe(PROMPT, task="extend", video=source, extend_frames=8, overlap_frames=5, steps=3, seed=1, progress=False)
+    assert out.video.shape == (3, 21, 32, 32)
+    assert torch.equal(out.video[:, :13], source)  # every source frame kept as it was
+    assert out.latents.shape == (16, 4, 4, 4)  # the clip: 5 + 8 = 13 frames
+    z = pipe.models.vae.encode(source[:, -5:][None])[0]
+    assert torch.equal(out.latents[:, :2], z)  # the overlap's latents exactly
+    rec = out.settings
+    assert rec["task"] == "extend" and (rec["extend_frames"], rec["overlap_frames"], rec["loop"]) == (8, 5, False)
+    assert "frame_num" not in rec and "size" not in rec
+    other = pipe(PROMPT, task="extend", video=source, extend_frames=8, overlap_frames=5, steps=3, seed=2,
+                 progress=False)
+    assert (other.video[:, 13:] - out.video[:, 13:]).abs().max() > 1e-3  # the new frames are generated
+    if i2v:
+        looped = pipe(PROMPT, task="extend", video=source, extend_frames=8, overlap_frames=5, loop=True, steps=3,
+                      seed=1, progress=False)
+        assert looped.video.shape == (3, 21, 32, 32) and looped.latents.shape == (16, 5, 4, 4)
+
+
+def test_extend_errors(source):
+    t2v, i2v = Pipeline(tiny_models(False)), Pipeline(tiny_models(True))
+    cases = [(t2v, dict(extend_frames=8, loop=True), "needs a DiT that takes known frames"),
+             (i2v, dict(extend_frames=8, frame_num=21), "drop frame_num"),
+             (i2v, dict(extend_frames=8, size="64*64"), "drop size"),
+             (i2v, dict(), "needs extend_frames"),
+             (i2v, dict(extend_frames=6), "multiple of 4")]
+    for pipe, kw, text in cases:
+        with pytest.raises(KinemaError, match=text):
+            pipe.prepare(PROMPT, task="extend", video=source, progress=False, **kw)
+    with pytest.raises(KinemaError, match="extend_frames is for task extend"):
+        i2v.prepare(PROMPT, extend_frames=8, progress=False)
+    with pytest.raises(KinemaError, match="needs video"):
+        i2v.prepare(PROMPT, task="extend", extend_frames=8, progress=False)
+
+
+def test_cli_extends_and_repeats(tmp_path, capsys):
+    from kinema.cli.main import main
+    from kinema.demo import write_random_checkpoint
+    from kinema.media import read_metadata, read_video
+
+    ckpt = tmp_path / "Wan2.1-T2V-tiny"
+    write_random_checkpoint(ckpt)
+    base = ["generate", "--ckpt_dir", str(ckpt), "--sample_steps", "2", "--base_seed", "3", "--lossless"]
+    first = tmp_path / "first.webp"
+    assert main([*base, "--task", "t2v-1.3B", "--size", "32*32", "--frame_num", "9", "--prompt", PROMPT,
+                 "--save_file", str(first)]) == 0
+    longer = tmp_path / "longer.webp"
+    assert main([*base, "--task", "extend", "--video", str(first), "--extend_frames", "8", "--overlap_frames", "5",
+                 "--prompt", PROMPT, "--save_file", str(longer)]) == 0
+    frames = read_video(longer).frames
+    assert frames.shape == (17, 32, 32, 3) and torch.equal(frames[:9], read_video(first).frames)
+    meta = read_metadata(longer)
+    assert (meta["task"], meta["extend_frames"], meta["overlap_frames"]) == ("extend", 8, 5)
+    again = tmp_path / "again.webp"
+    assert main([*base, "--from", str(longer), "--video", str(first), "--save_file", str(again)]) == 0
+    assert np.array_equal(read_video(again).frames, frames)
+    capsys.readouterr()
+    assert main([*base, "--task", "extend", "--video", str(first), "--extend_frames", "7", "--prompt", PROMPT,
+                 "--save_file", str(tmp_path / "x.webp")]) == 2
+    assert "--extend_frames 7 must be a multiple of 4" in capsys.readouterr().err
