@@ -19,8 +19,9 @@ import torch
 PROMPT = "a red circle moving right on a black background"
 
 
-def write_random_checkpoint(folder: Path, seed: int = 0, model_type: str = "t2v") -> None:
-    """A tiny random Wan2.1 set in the official layout: t2v, or i2v / flf2v with a CLIP file."""
+def write_random_checkpoint(folder: Path, seed: int = 0, model_type: str = "t2v", num_heads: int = 2) -> None:
+    """A tiny random Wan2.1 set in the official layout: t2v, or i2v / flf2v with a CLIP file; `num_heads` DiT heads
+    (the sequence-parallel tests need 4, to split them 4 ways)."""
     import sentencepiece as spm
     from safetensors.torch import save_file
 
@@ -42,7 +43,7 @@ def write_random_checkpoint(folder: Path, seed: int = 0, model_type: str = "t2v"
     t5 = UMT5Encoder(vocab_size=64, dim=64, dim_attn=64, dim_ffn=128, num_heads=4, num_layers=2)
     torch.save(t5.state_dict(), folder / "models_t5_umt5-xxl-enc-bf16.pth")
     image = model_type != "t2v"
-    cfg = DiTConfig(model_type, in_dim=36 if image else 16, dim=128, ffn_dim=256, text_dim=64, num_heads=2, num_layers=2, image_dim=64)
+    cfg = DiTConfig(model_type, in_dim=36 if image else 16, dim=128, ffn_dim=256, text_dim=64, num_heads=num_heads, num_layers=2, image_dim=64)
     save_file({k: v.contiguous() for k, v in WanDiT(cfg).state_dict().items()}, folder / "diffusion_pytorch_model.safetensors")
     (folder / "config.json").write_text(json.dumps({"_class_name": "WanModel", "model_type": model_type, "dim": cfg.dim, "num_heads": cfg.num_heads}))
     if image:

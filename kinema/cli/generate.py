@@ -9,6 +9,7 @@ the result is saved. Messages name the flags as typed (FLAGS).
 from __future__ import annotations
 
 import logging
+import os
 from datetime import datetime
 from pathlib import Path
 
@@ -31,20 +32,30 @@ FLAGS = {
     "overlap_frames": "--overlap_frames", "loop": "--loop", "refine": "--refine_size", "refine_size": "--refine_size",
     "refine_denoise": "--refine_denoise", "refine_steps": "--refine_steps", "refine_method": "--refine_method",
     "upscale": "--upscale", "upscaler": "--upscaler", "upscale_tile": "--upscale_tile",
+    "batched_cfg": "--batched_cfg", "ulysses_size": "--ulysses_size", "ring_size": "--ring_size",
+    "cfg_parallel": "--cfg_parallel", "t5_fsdp": "--t5_fsdp", "dit_fsdp": "--dit_fsdp", "vae_parallel": "--vae_parallel",
 }
 
 
 def load_options(args):
     """The loading flags as checked LoadOptions and their Runtime."""
+    from kinema.parallel.mesh import ParallelOptions, launched_world_size
     from kinema.pipeline.load import LoadOptions
 
+    parallel = ParallelOptions(args.ulysses_size, args.ring_size, args.cfg_parallel, args.t5_fsdp, args.dit_fsdp,
+                               args.vae_parallel)
+    if launched_world_size() > 1 and not parallel.active:
+        raise KinemaError(f"{launched_world_size()} processes were started (torchrun), but no flag shares the work: "
+                          "add --ulysses_size / --ring_size / --cfg_parallel (their product = the processes), and / or "
+                          "--dit_fsdp --t5_fsdp; or run one process.")
     return LoadOptions(
         ckpt=args.ckpt_dir, dit=args.dit, vae=args.vae, t5=args.t5, tokenizer=args.tokenizer, clip=args.clip,
         loras=tuple(args.lora or ()), dtype=args.dtype, quantization=args.quantization,
         t5_quantization=args.t5_quantization, offload=args.offload_model, t5_cpu=args.t5_cpu,
         blocks_to_swap=args.blocks_to_swap, prefetch_blocks=args.prefetch_blocks, stream_dit=args.stream_dit,
         attention=args.attention, compile=args.compile, fp8_fast=args.fp8_fast,
-        lora_ignore_unmatched=args.lora_ignore_unmatched, lora_runtime=args.lora_runtime, names=FLAGS,
+        lora_ignore_unmatched=args.lora_ignore_unmatched, lora_runtime=args.lora_runtime, parallel=parallel,
+        names=FLAGS,
     ).check()
 
 
@@ -133,13 +144,16 @@ def check_output(args, fmt: str, target: Path, prefix: str) -> None:
 def cmd_generate(args) -> None:
     from kinema.pipeline.job import prepare_job
     from kinema.pipeline.load import open_checkpoints
-    from kinema.pipeline.pipeline import Pipeline
+    from kinema.pipeline.pipeline import Pipeline, check_parallel_call
     from kinema.pipeline.tasks import get_task
 
     task = get_task(args.task)
     if not args.prompt and not args.plan:
         raise KinemaError("--prompt is missing; say what to generate.")
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 logs and writes the file; the others say what is wrong
+        logging.getLogger("kinema").setLevel(logging.WARNING)
     opts, runtime = load_options(args)
+    mesh = runtime.parallel
     fmt, target, prefix = output(args, task.name)
     if not args.plan:
         check_output(args, fmt, target, prefix)
@@ -149,13 +163,19 @@ def cmd_generate(args) -> None:
 
     meta, target_models = read_target(ckpts)
     job = prepare_job(target_models, args.prompt or "", names=FLAGS, progress=True, **call_arguments(args))
+    check_parallel_call(mesh, job, FLAGS)
     if memory_plan(args, job, opts, runtime, ckpts, meta):
         return  # --plan: printed, nothing to generate
     pipe = Pipeline.from_options(opts, runtime, ckpts)
     log.info("Generating %s ...", "image" if task.name == "t2i" else "video")
     result = pipe.run(job)
-    log.info("Saving generated %s to %s", "image" if task.name == "t2i" else "video",
-             target if target.suffix else f"{target}/{prefix}_NNNNN")
-    path = result.save(target, format=fmt, fps=args.fps, **writer_options(args, prefix))
-    log.info("Saved %s", path)
+    if mesh is None or mesh.leader:
+        log.info("Saving generated %s to %s", "image" if task.name == "t2i" else "video",
+                 target if target.suffix else f"{target}/{prefix}_NNNNN")
+        path = result.save(target, format=fmt, fps=args.fps, **writer_options(args, prefix))
+        log.info("Saved %s", path)
+    if mesh is not None:
+        from kinema.parallel.mesh import finish
+
+        finish(mesh)
     log.info("Finished.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     _input_flags(g)
     _stage_flags(g)
     _output_flags(g)
+    _parallel_flags(g)
     g.set_defaults(run=cmd_generate)
     p.generate = g  # `--from` sets its defaults
     from kinema.cli import evaluate, train
@@ -194,6 +196,23 @@ def _extras_flags(g) -> None:
                         "frequency (auto: the paper's rule, only when longer than trained)")
 
 
+def _parallel_flags(g) -> None:
+    p = g.add_argument_group("many GPUs (README, \"Many GPUs and many machines\"): start with torchrun "
+                             "--nproc_per_node=N -m kinema generate ...")
+    p.add_argument("--ulysses_size", type=int, default=1, metavar="U",
+                   help="split the video tokens over U processes, exchanging heads by all-to-all (the DiT's heads must "
+                        "divide by U)")
+    p.add_argument("--ring_size", type=int, default=1, metavar="R",
+                   help="split the video tokens over R processes, passing keys and values around a ring; U x R x "
+                        "(2 with --cfg_parallel) must equal the processes")
+    p.add_argument("--cfg_parallel", action="store_true", help="run cond and uncond on two groups of processes at once")
+    p.add_argument("--t5_fsdp", action="store_true", help="shard the umT5 text encoder over the processes (FSDP)")
+    p.add_argument("--dit_fsdp", action="store_true", help="shard the DiT over the processes (FSDP): each holds 1/N")
+    p.add_argument("--vae_parallel", action="store_true",
+                   help="split the VAE decode by spatial tiles over the processes (the tiles of --vae_tile, or about one "
+                        "per process)")
+
+
 def _stage_flags(g) -> None:
     r = g.add_argument_group("refine and upscale (README, \"Refine and upscale\")")
     r.add_argument("--refine_size", default=None, metavar="W*H",
@@ -286,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     except KinemaError as exc:
         if debug:
             raise
-        print(f"kinema: error: {exc}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if "LOCAL_RANK" in os.environ else "0"  # torchrun's processes
+        print(f"kinema: error: {'' if rank == '0' else f'[rank {rank}] '}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("kinema: interrupted", file=sys.stderr)

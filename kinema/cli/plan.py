@@ -27,6 +27,10 @@ def read_target(ckpts: Checkpoints) -> tuple[MetaModels, Target]:
 def plan_run(job: Job, opts: LoadOptions, runtime: Runtime, prefetch: int) -> Run:
     """The job about to run, in the memory plan's terms."""
     settings = job.settings if job.refine is None else job.refine.settings(job.settings)  # the refine pass is larger
+    mesh = runtime.parallel
+    split = {} if mesh is None else dict(
+        sequence_ranks=mesh.sequence.size, dit_shards=mesh.shard_group.size if mesh.options.dit_fsdp else 1,
+        t5_shards=mesh.world_size if mesh.options.t5_fsdp else 1)
     return Run(
         task=settings.task.name, width=settings.width, height=settings.height, frame_num=settings.frame_num,
         device=runtime.device.type, dtype=runtime.dtype, quantization=opts.quantization,
@@ -34,7 +38,7 @@ def plan_run(job: Job, opts: LoadOptions, runtime: Runtime, prefetch: int) -> Ru
         batched_cfg=job.guidance.name == "batched",
         t5_cpu=runtime.t5_cpu, offload=runtime.offload, blocks_to_swap=opts.blocks_to_swap,
         prefetch_blocks=opts.prefetch_blocks or prefetch or 1, stream=opts.stream_dit, vae_tile=job.vae_tile,
-        cache=job.cache is not None, window_frames=None if job.windows is None else job.windows.frames,
+        cache=job.cache is not None, window_frames=None if job.windows is None else job.windows.frames, **split,
     )
 
 

@@ -39,6 +39,28 @@ def add_parser(sub) -> None:
                    help="loaded models kept between prompts up to this size (default: all of them)")
     s.add_argument("--comfy-frontend", dest="comfy_frontend", action="store_true",
                    help="serve ComfyUI's own graph editor (the comfyui-frontend-package wheel) at / instead of Kinema's page")
+    r = s.add_argument_group("Ray (README, \"Many machines\"): jobs on a cluster's workers, pip install 'kinema[ray]'")
+    r.add_argument("--ray", default=None, metavar="auto|local|HOST:PORT",
+                   help="run each job on a Ray worker that keeps its models loaded: auto joins the cluster of "
+                        "`ray start --head` (or $RAY_ADDRESS), local starts Ray inside the server, HOST:PORT or "
+                        "ray://HOST:10001 joins that head; the queue stays in this server's SQLite file")
+    r.add_argument("--ray_workers", type=int, default=None, metavar="N",
+                   help="workers (each one job at a time; default: the cluster's GPUs / GPUs per job, 1 without GPUs)")
+    r.add_argument("--ray_cpus", type=float, default=1.0, metavar="N", help="CPUs per rank of a worker")
+    r.add_argument("--ray_gpus", type=float, default=None, metavar="N",
+                   help="GPUs per rank of a worker (default 1 on a cluster with GPUs, else 0)")
+    r.add_argument("--ray_setup", action="append", default=[], metavar="FILE.py",
+                   help="a Python file every worker runs at start (e.g. one that registers custom nodes); repeatable")
+    for flag, kind, helptext in (
+            ("--ulysses_size", int, "each job's tokens over U ranks (Ulysses); a worker is U x R x C GPUs of one machine"),
+            ("--ring_size", int, "each job's tokens over R ranks (ring attention)"),
+            ("--cfg_parallel", bool, "cond and uncond on two rank groups"),
+            ("--t5_fsdp", bool, "umT5 sharded over a worker's ranks"), ("--dit_fsdp", bool, "the DiT sharded over them"),
+            ("--vae_parallel", bool, "the VAE decode split by tiles over them")):
+        if kind is bool:
+            r.add_argument(flag, action="store_true", help=f"with --ray: {helptext} (Kinema's pipeline nodes)")
+        else:
+            r.add_argument(flag, type=int, default=1, metavar="N", help=f"with --ray: {helptext}")
     s.set_defaults(run=cmd_serve)
 
 
@@ -100,6 +122,25 @@ def comfy_frontend_root() -> Path:
     return root
 
 
+def cluster_options(args):
+    """--ray and its flags as checked ClusterOptions, or None; the parallel flags need --ray."""
+    from kinema.parallel.mesh import ParallelOptions
+
+    parallel = ParallelOptions(args.ulysses_size, args.ring_size, args.cfg_parallel, args.t5_fsdp, args.dit_fsdp,
+                               args.vae_parallel)
+    if args.ray is None:
+        if parallel.active or args.ray_workers is not None or args.ray_gpus is not None or args.ray_setup:
+            raise KinemaError("--ulysses_size / --ring_size / --cfg_parallel / --t5_fsdp / --dit_fsdp / --vae_parallel "
+                              "and the --ray_* flags shape the Ray workers; add --ray auto (README, \"Many machines\").")
+        return None
+    from kinema.server.cluster import ClusterOptions, import_ray
+
+    options = ClusterOptions(args.ray, args.ray_workers, args.ray_cpus, args.ray_gpus, parallel,
+                             tuple(args.ray_setup)).check()
+    import_ray()  # not installed: the error says how to install it
+    return options
+
+
 def cmd_serve(args) -> None:
     import uvicorn
 
@@ -117,12 +158,17 @@ def cmd_serve(args) -> None:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise KinemaError(f"cannot create the output folder {output}: {e.strerror or e}.") from None
+    cluster = cluster_options(args)
     lock = _lock_output(output)  # noqa: F841  (held until the process ends)
+    if cluster is not None:
+        from kinema.server.cluster import connect
+
+        cluster = connect(cluster)  # an address nothing answers at is an error here, before the server starts
     config = ServerConfig(output_dir=output, input_dir=Path(args.input).expanduser(), models_dir=args.models,
                           extra_model_paths=args.extra_model_paths, token=args.token, max_body_mb=args.max_body_mb,
                           max_upload_mb=args.max_upload_mb, memory_budget_gb=args.memory_budget,
                           web_root=comfy_frontend_root() if args.comfy_frontend else None,
-                          comfy_frontend=args.comfy_frontend)
+                          comfy_frontend=args.comfy_frontend, cluster=cluster)
     app = create_app(config)
     shown = "localhost" if args.host in ("127.0.0.1", "::1") else args.host
     log.info("kinema serve: http://%s:%d/ (output %s)", shown, args.port, output)

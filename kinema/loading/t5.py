@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -174,22 +175,27 @@ def _resolve_tokenizer(tokenizer, user_path: Path, files: list[Path], source: Te
     )
 
 
-def load_text_encoder(
+@dataclass
+class T5Checkpoint:
+    """An umT5 checkpoint opened and checked (headers only), its model on the meta device (fp8 layers in place when
+    asked), its tokenizer resolved: what `load_text_encoder` materialises whole and FSDP
+    (kinema/parallel/fsdp.py) a block at a time."""
+
+    model: UMT5Encoder
+    plan: Plan
+    source: TensorSource
+    tokenizer: UMT5Tokenizer
+    dtype: torch.dtype
+
+
+def open_text_encoder(
     path: str | os.PathLike,
     tokenizer: str | os.PathLike | UMT5Tokenizer | None = None,
     dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
     quantization: str | None = None,
-    fp8_fast: bool = False,
-) -> TextEncoder:
-    """Load the umT5 encoder at `path` (folder or file) and its tokenizer into a `TextEncoder`.
-
-    `tokenizer=None` looks in the standard places next to the checkpoint (and in
-    the checkpoint itself for ComfyUI files); otherwise pass a folder, a
-    tokenizer.json / spiece.model file, or a `UMT5Tokenizer`.
-    `quantization` / `fp8_fast` are those of `load_dit`: every Linear layer goes to
-    fp8 (the embeddings and norms stay in `dtype`), a file already in fp8 is kept.
-    """
+) -> T5Checkpoint:
+    """Find, check and open the umT5 encoder at `path` and its tokenizer (`load_text_encoder`'s arguments); no weight
+    is read."""
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise KinemaError(f"unsupported dtype {dtype} for the {WHAT}; use torch.float32, torch.bfloat16 or torch.float16.")
     if quantization is not None:
@@ -212,7 +218,27 @@ def load_text_encoder(
     mode = resolve_quantization(quantization, model, plan, source)
     if mode is not None:
         quantize_fp8(model, mode, compute_dtype=dtype)
-    materialize(model, plan, source, lambda _: dtype, device, WHAT)
+    return T5Checkpoint(model, plan, source, tok, dtype)
+
+
+def load_text_encoder(
+    path: str | os.PathLike,
+    tokenizer: str | os.PathLike | UMT5Tokenizer | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    quantization: str | None = None,
+    fp8_fast: bool = False,
+) -> TextEncoder:
+    """Load the umT5 encoder at `path` (folder or file) and its tokenizer into a `TextEncoder`.
+
+    `tokenizer=None` looks in the standard places next to the checkpoint (and in
+    the checkpoint itself for ComfyUI files); otherwise pass a folder, a
+    tokenizer.json / spiece.model file, or a `UMT5Tokenizer`.
+    `quantization` / `fp8_fast` are those of `load_dit`: every Linear layer goes to
+    fp8 (the embeddings and norms stay in `dtype`), a file already in fp8 is kept.
+    """
+    ckpt = open_text_encoder(path, tokenizer, dtype, quantization)
+    materialize(ckpt.model, ckpt.plan, ckpt.source, lambda _: dtype, device, WHAT)
     if fp8_fast:
-        set_fp8_fast(model)
-    return TextEncoder(model, tok)
+        set_fp8_fast(ckpt.model)
+    return TextEncoder(ckpt.model, ckpt.tokenizer)

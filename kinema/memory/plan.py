@@ -239,6 +239,9 @@ class Run:
     cache: bool = False  # step caching (--cache)
     text_tokens: int = TEXT_TOKENS
     window_frames: int | None = None  # pixel frames of a context window: the DiT sees one at a time
+    sequence_ranks: int = 1  # processes the DiT's tokens are split over (--ulysses_size x --ring_size)
+    dit_shards: int = 1  # processes the DiT's weights are sharded over (--dit_fsdp), umT5's (--t5_fsdp)
+    t5_shards: int = 1
 
     def __post_init__(self):
         if self.encoder_dtype is None:
@@ -363,9 +366,14 @@ class _Placement:
         self.t5_fp8 = (models.t5_fp8 if run.t5_quantization == "auto" else run.t5_quantization) is not None
         policy = dtype_policy(run.dtype)
         self.dit, self.block = _weights(models.dit, policy, self.dit_fp8), _weights(models.dit, policy, self.dit_fp8, "blocks.0.")
+        if run.dit_shards > 1:  # FSDP: its shards, and the one block gathered whole to run
+            self.dit = -(-self.dit // run.dit_shards) + self.block
         self.swapped = cfg.num_layers if run.stream else min(run.blocks_to_swap, cfg.num_layers)
         self.window = min(self.swapped, max(1, run.prefetch_blocks)) if self.swapped else 0
         self.weights = {"t5": _weights(models.t5, lambda _: enc, self.t5_fp8), "vae": _weights(models.vae, lambda _: run.vae_dtype, False)}
+        if run.t5_shards > 1:  # its shards, and its largest unit (the token embedding) gathered whole
+            self.weights["t5"] = (-(-self.weights["t5"] // run.t5_shards)
+                                  + _weights(models.t5, lambda _: enc, False, "token_embedding."))
         if models.clip is not None and run.task in ("i2v", "flf2v"):
             self.weights["clip"] = _weights(models.clip, lambda k: torch.float32 if "norm" in k else enc, False)
 
@@ -425,6 +433,7 @@ def estimate(models: MetaModels, run: Run, available: dict[str, int] | None = No
     t, h, w = (run.frame_num - 1) // vae.temporal_ratio + 1, run.height // vae.spatial_ratio, run.width // vae.spatial_ratio
     t_dit = t if run.window_frames is None else min(t, (run.window_frames - 1) // vae.temporal_ratio + 1)
     tokens = (t_dit // cfg.patch_size[0]) * (h // cfg.patch_size[1]) * (w // cfg.patch_size[2])
+    tokens = -(-tokens // run.sequence_ranks)  # this process's chunk of a split sequence
     video = 3 * run.frame_num * run.height * run.width * 4  # float32 pixels
 
     # Loading: tensors are read one at a time on the host: a float32 copy of the largest on its way to the GPU,

@@ -109,17 +109,37 @@ def _tiles(h: int, w: int, tile: tuple[int, int], overlap: int):
 @torch.no_grad()
 def tiled_decode(vae: WanVAE, z: torch.Tensor, tile: tuple[int, int], overlap: int = OVERLAP) -> torch.Tensor:
     """`vae.decode` with the upsampling stages run on (height, width) latent tiles; same shapes and range."""
+    out, norm = decode_tiles(vae, decode_middle(vae, z), tile, overlap)
+    return out.div_(norm).clamp_(-1.0, 1.0)
+
+
+@torch.no_grad()
+def decode_middle(vae: WanVAE, z: torch.Tensor) -> torch.Tensor:
+    """The latent-resolution middle of a decode on whole frames with one cache, chunk by chunk as untiled:
+    z [B, z, T, h, w] -> features [B, C, T, h, w]."""
     if z.dim() != 5 or z.shape[1] != vae.z_dim:
         raise KinemaError(f"the VAE decodes latents shaped [B, {vae.z_dim}, T, h, w]; got {list(z.shape)}.")
-    b, _, t, h, w = z.shape
-    r = vae.spatial_ratio
-    # The latent-resolution middle on whole frames with one cache, chunk by chunk as untiled.
     cache = FrameCache()
-    middle = torch.cat([vae.decode_bottleneck(z[:, :, k : k + 1], cache) for k in range(t)], dim=2)  # [B, C, T, h, w]
-    del cache
+    return torch.cat([vae.decode_bottleneck(z[:, :, k : k + 1], cache) for k in range(z.shape[2])], dim=2)
+
+
+def tile_count(h: int, w: int, tile: tuple[int, int], overlap: int = OVERLAP) -> int:
+    return len(spans(h, tile[0], overlap)) * len(spans(w, tile[1], overlap))
+
+
+@torch.no_grad()
+def decode_tiles(vae: WanVAE, middle: torch.Tensor, tile: tuple[int, int], overlap: int = OVERLAP,
+                 which=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upsampling stages on the tiles numbered in `which` (row by row; None: all of them), blended:
+    (the weighted sum of their pixels [B, 3, F, H, W] float32, the sum of their weights [H, W]). The decode is
+    the first divided by the second; tiles decoded apart (kinema/parallel/vae.py) add up to the same sums."""
+    b, _, t, h, w = middle.shape
+    r = vae.spatial_ratio
     out = torch.zeros(b, 3, 1 + (t - 1) * vae.temporal_ratio, h * r, w * r, device=vae.device)  # [B, 3, F, H, W]
     norm = torch.zeros(h * r, w * r, device=vae.device)  # summed blend weights
-    for rows, cols, i, j in _tiles(h, w, tile, overlap):
+    for index, (rows, cols, i, j) in enumerate(_tiles(h, w, tile, overlap)):
+        if which is not None and index not in which:
+            continue
         (y0, y1), (x0, x1) = rows[i], cols[j]
         weight = (ramp(rows, i, r)[:, None] * ramp(cols, j, r)[None]).to(vae.device)  # [th*r, tw*r]
         norm[y0 * r : y1 * r, x0 * r : x1 * r] += weight
@@ -129,7 +149,7 @@ def tiled_decode(vae: WanVAE, z: torch.Tensor, tile: tuple[int, int], overlap: i
             out[:, :, f : f + pixels.shape[2], y0 * r : y1 * r, x0 * r : x1 * r] += pixels * weight
             f += pixels.shape[2]
         del cache
-    return out.div_(norm).clamp_(-1.0, 1.0)
+    return out, norm
 
 
 @torch.no_grad()

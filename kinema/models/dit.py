@@ -27,7 +27,7 @@ from torch import nn
 from kinema.models.hooks import BlockInputs, run_hooked
 from kinema.models.layers import LayerNorm32, Linear, RMSNorm32, modulate
 from kinema.models.text_padding import fold_padding
-from kinema.ops.attention import attention, kernel_may_run
+from kinema.ops.attention import attention, kernel_may_run, sequence_attention
 from kinema.ops.feta import Enhance, feta_gain
 from kinema.ops.rope import apply_rope, rope_table
 
@@ -88,7 +88,7 @@ class SelfAttention(nn.Module):
         gain = None if enhance is None else feta_gain(q, k, enhance.frames, enhance.weight)  # before RoPE
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         v = self.v(x).unflatten(-1, (self.num_heads, -1))
-        out = attention(q.to(v.dtype), k.to(v.dtype), v, backend=backend)
+        out = sequence_attention(q.to(v.dtype), k.to(v.dtype), v, backend)  # the whole sequence, split or not
         if gain is not None:
             out = out * gain.to(out.dtype)[:, None, None, None]
         return self.o(out.flatten(2))

@@ -37,7 +37,7 @@ class BlockInputs:
     context: torch.Tensor  # [B, L_text, dim] embedded text
     image_context: torch.Tensor | None  # [B, N_clip, dim] embedded CLIP tokens (i2v / flf2v) or None
     grid: tuple[int, int, int]  # latent token grid (frames, height, width)
-    attention: str = "sdpa"  # the attention backend the blocks use
+    attention: object = "sdpa"  # the attention backend the blocks use: a name, or a split sequence's (kinema/parallel)
     # [B, 1, 1, L_text] float32 added to the cross-attention logits: the log-count of the folded padding rows
     # (kinema/models/text_padding.py), or None when the context is not folded
     context_bias: torch.Tensor | None = None

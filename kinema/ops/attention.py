@@ -10,7 +10,9 @@ and `sageattn` (SageAttention's INT8-QK `sageattn`: faster, approximate), plus `
 one installed (`resolve_backend`). The backend is an argument of the call, not a process
 global: the DiT takes it in its forward (`attention=`) and hands it to its blocks, so two
 pipelines with different backends run side by side, and torch.compile guards on it like any
-other constant. Only the DiT's attention takes a backend; umT5, CLIP and the VAE use sdpa, as
+other constant. A sequence-parallel run passes a backend object instead of a name
+(kinema/parallel/sequence.py), which the DiT's self-attention calls through `sequence_attention`;
+every other call runs on the object's `local` name. Only the DiT's attention takes a backend; umT5, CLIP and the VAE use sdpa, as
 the kernels could not run most of their calls anyway.
 The kernels take Kinema's layout as it is ([B, L, H, D]), so no transpose is made.
 A call a kernel cannot take runs on sdpa instead, silently: a mask (umT5), float32
@@ -111,7 +113,10 @@ def attention(
     scale: float | None = None,
     backend: str = "sdpa",
 ) -> torch.Tensor:
-    """Softmax attention; returns [B, Lq, H, D] in the dtype of v. `backend`: a name `resolve_backend` gave."""
+    """Softmax attention; returns [B, Lq, H, D] in the dtype of v. `backend`: a name `resolve_backend` gave, or a
+    split-sequence backend (see `sequence_attention`), whose own calls here run on its `local` one."""
+    if not isinstance(backend, str):
+        backend = backend.local
     if backend != "sdpa" and _kernel_takes(backend, q, k, v, mask):
         kernel = _LOADED.get(backend) or _LOADED.setdefault(backend, _import_kernel(backend))
         if backend == "flash_attn":
@@ -124,3 +129,10 @@ def attention(
     return sdpa(q, k, v, mask, scale)
 
 
+def sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend="sdpa") -> torch.Tensor:
+    """Self-attention over a model's token sequence ([B, L, H, D], no mask, 1/sqrt(D)). `backend` is a name, as for
+    `attention`, or a callable backend for a sequence split across processes (kinema/parallel/sequence.py:
+    each rank holds a chunk of the tokens, and the backend exchanges what attention needs)."""
+    if isinstance(backend, str):
+        return attention(q, k, v, backend=backend)
+    return backend(q, k, v)

@@ -19,6 +19,7 @@ import torch
 
 from kinema.errors import CheckpointError, KinemaError
 from kinema.loading.dit import DiTCheckpoint, open_dit
+from kinema.parallel.mesh import ParallelOptions
 from kinema.pipeline.models import Models, Runtime
 
 log = logging.getLogger("kinema")
@@ -51,6 +52,7 @@ class LoadOptions:
     fp8_fast: bool = False
     lora_ignore_unmatched: bool = False  # LoRA keys that match no layer: left out with a warning, not an error
     lora_runtime: bool = False  # every LoRA unmerged (kinema/lora/runtime.py); per-step strengths always are
+    parallel: ParallelOptions = ParallelOptions()  # sequence / CFG parallel, FSDP, parallel VAE (kinema/parallel)
     names: dict = field(default_factory=dict, compare=False, repr=False)  # how messages name options (CLI: flags)
 
     def name(self, key: str) -> str:
@@ -62,19 +64,23 @@ class LoadOptions:
         complete=False: the options of single parts (a workflow's loader nodes), not of a whole model set."""
         device = _device(self.device, self.name("device"))
         dtype = _dtype(self.dtype, device, self.name("dtype"))
+        split = self.parallel.check(self.names).active
         opts = replace(self, quantization=_fp8_mode(self.quantization, self.name("quantization")),
                        t5_quantization=_fp8_mode(self.t5_quantization, self.name("t5_quantization")),
                        loras=_loras(self.loras, self.name("loras")),
-                       offload=device.type == "cuda" if self.offload is None else bool(self.offload),
+                       offload=device.type == "cuda" and not split if self.offload is None else bool(self.offload),
                        compile=self._compile_mode(device))
         opts._check_memory_flags()
+        opts._check_parallel(dtype)
         opts._check_fp8_fast(device)
         opts._check_paths(complete)
         from kinema.ops.attention import resolve_backend
         from kinema.memory.plan import encoder_dtype
+        from kinema.parallel.mesh import start
 
         backend = resolve_backend(self.attention, announce=True)  # unknown or not installed: the error names the package
-        return opts, Runtime(device, dtype, encoder_dtype(device.type), backend, opts.offload, bool(self.t5_cpu))
+        mesh, device = start(opts.parallel, device, self.names)  # joins torchrun's process group: the last check
+        return opts, Runtime(device, dtype, encoder_dtype(device.type), backend, opts.offload, bool(self.t5_cpu), mesh)
 
     def _compile_mode(self, device: torch.device) -> str | None:
         if self.compile in (None, False, "", "off"):
@@ -100,6 +106,27 @@ class LoadOptions:
             raise KinemaError(f"{self.name('loras')} cannot be merged into a streamed DiT (its block weights are re-read "
                               f"from the file on every call); run it unmerged (lora_runtime, --lora_runtime), merge it into "
                               f"a checkpoint first, or leave out {stream}.")
+
+    def _check_parallel(self, dtype: torch.dtype) -> None:
+        """Memory options that cannot work with the parallel ones (README, "Many GPUs")."""
+        par, n = self.parallel, self.name
+        fsdp = [n(k) for k in ("dit_fsdp", "t5_fsdp") if getattr(par, k)]
+        if par.dit_fsdp and (self.blocks_to_swap or self.stream_dit):
+            place = n("blocks_to_swap") if self.blocks_to_swap else n("stream_dit")
+            raise KinemaError(f"{n('dit_fsdp')} and {place} both place the DiT's block weights; use one ({n('dit_fsdp')} "
+                              f"keeps 1/N of them on each of N GPUs).")
+        if fsdp and self.offload:
+            raise KinemaError(f"{n('offload')} moves whole models between the CPU and the GPU, but with "
+                              f"{' and '.join(fsdp)} each GPU holds only shards; leave out {n('offload')} (it is off by "
+                              "default in parallel runs).")
+        if par.t5_fsdp and self.t5_cpu:
+            raise KinemaError(f"{n('t5_fsdp')} shards umT5 over the GPUs and {n('t5_cpu')} keeps it on the CPU; use one.")
+        if par.dit_fsdp and dtype == torch.float16:
+            raise KinemaError(f"{n('dit_fsdp')} with {n('dtype')} fp16: the fp16 overflow guard does not run on sharded "
+                              f"blocks; use {n('dtype')} bf16.")
+        if self.compile not in (None, False, "", "off") and (par.sequence_size > 1 or par.dit_fsdp):
+            raise KinemaError(f"{n('compile')} with {n('ulysses_size')} / {n('ring_size')} / {n('dit_fsdp')}: compiled "
+                              f"blocks are not tested across processes yet; leave out {n('compile')}.")
 
     def _check_fp8_fast(self, device: torch.device) -> None:
         if not self.fp8_fast:
@@ -280,11 +307,25 @@ def load_models(opts: LoadOptions, runtime: Runtime, ckpts: Checkpoints) -> Mode
 
     t0 = time.perf_counter()
     prefetch = swap_prefetch(opts, ckpts)
+    mesh = runtime.parallel
+    if mesh is not None:
+        from kinema.parallel.ulysses import check_heads
+
+        cfg = ckpts.dit_checkpoint.model.config
+        check_heads(cfg.num_heads, mesh.options.ulysses_size, mesh.options.ring_size, opts.name("ulysses_size"))
     loras = read_loras(list(opts.loras), ckpts.dit_checkpoint.model, opts.lora_ignore_unmatched)  # checked on the meta DiT: before any weight is read
     home = runtime.home  # where each model is loaded; an offloaded one visits `runtime.device` to run
     log.info("Loading models from %s", "the built-in model" if ckpts.builtin else opts.ckpt or "the given files")
-    te = kinema.load_text_encoder(ckpts.t5, tokenizer=opts.tokenizer, device="cpu" if runtime.t5_cpu else home,
-                                  dtype=runtime.encoder_dtype, quantization=opts.t5_quantization, fp8_fast=opts.fp8_fast)
+    if mesh is not None and mesh.options.t5_fsdp:
+        from kinema.loading.t5 import open_text_encoder
+        from kinema.parallel.fsdp import shard_text_encoder
+
+        te = shard_text_encoder(open_text_encoder(ckpts.t5, opts.tokenizer, runtime.encoder_dtype, opts.t5_quantization),
+                                mesh.world, home, opts.fp8_fast)
+    else:
+        te = kinema.load_text_encoder(ckpts.t5, tokenizer=opts.tokenizer, device="cpu" if runtime.t5_cpu else home,
+                                      dtype=runtime.encoder_dtype, quantization=opts.t5_quantization,
+                                      fp8_fast=opts.fp8_fast)
     loaded, placement, compiled, lora_hooks = load_dit_part(opts, runtime, ckpts.dit_checkpoint, prefetch, loras)
     dit = loaded.model
     vae = kinema.load_vae(ckpts.vae, device=home)
@@ -302,6 +343,19 @@ def load_dit_part(opts: LoadOptions, runtime: Runtime, checkpoint: DiTCheckpoint
     (`prefetch` > 0), its blocks compiled. Returns (LoadedDiT, placement or None, compile mode or None, the
     unmerged LoRAs' block hooks)."""
     placement = None
+    mesh = runtime.parallel
+    if opts.loras and loras is None:
+        from kinema.lora import read_loras
+
+        loras = read_loras(list(opts.loras), checkpoint.model, opts.lora_ignore_unmatched)  # shapes only: meta is enough
+    loras = loras or []
+    merged = [entry for entry in loras if not unmerged(entry[1], opts.lora_runtime)]
+    if mesh is not None and mesh.options.dit_fsdp and mesh.shard_group.size > 1:
+        from kinema.parallel.fsdp import shard_dit
+
+        loaded = shard_dit(checkpoint, mesh.shard_group, runtime.dtype, runtime.home, opts.quantization, opts.fp8_fast,
+                           merged)  # merged into each unit before it is sharded
+        return loaded, None, None, _hook_unmerged(loaded.model, loras, opts)
     if opts.stream_dit:
         from kinema.memory.streaming import stream_dit
 
@@ -310,20 +364,11 @@ def load_dit_part(opts: LoadOptions, runtime: Runtime, checkpoint: DiTCheckpoint
                                        prefetch_blocks=opts.prefetch_blocks or 1)
     else:
         loaded = checkpoint.load(runtime.dtype, "cpu" if prefetch else runtime.home, opts.quantization, opts.fp8_fast)
-    lora_hooks = []
-    if opts.loras:
-        from kinema.lora import apply_loras, read_loras
-        from kinema.lora.runtime import LoRASchedule, attach_lora
+    if merged:
+        from kinema.lora import apply_loras
 
-        loras = loras if loras is not None else read_loras(list(opts.loras), loaded.model, opts.lora_ignore_unmatched)
-        merged = [entry for entry in loras if not unmerged(entry[1], opts.lora_runtime)]
-        if merged:
-            apply_loras(loaded.model, [(p, s) for p, s, _ in merged], merged)
-        for path, strength, weights in loras:
-            if unmerged(strength, opts.lora_runtime):
-                schedule = LoRASchedule(strength if isinstance(strength, tuple) else (strength,))
-                lora_hooks.append(attach_lora(loaded.model, weights, schedule, path.name))
-                log.info("LoRA %s unmerged, strength per step %s", path.name, schedule.describe())
+        apply_loras(loaded.model, [(p, s) for p, s, _ in merged], merged)
+    lora_hooks = _hook_unmerged(loaded.model, loras, opts)
     if prefetch:
         from kinema.memory.block_swap import BlockSwap
 
@@ -333,4 +378,17 @@ def load_dit_part(opts: LoadOptions, runtime: Runtime, checkpoint: DiTCheckpoint
         from kinema.memory.compile import compile_blocks
 
         compiled = compile_blocks(loaded.model, opts.compile, device=runtime.device)  # where it runs, not where offload keeps it
-    return loaded, placement, compiled, tuple(lora_hooks)
+    return loaded, placement, compiled, lora_hooks
+
+
+def _hook_unmerged(model, loras, opts: LoadOptions) -> tuple:
+    """Forward hooks for the LoRAs that run unmerged (per-step strengths, or lora_runtime); their block hooks."""
+    from kinema.lora.runtime import LoRASchedule, attach_lora
+
+    hooks = []
+    for path, strength, weights in loras:
+        if unmerged(strength, opts.lora_runtime):
+            schedule = LoRASchedule(strength if isinstance(strength, tuple) else (strength,))
+            hooks.append(attach_lora(model, weights, schedule, path.name))
+            log.info("LoRA %s unmerged, strength per step %s", path.name, schedule.describe())
+    return tuple(hooks)

@@ -66,6 +66,7 @@ class Runtime:
     attention: str = "sdpa"  # the attention backend, resolved (kinema/ops/attention.py)
     offload: bool = False  # each model on the device only for its stage (the official offload_model)
     t5_cpu: bool = False  # umT5 stays on the CPU
+    parallel: object = None  # kinema.parallel.mesh.Mesh of a run spread over processes, or None
 
     @property
     def home(self) -> torch.device:

@@ -23,6 +23,10 @@ from kinema.errors import KinemaError
 from kinema.memory.offload import Offloader
 from kinema.memory.plan import dit_activations, human_bytes
 from kinema.memory.vae_tiling import TiledVAE, free_memory
+from kinema.parallel.cfg import CFGParallel
+from kinema.parallel.mesh import ParallelOptions, broadcast_object, shared_stop
+from kinema.parallel.sequence import sequence_hooks
+from kinema.parallel.vae import ParallelVAE
 from kinema.pipeline.conditioning import make_condition
 from kinema.pipeline.extend import extension_inputs, join
 from kinema.pipeline.extras import train_latent_frames
@@ -57,18 +61,22 @@ class Pipeline:
     def load(cls, ckpt=None, *, dit=None, vae=None, t5=None, tokenizer=None, clip=None, loras=(), dtype=None, device=None,
              quantization=None, t5_quantization=None, offload=None, t5_cpu=False, blocks_to_swap=0, prefetch_blocks=None,
              stream_dit=False, attention="auto", compile=False, fp8_fast=False,
-             lora_ignore_unmatched=False, lora_runtime=False) -> Pipeline:
+             lora_ignore_unmatched=False, lora_runtime=False, ulysses_size=1, ring_size=1, cfg_parallel=False,
+             t5_fsdp=False, dit_fsdp=False, vae_parallel=False) -> Pipeline:
         """Load a model set: `ckpt` (an official Wan2.1, diffusers or ComfyUI-style folder) or its parts (`dit`,
         `vae`, `t5`, `tokenizer`, `clip`: files or folders in any format the loaders read); neither: the built-in
         model. loras: [(path, strength), ...] merged into the DiT; a LoRA given per-step strengths (a list, the
         last repeated) runs unmerged, as does every LoRA with lora_runtime=True (kinema/lora/runtime.py). dtype:
         the DiT's weights, None = bf16 on CUDA, fp32 on the CPU. device: None = cuda if available, else cpu. lora_ignore_unmatched: LoRA keys that match
         no layer are left out with a warning naming them (by default an error). The memory options are `kinema generate`'s
-        (README, "Memory and speed"). Every option is checked before any file is read."""
+        (README, "Memory and speed"); the parallel ones (ulysses_size ... vae_parallel) too, for a program started
+        by torchrun on every rank (README, "Many GPUs and many machines"). Every option is checked before any file
+        is read."""
+        parallel = ParallelOptions(ulysses_size, ring_size, cfg_parallel, t5_fsdp, dit_fsdp, vae_parallel)
         opts, runtime = LoadOptions(ckpt, dit, vae, t5, tokenizer, clip, loras, dtype, device, quantization,
                                     t5_quantization, offload, t5_cpu, blocks_to_swap, prefetch_blocks, stream_dit,
                                     attention, compile, fp8_fast, bool(lora_ignore_unmatched),
-                                    bool(lora_runtime)).check()
+                                    bool(lora_runtime), parallel=parallel).check()
         return cls.from_options(opts, runtime)
 
     @classmethod
@@ -101,6 +109,7 @@ class Pipeline:
         """Check every input and resolve every setting of a call (`__call__`'s arguments), running no model;
         a call whose DiT activations cannot fit in the memory free now is refused here too."""
         job = prepare_job(self.models.target, prompt, **kw)
+        check_parallel_call(self.runtime.parallel, job)
         self.check_memory(job)
         return job
 
@@ -114,6 +123,8 @@ class Pipeline:
         if job.windows is not None:  # one window at a time
             t = min(t, job.windows.latent_frames)
         tokens = t * (h // g.patch[1]) * (w // g.patch[2])
+        if (mesh := self.runtime.parallel) is not None:  # each rank holds its chunk of the tokens
+            tokens = -(-tokens // mesh.sequence.size)
         slg = job.extras.skip_layers
         branches = 1 + s.guided + (slg is not None and slg.mode == "sd3")
         batch = branches if job.guidance.name == "batched" else 1
@@ -131,9 +142,17 @@ class Pipeline:
             return self._run(job)
 
     def _run(self, job: Job) -> Result:
-        m, s, off = self.models, job.settings, self.offloader
+        m, off, mesh = self.models, self.offloader, self.runtime.parallel
+        if mesh is not None:  # every rank runs rank 0's call: its seed (drawn at random?) and prompt
+            settings, prompts = broadcast_object((job.settings, job.prompts), mesh)
+            job = replace(job, settings=settings, prompts=prompts, progress=job.progress and mesh.leader,
+                          guidance=CFGParallel(mesh) if mesh.options.cfg_parallel else job.guidance,
+                          callback=shared_stop(job.callback, job.cancel, mesh), cancel=None)
+        s = job.settings
         cache = make_cache(_beside(job.cache, m.source), m.dit, s.width * s.height)  # calibration read before any model runs
         vae = m.vae if isinstance(m.vae, TiledVAE) else TiledVAE(m.vae, job.vae_tile)
+        if mesh is not None and mesh.options.vae_parallel:
+            vae = ParallelVAE(vae, mesh)  # the decode split by tiles over the ranks (encodes run whole)
         device = off.device
         with off.visit("t5"):  # the official order: umT5, CLIP, VAE encode, DiT, VAE decode
             prompts = [encode_prompts(m.text_encoder, p, s.negative_prompt if s.guided else None, m.dit.config.text_len,
@@ -172,7 +191,8 @@ class Pipeline:
                  s.height, s.frame_num, s.steps - start.start_step, s.solver, s.shift, s.guide_scale, s.seed)
         with off.visit("dit"):
             return sample_latents(m.dit, prompts, condition, start, s, guidance=job.guidance, extras=job.extras,
-                                  windows=job.windows, known_latents=known, hooks=m.lora_hooks,
+                                  windows=job.windows, known_latents=known,
+                                  hooks=(*m.lora_hooks, *sequence_hooks(self.runtime.parallel)),
                                   train_frames=train_latent_frames(m.info.sample_defaults, m.geometry.temporal),
                                   cache=cache, callback=job.callback, cancel=job.cancel, preview=self.preview,
                                   progress=job.progress, attention=self.runtime.attention)
@@ -211,6 +231,13 @@ class Pipeline:
         rec["model"] = m.source or "in-memory"
         rec["kinema_version"] = kinema.__version__
         return rec
+
+
+def check_parallel_call(mesh, job: Job, names: dict | None = None) -> None:
+    """A call the run's split cannot do (kinema.parallel.mesh.ParallelOptions.check_call), before any model runs."""
+    if mesh is not None:
+        mesh.options.check_call(job.settings.guided, job.guidance.name == "batched", job.extras.enhance is not None,
+                                job.vae_tile, names)
 
 
 def _beside(cache, source: str | None):

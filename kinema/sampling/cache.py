@@ -104,6 +104,8 @@ def fingerprint(dit) -> str:
     shape without reading the big matrices (modulation stays float32 whatever dtype or fp8 the rest has)."""
     h = hashlib.sha256()
     for p in [dit.head.modulation, *(b.modulation for b in dit.blocks)]:
+        if hasattr(p, "full_tensor"):  # sharded by FSDP (a DTensor): gathered whole, on every rank alike
+            p = p.full_tensor()
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -61,6 +61,7 @@ class ServerConfig:
     web_root: Path | None = None  # None: the package's page (kinema/server/web)
     comfy_frontend: bool = False  # web_root is ComfyUI's frontend: add the routes it calls (comfy_frontend.py)
     max_nodes: int = MAX_NODES
+    cluster: object = None  # kinema.server.cluster.ClusterOptions (connected): jobs run on Ray workers
 
     def __post_init__(self):
         self.output_dir = Path(self.output_dir)
@@ -145,8 +146,13 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
     for pid in queue.failed:
         log.warning("job %s stopped the server %d times: recorded as failed, not run again", pid, 2)
     hub = Hub()
-    worker = Worker(queue, engine.executor, hub)
     folders = {"output": config.output_dir, "input": config.input_dir, "temp": config.temp_dir}
+    if config.cluster is not None:
+        from kinema.server.cluster import RayDispatcher, settings_of
+
+        worker = RayDispatcher(queue, hub, config.cluster, settings_of(config), folders)
+    else:
+        worker = Worker(queue, engine.executor, hub)
     web_root = config.web_root or WEB
 
     @asynccontextmanager
@@ -437,6 +443,15 @@ def create_app(config: ServerConfig, engine=None) -> FastAPI:
     @api.get("/system_stats")
     def system_stats():
         return _system_stats()
+
+    @api.get("/kinema/workers")
+    def workers():
+        """What runs where: the in-process worker, or each Ray worker (its rank 0's pid and machine)."""
+        if hasattr(worker, "workers"):
+            return {"workers": worker.workers()}
+        job = worker.current
+        return {"workers": [{"index": 0, "ranks": 1, "pid": os.getpid(), "node": "server",
+                             "prompt_id": job.prompt_id if job else None}]}
 
     # -- the websocket --------------------------------------------------------------------------------
     @api.websocket("/ws")

@@ -9,7 +9,8 @@ running. On the next start it goes back to the front of the queue, to run first,
 already been started `MAX_ATTEMPTS` times: then it goes to the history as an error saying so, so a
 job that brings the server down is not retried for ever. Pending jobs are kept as they were.
 A kill after a job's files are written but before its record commits runs it once more: its files
-take the next counter names, nothing is overwritten.
+take the next counter names, nothing is overwritten. With Ray workers (cluster.py) a worker that dies
+mid-job puts its job back the same way (`requeue`), to run on another worker.
 """
 
 from __future__ import annotations
@@ -147,6 +148,25 @@ class JobQueue:
         with self._tx() as db:
             db.execute("UPDATE queue SET state = 'pending', resume = 1, attempts = MAX(attempts - 1, 0) "
                        "WHERE prompt_id = ? AND state = 'running'", (prompt_id,))
+
+    def requeue(self, job: Job, why: str) -> bool:
+        """A running job whose worker was lost (a Ray worker died, kinema/server/cluster.py): pending again at the
+        front, its attempt counted, to run on another worker; after MAX_ATTEMPTS attempts an error in the history
+        saying `why`, as `recover` does after server crashes. True when it was queued again."""
+        with self._tx() as db:
+            row = db.execute("SELECT attempts FROM queue WHERE prompt_id = ? AND state = 'running'",
+                             (job.prompt_id,)).fetchone()
+            if row is None:  # finished or deleted meanwhile: nothing to do
+                return False
+            if row["attempts"] < MAX_ATTEMPTS:
+                db.execute("UPDATE queue SET state = 'pending', resume = 1 WHERE prompt_id = ?", (job.prompt_id,))
+                return True
+            message = f"{why}, {row['attempts']} times; it is not run again. Check the workers' logs, then queue it anew."
+            error = {"prompt_id": job.prompt_id, "node_id": None, "node_type": None, "executed": [],
+                     "exception_message": message, "exception_type": "WorkerLost", "traceback": [],
+                     "current_inputs": {}, "current_outputs": {}, "timestamp": int(time.time() * 1000)}
+            self._write_history(db, job, {}, "error", [["execution_error", error]])
+            return False
 
     def finish(self, job: Job, outputs: dict, status: str, messages: list, meta: dict | None = None) -> None:
         """Record the job's history and take it off the queue, in one transaction."""

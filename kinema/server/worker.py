@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 import traceback
+from dataclasses import dataclass, field
 
 from kinema.errors import Cancelled
 from kinema.server.hub import Hub
@@ -105,65 +106,97 @@ class Worker(threading.Thread):
         with self._lock:
             self.current, self.cancel = job, cancel
         self.queue_changed()
-        messages: list = []
-        executed: list[str] = []
-        state = {"ended": False}
 
-        def listener(event: str, data: dict) -> None:
-            try:
-                if event in STATUS_EVENTS:
-                    messages.append([event, data])
-                    state["ended"] |= event in ("execution_success", "execution_error", "execution_interrupted")
-                if event == "preview":
-                    self.hub.send_preview(data.get("image"), sid)
-                    return
-                if event == "executing":
-                    self.last_node = data.get("node")
-                    if data.get("node") is None:  # sent by us once the history is written
-                        return
-                if event == "executed" and data.get("node") is not None:
-                    executed.append(str(data["node"]))
-                self.hub.send(event, data, sid)
-            except Exception:
-                log.exception("worker: event %s not forwarded", event)
-
-        outputs: dict = {}
-        status = "success"
-        log.info("running %s (attempt %d)", job.prompt_id, job.attempts)
-        try:
-            outputs = self.executor.execute(job.prompt, job.prompt_id, listener=listener, cancel=cancel,
-                                            extra_data=job.extra_data) or {}
-        except Cancelled:
-            status = "error"
-            if self.stopping.is_set():  # shutdown, not the user's interrupt: run it again at the next start
-                self.queue.release(job.prompt_id)
-                with self._lock:
-                    self.current = self.cancel = None
-                log.info("job %s put back on the queue for the next start", job.prompt_id)
+        def forward(event: str, data: dict) -> None:
+            if event == "preview":
+                self.hub.send_preview(data.get("image"), sid)
                 return
-            if not state["ended"]:
-                listener("execution_interrupted", {"prompt_id": job.prompt_id, "node_id": self.last_node,
-                                                   "node_type": None, "executed": executed, "timestamp": now_ms()})
-        except Exception as exc:
-            status = "error"
-            if not state["ended"]:  # the executor failed before it could report it
-                log.exception("job %s failed", job.prompt_id)
-                listener("execution_error", {
-                    "prompt_id": job.prompt_id, "node_id": self.last_node, "node_type": None, "executed": executed,
-                    "exception_message": str(exc), "exception_type": type(exc).__name__,
-                    "traceback": traceback.format_exception(exc), "current_inputs": {}, "current_outputs": {},
-                    "timestamp": now_ms()})
-        else:
-            if any(m[0] in ("execution_error", "execution_interrupted") for m in messages):
-                status = "error"
-        meta = {nid: {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid} for nid in outputs}
-        self.queue.finish(job, _jsonable(outputs), status, messages, meta)
+            if event == "executing":
+                self.last_node = data.get("node")
+                if data.get("node") is None:  # sent by us once the history is written
+                    return
+            self.hub.send(event, data, sid)
+
+        log.info("running %s (attempt %d)", job.prompt_id, job.attempts)
+        done = execute_job(self.executor, job.prompt_id, job.prompt, job.extra_data, cancel, forward,
+                           self.stopping.is_set)
+        if done.stopped:  # shutdown, not the user's interrupt: run it again at the next start
+            self.queue.release(job.prompt_id)
+            with self._lock:
+                self.current = self.cancel = None
+            log.info("job %s put back on the queue for the next start", job.prompt_id)
+            return
+        self.queue.finish(job, done.outputs, done.status, done.messages, done.meta)
         with self._lock:
             self.current = self.cancel = None
         self.last_node = None
         self.queue_changed()
         self.hub.send("executing", {"node": None, "prompt_id": job.prompt_id}, sid)
-        log.info("finished %s: %s", job.prompt_id, status)
+        log.info("finished %s: %s", job.prompt_id, done.status)
+
+
+@dataclass
+class Done:
+    """How a job ended: what its history entry records, or `stopped` (a server shutdown interrupted it)."""
+
+    outputs: dict = field(default_factory=dict)
+    status: str = "success"
+    messages: list = field(default_factory=list)
+    stopped: bool = False
+
+    @property
+    def meta(self) -> dict:
+        return {nid: {"node_id": nid, "display_node": nid, "parent_node": None, "real_node_id": nid}
+                for nid in self.outputs}
+
+
+def execute_job(executor, prompt_id: str, prompt: dict, extra_data: dict, cancel: threading.Event, forward,
+                stopping=lambda: False) -> Done:
+    """Run one job through `executor`, handing every message to `forward(event, data)`; every failure becomes the
+    job's execution_error (or _interrupted) message, as ComfyUI records it. The in-process worker and a Ray
+    worker (kinema/server/cluster.py) both run jobs through here. `stopping()` True when the cancel came from a
+    server shutdown: the job is then `stopped`, not interrupted."""
+    done = Done()
+    executed: list[str] = []
+    state = {"ended": False, "node": None}
+
+    def listener(event: str, data: dict) -> None:
+        try:
+            if event in STATUS_EVENTS:
+                done.messages.append([event, data])
+                state["ended"] |= event in ("execution_success", "execution_error", "execution_interrupted")
+            if event == "executing":
+                state["node"] = data.get("node")
+            if event == "executed" and data.get("node") is not None:
+                executed.append(str(data["node"]))
+            forward(event, data)
+        except Exception:
+            log.exception("worker: event %s not forwarded", event)
+
+    outputs: dict = {}
+    try:
+        outputs = executor.execute(prompt, prompt_id, listener=listener, cancel=cancel, extra_data=extra_data) or {}
+    except Cancelled:
+        done.status = "error"
+        if stopping():
+            return Done(stopped=True)
+        if not state["ended"]:
+            listener("execution_interrupted", {"prompt_id": prompt_id, "node_id": state["node"], "node_type": None,
+                                               "executed": executed, "timestamp": now_ms()})
+    except Exception as exc:
+        done.status = "error"
+        if not state["ended"]:  # the executor failed before it could report it
+            log.exception("job %s failed", prompt_id)
+            listener("execution_error", {
+                "prompt_id": prompt_id, "node_id": state["node"], "node_type": None, "executed": executed,
+                "exception_message": str(exc), "exception_type": type(exc).__name__,
+                "traceback": traceback.format_exception(exc), "current_inputs": {}, "current_outputs": {},
+                "timestamp": now_ms()})
+    else:
+        if any(m[0] in ("execution_error", "execution_interrupted") for m in done.messages):
+            done.status = "error"
+    done.outputs = _jsonable(outputs)
+    return done
 
 
 def _jsonable(outputs: dict) -> dict:

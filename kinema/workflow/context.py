@@ -48,10 +48,13 @@ def _bytes_of(obj) -> int:
 
 
 class ModelCache:
-    """Loaded models by recipe, kept between prompts within `budget` bytes (None: keep everything)."""
+    """Loaded models by recipe, kept between prompts within `budget` bytes (None: keep everything). `parallel`:
+    Pipeline.load's parallel options (ulysses_size ...) for whole pipelines, on a multi-rank Ray worker
+    (kinema/server/cluster.py)."""
 
-    def __init__(self, budget: int | None = None):
+    def __init__(self, budget: int | None = None, parallel: dict | None = None):
         self.budget = budget
+        self.parallel = dict(parallel or {})
         self._items: OrderedDict[tuple, tuple[object, int]] = OrderedDict()
         self._lock = threading.RLock()
 
@@ -121,7 +124,7 @@ class ModelCache:
 
     def pipeline(self, r):
         """A whole kinema.Pipeline for a frozen recipe with `load()` (kinema_nodes.PipelineRecipe)."""
-        return self._get(("pipeline", r), r.load)
+        return self._get(("pipeline", r), lambda: r.load(**self.parallel))
 
 
 def _device_dtype(device, dtype, encoder: bool = False):

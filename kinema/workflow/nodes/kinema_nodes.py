@@ -53,10 +53,11 @@ class PipelineRecipe:
                     dtype=self.dtype, quantization=self.quantization, attention=self.attention,
                     blocks_to_swap=self.blocks_to_swap)
 
-    def load(self):
+    def load(self, **parallel):
+        """The pipeline; `parallel`: Pipeline.load's parallel options (a multi-rank Ray worker's)."""
         import kinema
 
-        return kinema.Pipeline.load(**self.options())
+        return kinema.Pipeline.load(**self.options(), **parallel)
 
 
 def _folder_list(ctx, kind: str) -> list[str]:
