@@ -27,6 +27,9 @@ def add_parser(sub) -> None:
                         "settings become the defaults); repeatable")
     e.add_argument("--cache", default=None, metavar="SPEC",
                    help="step caching while sampling, as `kinema generate --cache` (teacache:T, magcache:T:K)")
+    from kinema.cli.main import extras_flags
+
+    extras_flags(e)  # `kinema generate`'s guidance extras and context windows, for every sample
     e.add_argument("--only", default="t2v,i2v,flf2v,vae,lora", help="comma-separated parts to run")
     e.add_argument("--json", default=None, help="also write the results to this JSON file (never overwritten)")
     e.set_defaults(run=run)
@@ -45,6 +48,9 @@ def run(args: argparse.Namespace) -> None:
     bad = [p for p in only if p not in ("t2v", "i2v", "flf2v", "vae", "lora")]
     if bad:
         raise KinemaError(f"--only: unknown part {bad[0]!r}; choose from t2v, i2v, flf2v, vae, lora.")
+    from kinema.cli.generate import extras_arguments
+
+    extras = {k: v for k, v in extras_arguments(args).items() if v is not None and v != "off"}
     if args.cache:
         from kinema.sampling.cache import parse_cache
 
@@ -53,7 +59,7 @@ def run(args: argparse.Namespace) -> None:
     s = EvalSettings(t2v=args.t2v, i2v=args.i2v, flf2v=args.flf2v, vae=args.vae, lora=args.lora_samples,
                      seed=EVAL_SEED if args.seed is None else args.seed, steps=args.sample_steps, only=only,
                      cache=args.cache, solver=args.sample_solver, shift=args.sample_shift,
-                     guide_scale=args.sample_guide_scale)
+                     guide_scale=args.sample_guide_scale, extras=extras)
     results = evaluate(pipe, s, lora=args.lora)
     print(table(results))
     if args.json:

@@ -155,10 +155,10 @@ def _sampling_flags(g) -> None:
                    help="step caching: teacache:THRESH (e.g. teacache:0.2) or magcache:THRESH:K (e.g. magcache:0.12:2) "
                         "reuses the DiT blocks' last output on steps that barely change; off computes every step (docs/caching.md)")
     g.add_argument("--base_seed", type=int, default=-1, help="seed; -1 picks one at random")
-    _extras_flags(g)
+    extras_flags(g)
 
 
-def _extras_flags(g) -> None:
+def extras_flags(g) -> None:
     x = g.add_argument_group("guidance extras (README, \"Guidance extras\")")
     x.add_argument("--slg", default=None, metavar="BLOCKS",
                    help="skip-layer guidance: skip these DiT blocks (e.g. 9,10) in the uncond pass (or, --slg_mode sd3, "

@@ -52,10 +52,14 @@ class EvalSettings:
     guide_scale: float | None = None
     cache: str | None = None  # step caching for every generated sample, e.g. "teacache:0.1" (kinema/sampling/cache.py)
     only: tuple[str, ...] = field(default=("t2v", "i2v", "flf2v", "vae", "lora"))
+    # the Pipeline's guidance extras / context windows for every sample (skip_layers, cfg_zero_star, enhance, riflex,
+    # context_windows), as `kinema generate`'s flags give them
+    extras: dict = field(default_factory=dict)
 
     def sampling(self) -> dict:
         """The pipeline's sampling arguments these settings fix (None: the model's own)."""
-        return dict(steps=self.steps, solver=self.solver, shift=self.shift, guide_scale=self.guide_scale)
+        return dict(steps=self.steps, solver=self.solver, shift=self.shift, guide_scale=self.guide_scale,
+                    **self.extras)
 
 
 def to_uint8(video: torch.Tensor) -> np.ndarray:
