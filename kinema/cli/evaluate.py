@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
                         "settings become the defaults); repeatable")
     e.add_argument("--cache", default=None, metavar="SPEC",
                    help="step caching while sampling, as `kinema generate --cache` (teacache:T, magcache:T:K)")
-    from kinema.cli.main import extras_flags
+    from kinema.cli.generate import extras_flags
 
     extras_flags(e)  # `kinema generate`'s guidance extras and context windows, for every sample
     e.add_argument("--only", default="t2v,i2v,flf2v,vae,lora", help="comma-separated parts to run")

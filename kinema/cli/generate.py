@@ -83,6 +83,44 @@ def refine_argument(args) -> dict | None:
     return {"size": args.refine_size, **tune}
 
 
+def extras_flags(g) -> None:
+    x = g.add_argument_group("guidance extras (README, \"Guidance extras\")")
+    x.add_argument("--slg", default=None, metavar="BLOCKS",
+                   help="skip-layer guidance: skip these DiT blocks (e.g. 9,10) in the uncond pass (or, --slg_mode sd3, "
+                        "in an extra cond pass)")
+    x.add_argument("--slg_start", type=float, default=None, help="first step of --slg, a fraction of the steps (default 0.1)")
+    x.add_argument("--slg_end", type=float, default=None, help="last step of --slg, a fraction of the steps (default 1.0)")
+    x.add_argument("--slg_mode", default=None, choices=["uncond", "sd3"],
+                   help="uncond: the wrapper's form (default); sd3: v += scale * (cond - cond_skipped)")
+    x.add_argument("--slg_scale", type=float, default=None, help="the sd3 form's scale (default 3.0)")
+    x.add_argument("--cfg_zero_star", action="store_true",
+                   help="CFG-Zero*: an optimised scale on the uncond prediction, and zero-init of the first steps")
+    x.add_argument("--zero_init_steps", type=int, default=None,
+                   help="with --cfg_zero_star: steps given a zero velocity at the start (default 1; 0 turns it off)")
+    x.add_argument("--feta", type=float, default=None, metavar="WEIGHT",
+                   help="Enhance-A-Video: scale self-attention by the cross-frame intensity times (frames + WEIGHT); "
+                        "the wrapper's default weight is 2.0")
+    x.add_argument("--feta_start", type=float, default=None, help="first step of --feta, a fraction (default 0.0)")
+    x.add_argument("--feta_end", type=float, default=None, help="last step of --feta, a fraction (default 1.0)")
+    w = g.add_argument_group("context windows (README, \"Long video\")")
+    w.add_argument("--context_frames", type=int, default=None, metavar="N",
+                   help="denoise in overlapping windows of N pixel frames (4n+1; e.g. 81, 17 for the built-in model), "
+                        "for videos longer than the model takes")
+    w.add_argument("--context_stride", type=int, default=None, help="with --context_frames: the wrapper's stride (default 4)")
+    w.add_argument("--context_overlap", type=int, default=None, help="with --context_frames: overlap in pixel frames (default 16)")
+    w.add_argument("--context_schedule", default=None, choices=["uniform_standard", "uniform_looped", "static_standard"],
+                   help="with --context_frames: how windows are placed each step (default uniform_standard)")
+    w.add_argument("--context_fuse", default=None, choices=["linear", "pyramid", "flat"],
+                   help="with --context_frames: how overlapping windows blend (default linear)")
+    w.add_argument("--context_rope", default=None, choices=["relative", "absolute"],
+                   help="with --context_frames: RoPE positions from each window's start (default, the wrapper's) or "
+                        "where the window sits in the video")
+    w.add_argument("--freenoise", action="store_true", help="with --context_frames: FreeNoise initial noise")
+    x.add_argument("--riflex", default="off", metavar="auto|K|off",
+                   help="RIFLEx for videos longer than the model was trained on: lower the K-th temporal RoPE "
+                        "frequency (auto: the paper's rule, only when longer than trained)")
+
+
 def extras_arguments(args) -> dict:
     """The guidance-extras flags as Pipeline.__call__'s skip_layers / cfg_zero_star / enhance / riflex; a flag
     that tunes an extra not asked for is an error (it would do nothing)."""
