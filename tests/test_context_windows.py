@@ -165,9 +165,10 @@ def test_pipeline_windows(models, monkeypatch):
     assert (win.latents - plain.latents).abs().max() > 1e-3
     rec = win.settings
     assert (rec["context_frames"], rec["context_overlap"], rec["context_schedule"], rec["freenoise"]) == \
-        (17, 8, "static_standard", False)
-    noisy = run(models, context_windows=dict(frames=17, overlap=8, freenoise=True))
-    assert (noisy.latents - run(models, context_windows=dict(frames=17, overlap=8)).latents).abs().max() > 1e-3
+        (17, 8, "static_standard", True)  # FreeNoise on by default, as the wrapper's node
+    own = run(models, context_windows=dict(frames=17, overlap=8, freenoise=False))
+    assert own.settings["freenoise"] is False
+    assert (own.latents - run(models, context_windows=dict(frames=17, overlap=8)).latents).abs().max() > 1e-3
 
     # what the DiT sees per window: the window's frames, RoPE from 0 (relative) or from its start (absolute),
     # the first frame's condition as every window's anchor
@@ -223,11 +224,11 @@ def test_cli_windows_and_repeat(tmp_path, capsys):
     gen = ["generate", "--task", "t2v-1.3B", "--ckpt_dir", str(ckpt), "--size", "32*32", "--frame_num", "41",
            "--sample_steps", "2", "--prompt", "a red circle | a blue square", "--base_seed", "5"]
     out = tmp_path / "long.webp"  # lossless webp: exact frames (libx264's are not reproducible run to run)
-    assert main([*gen, "--save_file", str(out), "--lossless", "--context_frames", "17", "--context_overlap", "8", "--freenoise",
-                 "--context_fuse", "pyramid"]) == 0
+    assert main([*gen, "--save_file", str(out), "--lossless", "--context_frames", "17", "--context_overlap", "8",
+                 "--no_freenoise", "--context_fuse", "pyramid"]) == 0
     assert read_video(out).frames.shape == (41, 32, 32, 3)
     meta = read_metadata(out)
-    assert meta["context_frames"] == 17 and meta["context_fuse"] == "pyramid" and meta["freenoise"] is True
+    assert meta["context_frames"] == 17 and meta["context_fuse"] == "pyramid" and meta["freenoise"] is False
     again = tmp_path / "again.webp"
     assert main(["generate", "--from", str(out), "--ckpt_dir", str(ckpt), "--save_file", str(again), "--lossless"]) == 0
     assert np.array_equal(read_video(out).frames, read_video(again).frames)

@@ -431,7 +431,8 @@ def test_windows_prompt_travel_and_distilled_schedulers_equal_pipeline(ctx, pipe
                 force_offload=True, scheduler="unipc", riflex_freq_index=0)
     samples, _ = call("WanVideoSampler", ctx, context_options=context, **args)
     ref = pipe(travel, size="64*64", frame_num=33, steps=STEPS, shift=3.0, guide_scale=4.0, seed=42, negative_prompt="",
-               context_windows=dict(frames=17, overlap=8, schedule="static_standard"), decode=False, progress=False)
+               context_windows=dict(frames=17, overlap=8, schedule="static_standard", freenoise=False), decode=False,
+               progress=False)
     assert (samples["samples"][0] - ref.latents.cpu()).abs().max().item() <= 1e-6
     with pytest.raises(KinemaError, match="connect context_options"):
         call("WanVideoSampler", ctx, **args)

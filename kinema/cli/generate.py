@@ -115,7 +115,10 @@ def extras_flags(g) -> None:
     w.add_argument("--context_rope", default=None, choices=["relative", "absolute"],
                    help="with --context_frames: RoPE positions from each window's start (default, the wrapper's) or "
                         "where the window sits in the video")
-    w.add_argument("--freenoise", action="store_true", help="with --context_frames: FreeNoise initial noise")
+    w.add_argument("--freenoise", dest="freenoise", action="store_const", const=True, default=None,
+                   help="with --context_frames: FreeNoise initial noise (the default, as the wrapper's)")
+    w.add_argument("--no_freenoise", dest="freenoise", action="store_const", const=False,
+                   help="with --context_frames: every window's own initial noise")
     x.add_argument("--riflex", default="off", metavar="auto|K|off",
                    help="RIFLEx for videos longer than the model was trained on: lower the K-th temporal RoPE "
                         "frequency (auto: the paper's rule, only when longer than trained)")
@@ -136,9 +139,9 @@ def extras_arguments(args) -> dict:
             raise KinemaError(f"{', '.join(prefix + k for k in flags)} tunes {owner}, which is not given; add {owner}.")
     zero = given(zero_init_steps=args.zero_init_steps)
     windows = given(stride=args.context_stride, overlap=args.context_overlap, schedule=args.context_schedule,
-                    fuse=args.context_fuse, rope=args.context_rope) | ({"freenoise": True} if args.freenoise else {})
+                    fuse=args.context_fuse, rope=args.context_rope) | ({} if args.freenoise is None else {"freenoise": args.freenoise})
     if windows and args.context_frames is None:
-        raise KinemaError(f"{', '.join('--' + ('freenoise' if k == 'freenoise' else 'context_' + k) for k in windows)} "
+        raise KinemaError(f"{', '.join('--' + (('' if args.freenoise else 'no_') + k if k == 'freenoise' else 'context_' + k) for k in windows)} "
                           "tunes context windows, which are off; add --context_frames.")
     return dict(context_windows=dict(frames=args.context_frames, **windows) if args.context_frames is not None else None,
                 skip_layers=dict(blocks=args.slg, **slg) if args.slg is not None else None,

@@ -38,7 +38,8 @@ class ContextWindows:
     overlap: int = 16
     schedule: str = "uniform_standard"
     fuse: str = "linear"
-    freenoise: bool = False  # FreeNoise initial noise (the wrapper node turns it on by default; --freenoise)
+    freenoise: bool = True  # FreeNoise initial noise, on by default as in the wrapper's node (docs/long_video.md:
+    # without it each window drew its own colour for the object on the built-in model; --no_freenoise)
     rope: str = "relative"  # window positions from 0 (the wrapper's), or absolute (where the window sits)
 
     def __post_init__(self):
