@@ -59,7 +59,8 @@ def main() -> None:
     p.add_argument("--overlap", type=int, default=8)
     p.add_argument("--schedule", default="uniform_standard")
     p.add_argument("--fuse", default="linear", choices=["linear", "pyramid", "flat"])
-    p.add_argument("--freenoise", action="store_true", help="FreeNoise initial noise for the windows")
+    p.add_argument("--no_freenoise", dest="freenoise", action="store_false",
+                   help="the windows without FreeNoise initial noise (on by default, as in the Pipeline)")
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--seed", type=int, default=20260)
     p.add_argument("--extend", type=int, default=3, help="extensions of a 17-frame clip (0: none)")
