@@ -34,7 +34,7 @@ from kinema.errors import KinemaError
 from kinema.parallel.mesh import ParallelOptions
 from kinema.server.hub import Hub
 from kinema.server.queue import Job, JobQueue
-from kinema.server.worker import Done, execute_job
+from kinema.server.worker import Done, QueueThread, execute_job
 
 log = logging.getLogger("kinema")
 
@@ -291,33 +291,22 @@ class Slot:
     starting: bool = False  # its actors are being made
 
 
-class RayDispatcher(threading.Thread):
+class RayDispatcher(QueueThread):
     """Runs the queue's jobs on Ray workers; the in-process Worker's interface (status, queue_changed, interrupt,
     set_flag, stop), which the app calls."""
 
     def __init__(self, queue: JobQueue, hub: Hub, options: ClusterOptions, settings: dict, folders: dict[str, Path]):
-        super().__init__(name="kinema-ray-dispatcher", daemon=True)
-        self.queue, self.hub, self.options, self.folders = queue, hub, options, folders
+        super().__init__(queue, hub, "kinema-ray-dispatcher")
+        self.options, self.folders = options, folders
         self.settings = {**settings, "setup": [str(Path(p).resolve()) for p in options.setup],
                          "parallel": {k: v for k, v in vars(options.parallel).items()} if options.ranks > 1 or
                          options.parallel.active else {}}
         self.slots = [Slot(i) for i in range(options.workers or 1)]
-        self.wake, self.stopping, self.idle = threading.Event(), threading.Event(), threading.Event()
-        self.flags: dict[str, bool] = {}
-        self.last_node = None
-        self._lock = threading.Lock()
 
-    # -- the Worker interface --------------------------------------------------------------------------
+    # -- the queue runner interface (QueueThread) --------------------------------------------------------------------------
     @property
     def current(self) -> Job | None:
         return next((s.job for s in self.slots if s.job is not None), None)
-
-    def status(self) -> dict:
-        return {"exec_info": {"queue_remaining": self.queue.remaining()}}
-
-    def queue_changed(self) -> None:
-        self.hub.send("status", {"status": self.status()})
-        self.wake.set()
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
         hit = False
@@ -328,18 +317,9 @@ class RayDispatcher(threading.Thread):
                 hit = True
         return hit
 
-    def set_flag(self, name: str, value: bool) -> None:
-        with self._lock:
-            self.flags[name] = bool(value) or self.flags.get(name, False)
-        self.wake.set()
-
     def stop(self, timeout: float = 10.0) -> None:
-        """Clean shutdown: running jobs are stopped and put back at the front of the queue."""
-        self.stopping.set()
-        self.interrupt()
-        self.wake.set()
-        if self.is_alive():
-            self.join(timeout)
+        """Clean shutdown: running jobs are stopped and put back at the front of the queue; the actors dropped."""
+        super().stop(timeout)
         ray = import_ray()
         for slot in self.slots:
             self._drop(slot)

@@ -25,20 +25,18 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-class Worker(threading.Thread):
-    def __init__(self, queue: JobQueue, executor, hub: Hub):
-        super().__init__(name="kinema-worker", daemon=True)
-        self.queue, self.executor, self.hub = queue, executor, hub
-        self.wake = threading.Event()
-        self.stopping = threading.Event()
+class QueueThread(threading.Thread):
+    """What the app calls on whatever runs the queue (the in-process Worker, or the Ray dispatcher of
+    kinema/server/cluster.py): status, queue_changed, set_flag, stop; subclasses add interrupt and run."""
+
+    def __init__(self, queue: JobQueue, hub: Hub, name: str):
+        super().__init__(name=name, daemon=True)
+        self.queue, self.hub = queue, hub
+        self.wake, self.stopping, self.idle = threading.Event(), threading.Event(), threading.Event()
         self.flags: dict[str, bool] = {}
-        self.current: Job | None = None
-        self.cancel: threading.Event | None = None
         self.last_node: str | None = None
-        self.idle = threading.Event()
         self._lock = threading.Lock()
 
-    # -- called by the routes --------------------------------------------------------------------
     def status(self) -> dict:
         return {"exec_info": {"queue_remaining": self.queue.remaining()}}
 
@@ -47,12 +45,7 @@ class Worker(threading.Thread):
         self.wake.set()
 
     def interrupt(self, prompt_id: str | None = None) -> bool:
-        with self._lock:
-            job, cancel = self.current, self.cancel
-        if job is None or cancel is None or (prompt_id and prompt_id != job.prompt_id):
-            return False
-        cancel.set()
-        return True
+        raise NotImplementedError
 
     def set_flag(self, name: str, value: bool) -> None:
         with self._lock:
@@ -60,12 +53,29 @@ class Worker(threading.Thread):
         self.wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Clean shutdown: the running job is stopped and put back at the front of the queue."""
+        """Clean shutdown: running jobs are stopped and put back at the front of the queue."""
         self.stopping.set()
         self.interrupt()
         self.wake.set()
         if self.is_alive():
             self.join(timeout)
+
+
+class Worker(QueueThread):
+    def __init__(self, queue: JobQueue, executor, hub: Hub):
+        super().__init__(queue, hub, "kinema-worker")
+        self.executor = executor
+        self.current: Job | None = None
+        self.cancel: threading.Event | None = None
+
+    # -- called by the routes --------------------------------------------------------------------
+    def interrupt(self, prompt_id: str | None = None) -> bool:
+        with self._lock:
+            job, cancel = self.current, self.cancel
+        if job is None or cancel is None or (prompt_id and prompt_id != job.prompt_id):
+            return False
+        cancel.set()
+        return True
 
     # -- the thread ------------------------------------------------------------------------------
     def run(self) -> None:
