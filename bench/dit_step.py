@@ -8,8 +8,10 @@ during the forward, reset before it, minus the memory before it) is the one repo
 model runs `--runs` timed forwards; the heap is trimmed (malloc_trim) before every forward, so none
 runs in pages the other model left. The table gives the median time, the activation peak, the
 Kinema / diffusers ratios of both, Kinema's FLOP count (matmuls and attention, counted from the
-shapes) and the share of the machine's matmul peak it reaches (the peak is a large square matmul
-in the same dtype, measured at the start).
+shapes) and the share of the machine's matmul peak it reaches (the peak is a large square product
+through F.linear in the same dtype, measured at the start; for bf16 the faster of the native product
+and the float32 way, operands cast up, that Kinema's layers may choose on this machine). For bf16,
+the ways Kinema's run chose (kinema/ops/cpu_half.py, raced per shape class) are printed per config.
 
 The text context is a prompt of `--text_tokens` umT5 rows (default 40) zero-padded to 512, as both
 pipelines build it (Wan's and diffusers' pipelines pad with zeros to text_len); diffusers attends to all
@@ -39,12 +41,14 @@ import time
 
 import diffusers
 import torch
+import torch.nn.functional as F
 from diffusers import WanTransformer3DModel
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 
 from kinema.loading.dit import dtype_policy
 from proc_status import reset_peak, status_bytes
 from kinema.models.dit import DiTConfig, WanDiT
+from kinema.ops.cpu_half import CHOICES, linear_float32
 
 TEXT_DIM, TEXT_LEN = 4096, 512
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -73,12 +77,24 @@ def flops(cfg: DiTConfig, tokens: int, text: int) -> float:
     return 2.0 * cfg.num_layers * per_block
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, runs: int = 5) -> float:
-    """FLOP/s of the best of a few n x n x n matmuls."""
+def matmul_peak(dtype: torch.dtype, n: int = 2048, runs: int = 3) -> tuple[float, str]:
+    """FLOP/s of the best of a few n x n x n products through F.linear (the call every linear layer makes), and
+    how: in `dtype` itself ('native') or, for bf16 / fp16, also the float32 way (operands cast up, result cast
+    back) Kinema's linear layers may choose on a CPU without fast half-precision units; the faster of the two is
+    this machine's peak for the dtype. A way slower than 20x the best is timed once."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = min(_time(lambda: a @ b) for _ in range(runs))
-    return 2 * n**3 / best
+    ways = {"native": lambda: F.linear(a, b)}
+    if dtype in (torch.bfloat16, torch.float16):
+        ways["float32"] = lambda: linear_float32(a, b, None)
+    best = {}
+    for way, fn in reversed(ways.items()):  # the float32 way first: it bounds how long native may take
+        best[way] = _time(fn)
+        if best[way] < 20 * min(best.values()):
+            best[way] = min(best[way], *(_time(fn) for _ in range(runs)))
+    way = min(best, key=best.__getitem__)
+    for other, t in best.items():
+        print(f"  {dtype} {n}^3 F.linear {other}: {2 * n**3 / t / 1e9:.1f} GFLOP/s")
+    return 2 * n**3 / best[way], way
 
 
 def trim_heap() -> None:
@@ -184,8 +200,8 @@ def main() -> None:
     n = 0  # configs measured so far: the side that starts alternates with it
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
-        peak = matmul_peak(dtype)
-        print(f"matmul peak {dtype_name}: {peak / 1e9:.1f} GFLOP/s")
+        peak, way = matmul_peak(dtype)
+        print(f"matmul peak {dtype_name}: {peak / 1e9:.1f} GFLOP/s ({way})")
         for name in names:
             cfg, (f, h, w) = table[name]
             ours, ref = build(cfg, dtype)
@@ -204,6 +220,12 @@ def main() -> None:
             rows.append((name, dtype_name, tokens, k["time"], d["time"], k["peak"], d["peak"], fl, peak, err))
             print(f"  {name} {dtype_name}: order {order}; kinema {', '.join(f'{v:.3f}' for v in k['times'])} s, "
                   f"diffusers {', '.join(f'{v:.3f}' for v in d['times'])} s", flush=True)
+            if dtype != torch.float32:
+                chosen = {}
+                for key, way in CHOICES.ways.items():
+                    chosen.setdefault(f"{key[0] if key[0] == 'linear' else 'attention'} {way}", []).append(key)
+                print("    Kinema's CPU half-precision ways so far: "
+                      + ", ".join(f"{k} x{len(v)}" for k, v in sorted(chosen.items())), flush=True)
             del ours, ref
     print()
     print("| config | dtype | tokens | Kinema s | diffusers s | time K/D | Kinema act. MiB | diffusers act. MiB | "

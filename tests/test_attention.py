@@ -238,9 +238,81 @@ def test_cpu_half_way_is_raced_once_per_shape_class(monkeypatch):
 def test_cpu_half_way_can_be_pinned(monkeypatch):
     q = torch.randn(1, 9, 2, 8).bfloat16()
     choices = cpu_half.CpuHalfChoices()
-    monkeypatch.setenv("KINEMA_CPU_HALF_ATTENTION", "float32")
+    monkeypatch.setenv("KINEMA_CPU_HALF", "float32")
     assert torch.equal(cpu_half.cpu_half_attention(q, q, q, None, None, choices), cpu_half.in_float32(q, q, q, None, None))
     assert not choices.ways  # no race
-    monkeypatch.setenv("KINEMA_CPU_HALF_ATTENTION", "fast")
-    with pytest.raises(KinemaError, match="KINEMA_CPU_HALF_ATTENTION='fast'"):
+    monkeypatch.setenv("KINEMA_CPU_HALF", "fast")
+    with pytest.raises(KinemaError, match="KINEMA_CPU_HALF='fast'"):
         cpu_half.cpu_half_attention(q, q, q, None, None, choices)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_half_linear_ways(dtype, bias):
+    """Both ways of a half-precision linear layer give F.linear's result: the float32 way is the float32 product
+    rounded once (exactly), the native way within half-precision rounding of it; float32 weights are plain F.linear."""
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 37, 64).to(dtype), (torch.randn(48, 64) / 8).to(dtype)
+    b = torch.randn(48).to(dtype) if bias else None
+    want = F.linear(x.float(), w.float(), None if b is None else b.float())
+    up = cpu_half.linear_float32(x, w, b)
+    assert up.dtype == dtype and torch.equal(up, want.to(dtype))
+    nat = F.linear(x, w, b)
+    assert (nat.float() - want).abs().max().item() < 3e-2
+    for way in cpu_half.WAYS:
+        choices = cpu_half.CpuHalfChoices()
+        choices.ways.update({key: way for key in [("linear", dtype, (48, 64), bias, 128, torch.get_num_threads())]})
+        got = cpu_half.linear(x, w, b, choices)
+        assert torch.equal(got, nat if way == "native" else up)
+    x32, w32 = x.float(), w.float()
+    assert torch.equal(cpu_half.linear(x32, w32, None, cpu_half.CpuHalfChoices()), F.linear(x32, w32))
+
+
+def test_cpu_half_linear_races_on_a_bounded_slice(monkeypatch):
+    """A linear layer's first call per class races the two ways on at most RACE_ROWS rows of its input, keeps the
+    winner, and runs the whole input that way; classes are rows rounded up to a power of two, capped at RACE_ROWS."""
+    seen = []
+
+    def fake(name, cost):
+        def run(x, w, b):
+            seen.append((name, x.shape[0] if x.dim() == 2 else None))
+            for _ in range(cost - 1):
+                next(clock)
+            return cpu_half.linear_float32(x, w, b)
+        return run
+
+    clock = iter(range(10_000))
+    monkeypatch.setattr(cpu_half.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(cpu_half, "RACE_ROWS", 16)
+    monkeypatch.setattr(cpu_half, "LINEAR", {"native": fake("native", 30), "float32": fake("float32", 2)})
+    choices = cpu_half.CpuHalfChoices()
+    w = torch.randn(8, 4).bfloat16()
+    x = torch.randn(2, 40, 4).bfloat16()  # 80 rows: the race runs on 16
+    out = cpu_half.linear(x, w, None, choices)
+    assert seen == [("native", 16), ("float32", 16), ("float32", 16), ("float32", None)]  # then the whole input
+    assert out.shape == (2, 40, 8) and torch.equal(out, cpu_half.linear_float32(x, w, None))
+    seen.clear()
+    cpu_half.linear(torch.randn(1000, 4).bfloat16(), w, None, choices)  # 1000 rows: the same (capped) class
+    assert seen == [("float32", 1000)] and len(choices.ways) == 1
+    seen.clear()
+    small = torch.randn(5, 4).bfloat16()  # 5 rows -> class 8, small enough that the race's own output is returned
+    with torch.no_grad():  # (with autograd on, the call runs again so its result has a graph)
+        assert torch.equal(cpu_half.linear(small, w, None, choices), cpu_half.linear_float32(small, w, None))
+    assert [name for name, _ in seen] == ["native", "float32", "float32"] and len(choices.ways) == 2
+    monkeypatch.setenv("KINEMA_CPU_HALF", "native")
+    seen.clear()
+    cpu_half.linear(torch.randn(3, 4).bfloat16(), w, None, cpu_half.CpuHalfChoices())
+    assert seen == [("native", 3)]
+
+
+def test_bf16_models_run_their_matrices_through_the_cpu_choice(monkeypatch):
+    """The DiT's, umT5's and CLIP's linear layers call kinema.ops.cpu_half.linear (the float32 way pinned here)."""
+    from kinema.models import clip, layers, t5
+    calls = []
+    real = cpu_half.linear
+    monkeypatch.setattr(layers, "linear", lambda *a: calls.append(a[1].dtype) or real(*a))
+    monkeypatch.setenv("KINEMA_CPU_HALF", "float32")
+    for mod in (t5.T5FeedForward(8, 16), clip.Linear(8, 8)):
+        mod.to(torch.bfloat16)(torch.randn(2, 3, 8).bfloat16())
+    assert calls and set(calls) == {torch.bfloat16}
+    assert isinstance(t5.T5Attention(8, 8, 2).q, layers.Linear) and clip.Linear is layers.Linear

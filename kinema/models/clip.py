@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kinema.models.layers import LayerNorm32 as LayerNorm
+from kinema.models.layers import Linear  # runs in the weight's dtype: a bf16 model takes the float32 stream as is
 from kinema.ops.attention import attention
 
 # Activation names as Hugging Face configs spell them -> Kinema's modules.
@@ -64,20 +66,6 @@ def _activation(name: str) -> nn.Module:
     if name in ("gelu_pytorch_tanh", "gelu_new"):
         return nn.GELU(approximate="tanh")
     raise ValueError(f"unsupported CLIP activation '{name}'; expected one of {', '.join(ACTIVATIONS)}")
-
-
-class LayerNorm(nn.LayerNorm):
-    """LayerNorm in float32 (weights are loaded in float32 too); returns float32."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
-
-
-class Linear(nn.Linear):
-    """Runs in the weight's dtype, so a bf16 model takes the float32 stream as is."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
 class SelfAttention(nn.Module):

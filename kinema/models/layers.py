@@ -4,7 +4,9 @@ Kinema keeps the residual stream and all normalisation in float32 (as the
 reference does under autocast) while the big matrix multiplies run in the
 weights' dtype. `Linear` therefore casts its input to its own weight dtype, so
 a model whose weights were loaded in bf16 needs no autocast and a float32
-"island" is simply a module whose weights were kept in float32.
+"island" is simply a module whose weights were kept in float32. On the CPU a
+bf16 / fp16 layer multiplies natively or in float32, whichever this machine
+runs faster (kinema/ops/cpu_half.py).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kinema.ops.cpu_half import linear
 
 
 class Linear(nn.Linear):
@@ -21,7 +25,7 @@ class Linear(nn.Linear):
         return self.weight.dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+        return linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
 class LayerNorm32(nn.LayerNorm):

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import nn
 
+from kinema.models.layers import Linear
 from kinema.ops.attention import attention
 
 
@@ -79,10 +80,10 @@ class T5Attention(nn.Module):
             raise ValueError(f"dim_attn {dim_attn} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.head_dim = dim_attn // num_heads
-        self.q = nn.Linear(dim, dim_attn, bias=False)
-        self.k = nn.Linear(dim, dim_attn, bias=False)
-        self.v = nn.Linear(dim, dim_attn, bias=False)
-        self.o = nn.Linear(dim_attn, dim, bias=False)
+        self.q = Linear(dim, dim_attn, bias=False)
+        self.k = Linear(dim, dim_attn, bias=False)
+        self.v = Linear(dim, dim_attn, bias=False)
+        self.o = Linear(dim_attn, dim, bias=False)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         b, length, _ = x.shape
@@ -99,9 +100,9 @@ class T5FeedForward(nn.Module):
     def __init__(self, dim: int, dim_ffn: int):
         super().__init__()
         # A Sequential so the checkpoint name is the official `ffn.gate.0.weight`.
-        self.gate = nn.Sequential(nn.Linear(dim, dim_ffn, bias=False), nn.GELU(approximate="tanh"))
-        self.fc1 = nn.Linear(dim, dim_ffn, bias=False)
-        self.fc2 = nn.Linear(dim_ffn, dim, bias=False)
+        self.gate = nn.Sequential(Linear(dim, dim_ffn, bias=False), nn.GELU(approximate="tanh"))
+        self.fc1 = Linear(dim, dim_ffn, bias=False)
+        self.fc2 = Linear(dim_ffn, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.fc1(x) * self.gate(x))

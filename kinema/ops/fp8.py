@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kinema.errors import KinemaError
+from kinema.ops.cpu_half import linear
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,7 @@ class FP8Linear(nn.Linear):
         if self.fast and x.is_cuda and _scaled_mm_device(x.device.index or 0):
             return scaled_mm_linear(x, self.weight, self.scale_weight, self.bias, self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)
+        return linear(x.to(self.compute_dtype), self.dequantized_weight(), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
