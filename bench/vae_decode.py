@@ -20,6 +20,7 @@ untiled. Ratios are Kinema / diffusers per pair.
 
     python bench/vae_decode.py --frames 17 --size 832x480   # full width (~35 min on 2 CPU cores, ~9 GB RAM)
     python bench/vae_decode.py --device cuda                 # on a GPU
+    python bench/vae_decode.py --frames 5 17 --modes untiled # the untiled pair only (the decode time target)
     python bench/vae_decode.py --small                       # width 16, 5 frames at 320x192 (a couple of minutes)
 """
 
@@ -189,6 +190,8 @@ def main() -> None:
     ap.add_argument("--tile", default=None, help="Kinema's own tile WxH in pixels (default: auto's pick at 1/3 of the memory)")
     ap.add_argument("--overlap", type=int, default=None,
                     help="Kinema's own overlap in latent pixels (default its 16 = 128 px; 8 with --small)")
+    ap.add_argument("--modes", nargs="+", default=["untiled", "matched", "own"], choices=["untiled", "matched", "own"],
+                    help="which pairs to run (untiled always runs: the other rows are measured against it)")
     ap.add_argument("--no-diffusers", dest="diffusers", action="store_false", help="Kinema only")
     ap.add_argument("--json", action="store_true", help="print the results as JSON lines")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -208,7 +211,9 @@ def main() -> None:
     match_tile, match_overlap = list(pixels(args.match_tile, "--match_tile")), args.match_overlap
     if match_overlap % RATIO or not 0 <= match_overlap < min(match_tile):
         raise SystemExit(f"--match_overlap {match_overlap}: a multiple of {RATIO} pixels below the tile's side is needed")
-    matched_is_default = match_tile == [256, 256] and match_overlap == 64  # AutoencoderKLWan's tile_sample_* defaults
+    modes = ["untiled", *(m for m in ("matched", "own") if m in args.modes)]
+    # AutoencoderKLWan's tile_sample_* defaults: its matched row is also its own
+    matched_is_default = match_tile == [256, 256] and match_overlap == 64 and "matched" in modes
     rows = []
     with tempfile.TemporaryDirectory(prefix="kinema-vaebench-") as tmp:
         folder = Path(tmp) / "vae"
@@ -227,6 +232,7 @@ def main() -> None:
                 ("matched", (match_tile, match_overlap), (match_tile, match_overlap)),
                 ("own", (own, own_overlap * RATIO), None if matched_is_default else ("default", None)),
             ]
+            pairs = [p for p in pairs if p[0] in modes]
             outs, start = {}, n % 2  # which library starts alternates from pair to pair and frame count to frame count
             for i, (mode, k_tile, d_tile) in enumerate(pairs):
                 sides = [("kinema", k_tile)] + ([("diffusers", d_tile)] if args.diffusers and d_tile else [])
@@ -239,7 +245,7 @@ def main() -> None:
                     r["first"] = sides[0][0]
                     outs[(lib, mode)] = torch.load(r["out"])
                     rows.append(r)
-            if args.diffusers and matched_is_default:
+            if args.diffusers and matched_is_default and "own" in modes:
                 outs[("diffusers", "own")] = outs[("diffusers", "matched")]
             for r in (x for x in rows if x["frames"] == frames):
                 video, untiled = outs[(r["lib"], r["mode"])], outs[(r["lib"], "untiled")]
@@ -286,6 +292,8 @@ def print_table(rows: list[dict], with_diffusers: bool) -> None:
         for frames in dict.fromkeys(r["frames"] for r in rows):
             for mode in ("untiled", "matched", "own"):
                 k, d = find(frames, "kinema", mode), find(frames, "diffusers", mode)
+                if k is None:
+                    continue
                 note = "" if d else " (diffusers' own default is its matched run)"
                 d = d or find(frames, "diffusers", "matched")
                 print(f"{frames} frames, {mode}: Kinema {k['seconds'] / d['seconds']:.2f}x of diffusers' time, "
