@@ -262,3 +262,27 @@ def test_save_never_overwrites(pipes, tmp_path):
     meta = read_metadata(first)
     assert meta["seed"] == 0 and meta["format"] == "h264-mp4" and meta["fps"] == 16
     assert read_video(first).frames.shape == (5, 32, 48, 3)
+
+
+def test_t2v_on_an_i2v_type_dit_encodes_the_blank_condition_once_per_size(pipes, monkeypatch):
+    """An i2v-type DiT running t2v (condition dropout) gets the VAE latent of a blank video: the same for every call
+    of a size, so the VAE encodes it once per size and later calls reuse it (the same video); new VAE weights
+    make it anew."""
+    from kinema.loading.dit import ModelInfo
+
+    i2v = pipes["i2v"].models
+    pipe = Pipeline(Models(i2v.dit, i2v.vae, i2v.text_encoder, i2v.clip, ModelInfo(("t2v", "i2v"))))  # trained for both
+    vae = pipe.models.vae
+    encodes = []
+    real = type(vae).encode
+    monkeypatch.setattr(type(vae), "encode", lambda self, v: encodes.append(tuple(v.shape)) or real(self, v))
+    task = dict(task="t2v", frame_num=5, seed=3, **KW)
+    a = pipe(PROMPT, **task)
+    b = pipe(PROMPT, **task)
+    assert len(encodes) == 1 and torch.equal(a.latents, b.latents)
+    pipe(PROMPT, **{**task, "size": (32, 48)})  # another size: encoded once more
+    assert len(encodes) == 2
+    with torch.no_grad():
+        vae.conv1.weight.mul_(1.0)  # weights updated in place (as by an optimizer step)
+    pipe(PROMPT, **task)
+    assert len(encodes) == 3

@@ -224,3 +224,30 @@ def test_video_shape_errors(fp32_vae):
         fp32_vae.encode(torch.zeros(1, 3, 1, 12, W))
     with pytest.raises(KinemaError, match=r"latents shaped \[B, 16"):
         fp32_vae.decode(torch.zeros(1, 4, 1, 2, 2))
+
+
+def test_cpu_causal_convolutions_read_channels_last(ref, fp32_vae, monkeypatch):
+    """On the CPU every padded 3D convolution of the VAE reads a channels-last (NDHWC) buffer, as oneDNN takes it without
+    reordering; the video equals (to float rounding) the one of NCDHW buffers, and comes back contiguous."""
+    from kinema.models import vae as vae_module
+
+    layouts, cl3d = [], torch.channels_last_3d
+    real = torch.nn.Conv3d._conv_forward
+
+    def spy(self, x, weight, bias):
+        if x.shape[2] > 1:  # (a first frame alone runs as a 2D convolution)
+            padded = any(getattr(self, "_causal_padding", ()))  # a CausalConv3d with a border: it builds a buffer
+            layouts.append((padded, x.is_contiguous(memory_format=cl3d)))
+        return real(self, x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.Conv3d, "_conv_forward", spy)
+    z, video = ref.cases[17].z, ref.cases[17].video
+    fast, enc = fp32_vae.decode(z), fp32_vae.encode(video)
+    padded = [cl for is_padded, cl in layouts if is_padded]
+    assert padded and all(padded), f"{padded.count(False)} of {len(padded)} padded convolutions read NCDHW"
+    assert fast.is_contiguous()
+    monkeypatch.setattr(vae_module.torch, "channels_last_3d", torch.contiguous_format)  # the buffers in NCDHW
+    layouts.clear()
+    plain, plain_enc = fp32_vae.decode(z), fp32_vae.encode(video)
+    assert not any(cl for is_padded, cl in layouts if is_padded)
+    assert _max_diff(fast, plain) <= 1e-5 and _max_diff(enc, plain_enc) <= 1e-5

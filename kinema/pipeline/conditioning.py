@@ -109,12 +109,14 @@ def _no_visit(name: str):
 
 @torch.no_grad()
 def make_condition(task, images: dict[str, torch.Tensor], frame_num: int, height: int, width: int, vae, clip,
-                   dit_config, device, visit=_no_visit) -> Condition:
+                   dit_config, device, visit=_no_visit, blanks: dict | None = None) -> Condition:
     """The condition of one run. `images`: the task's image inputs {name: [3, h, w] in [-1, 1]}
     (kinema.pipeline.tasks.Task.known_frames says where each goes; flf2v's last frame is fitted to the
     first's size by the official rule). An i2v-type DiT running a task without images (t2v on a model trained
     with condition dropout, Wan-Fun / Kinema) gets the empty condition; a t2v DiT none. `visit(name)`: a
-    context the encoders run in (kinema.memory.offload.Offloader.visit)."""
+    context the encoders run in (kinema.memory.offload.Offloader.visit). `blanks`: where the empty conditions
+    already made are kept (Models.blank_conditions), as they depend only on the VAE and the size: the VAE
+    encode of a blank video then runs once per size, not once per call."""
     if task.images:
         first = images[task.images[0]]
         known = {}
@@ -126,10 +128,30 @@ def make_condition(task, images: dict[str, torch.Tensor], frame_num: int, height
             y = build_condition(vae, known, frame_num, height, width)
         return Condition(tokens.to(device), y.to(device))
     if dit_config.in_dim > vae.z_dim:
-        with visit("vae"):
-            empty = empty_condition(dit_config, vae, frame_num, height, width)
+        key = (frame_num, height, width, type(vae).__name__, getattr(vae, "tile", None), _weights_version(vae))
+        empty = None if blanks is None else blanks.get(key)
+        if empty is None:
+            with visit("vae"):
+                empty = empty_condition(dit_config, vae, frame_num, height, width)
+            if blanks is not None:
+                if len(blanks) >= BLANKS_KEPT:
+                    blanks.pop(next(iter(blanks)))  # the oldest size
+                blanks[key] = empty
         return Condition(empty.clip_fea.to(device), empty.y.to(device))
     return Condition()
+
+
+BLANKS_KEPT = 8  # sizes whose empty condition is kept
+
+
+def _weights_version(vae) -> int:
+    """Changes whenever the VAE's weights are updated in place (an optimizer step, a load): a kept empty condition
+    of older weights is not reused."""
+    inner = vae
+    for _ in range(3):  # a ParallelVAE wraps a TiledVAE (.tiled), which wraps the WanVAE (.vae)
+        inner = getattr(inner, "tiled", None) or getattr(inner, "vae", None) or inner
+    weight = getattr(getattr(inner, "conv1", None), "weight", None)
+    return -1 if weight is None else weight._version
 
 
 def empty_condition(dit_config, vae, frame_num: int, height: int, width: int) -> Condition:

@@ -45,6 +45,8 @@ class Models:
     loras: tuple[tuple[str, float], ...] = ()  # merged LoRAs (path, strength), in order
     source: str | None = None  # the checkpoint (folder or DiT file), for metadata
     lora_hooks: tuple = ()  # unmerged LoRAs (kinema.lora.runtime.RuntimeLoRA): block hooks for every DiT call
+    # t2v on an i2v-type DiT: the empty condition per size (kinema.pipeline.conditioning.make_condition's `blanks`)
+    blank_conditions: dict = field(default_factory=dict, repr=False)
 
     @property
     def geometry(self) -> Geometry:

@@ -163,7 +163,7 @@ class Pipeline:
             condition, known = extension_inputs(ext, video, vae, m.clip, m.dit.config, device, off.visit)
         else:
             condition = make_condition(s.task, job.images, s.frame_num, s.height, s.width, vae, m.clip, m.dit.config,
-                                       device, off.visit)
+                                       device, off.visit, m.blank_conditions)
         start = prepare_latents(s, m.geometry, device, vae, None if ext else job.video, job.latents, off.visit,
                                 job.windows)
         x0 = self._sample(job, s, prompts, condition, start, cache, known if ext else None)
@@ -174,7 +174,7 @@ class Pipeline:
             cache = make_cache(_beside(job.cache, m.source), m.dit, s.width * s.height)
             source, latents = refine_input(job.refine, x0, out, m.geometry.spatial)
             condition = make_condition(s.task, job.images, s.frame_num, s.height, s.width, vae, m.clip, m.dit.config,
-                                       device, off.visit)
+                                       device, off.visit, m.blank_conditions)
             start = prepare_latents(s, m.geometry, device, vae, source, latents, off.visit, job.windows)
             x0 = self._sample(job, s, prompts, condition, start, cache, None, "Refining")
             out = decode_latents(vae, x0, off.visit) if job.decode else None
