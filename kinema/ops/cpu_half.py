@@ -166,12 +166,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         rows = x.numel() // max(1, x.shape[-1])
         key = ("linear", weight.dtype, tuple(weight.shape), bias is not None, min(_pow2(rows), RACE_ROWS),
                torch.get_num_threads())
-        if key not in choices.ways:
+        way = choices.ways.get(key)
+        if way is None:  # the first call of the class: race on its first RACE_ROWS rows
             head = x.reshape(-1, x.shape[-1])[:RACE_ROWS].detach()
             with torch.no_grad():
                 way, out = race(key, {name: (lambda f=LINEAR[name]: f(head, weight, bias)) for name in WAYS}, choices)
             if out is not None and rows <= RACE_ROWS and not torch.is_grad_enabled():
                 return out.reshape(*x.shape[:-1], weight.shape[0])
-        else:
-            way = choices.ways[key]
     return LINEAR[way](x, weight, bias)

@@ -115,8 +115,7 @@ def make_condition(task, images: dict[str, torch.Tensor], frame_num: int, height
     first's size by the official rule). An i2v-type DiT running a task without images (t2v on a model trained
     with condition dropout, Wan-Fun / Kinema) gets the empty condition; a t2v DiT none. `visit(name)`: a
     context the encoders run in (kinema.memory.offload.Offloader.visit). `blanks`: where the empty conditions
-    already made are kept (Models.blank_conditions), as they depend only on the VAE and the size: the VAE
-    encode of a blank video then runs once per size, not once per call."""
+    already made are kept (Models.blank_conditions; see `empty_condition`)."""
     if task.images:
         first = images[task.images[0]]
         known = {}
@@ -128,15 +127,7 @@ def make_condition(task, images: dict[str, torch.Tensor], frame_num: int, height
             y = build_condition(vae, known, frame_num, height, width)
         return Condition(tokens.to(device), y.to(device))
     if dit_config.in_dim > vae.z_dim:
-        key = (frame_num, height, width, type(vae).__name__, getattr(vae, "tile", None), _weights_version(vae))
-        empty = None if blanks is None else blanks.get(key)
-        if empty is None:
-            with visit("vae"):
-                empty = empty_condition(dit_config, vae, frame_num, height, width)
-            if blanks is not None:
-                if len(blanks) >= BLANKS_KEPT:
-                    blanks.pop(next(iter(blanks)))  # the oldest size
-                blanks[key] = empty
+        empty = empty_condition(dit_config, vae, frame_num, height, width, blanks, visit)
         return Condition(empty.clip_fea.to(device), empty.y.to(device))
     return Condition()
 
@@ -154,8 +145,21 @@ def _weights_version(vae) -> int:
     return -1 if weight is None else weight._version
 
 
-def empty_condition(dit_config, vae, frame_num: int, height: int, width: int) -> Condition:
+def empty_condition(dit_config, vae, frame_num: int, height: int, width: int, blanks: dict | None = None,
+                    visit=_no_visit) -> Condition:
     """The image inputs of an i2v-type DiT when no frame is given (mask 0, the latent of a blank video,
-    CLIP tokens of zeros): how a model trained with condition dropout (Wan-Fun / Kinema) runs t2v."""
-    y = build_condition(vae, {}, frame_num, height, width)
-    return Condition(y.new_zeros(1, 1, dit_config.image_dim), y)
+    CLIP tokens of zeros): how a model trained with condition dropout (Wan-Fun / Kinema) runs t2v.
+    They depend only on the VAE and the size: given `blanks` (a pipeline's Models.blank_conditions, a trainer's
+    dict), the ones made are kept there, so the VAE encodes a blank video once per size, not once per call; the
+    VAE runs inside `visit("vae")`, only when it has to."""
+    key = (frame_num, height, width, type(vae).__name__, getattr(vae, "tile", None), _weights_version(vae))
+    if blanks is not None and key in blanks:
+        return blanks[key]
+    with visit("vae"):
+        y = build_condition(vae, {}, frame_num, height, width)
+    empty = Condition(y.new_zeros(1, 1, dit_config.image_dim), y)
+    if blanks is not None:
+        if len(blanks) >= BLANKS_KEPT:
+            blanks.pop(next(iter(blanks)))  # the oldest size
+        blanks[key] = empty
+    return empty

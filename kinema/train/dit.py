@@ -354,11 +354,10 @@ class DiTTask(TrainTask):
     # -- one step ----------------------------------------------------------------------------------
     def empty_condition(self, key: tuple[int, int, int]) -> dict:
         """The pipeline's inputs for a step without known frames (y and clip_fea), for (frames, height, width)."""
-        if key not in self._empty:
-            from kinema.pipeline.conditioning import empty_condition
+        from kinema.pipeline.conditioning import empty_condition
 
-            self._empty[key] = {k: v.to(self.device) for k, v in empty_condition(self.dit.config, self.vae, *key).args().items()}
-        return self._empty[key]
+        empty = empty_condition(self.dit.config, self.vae, *key, self._empty)  # made once per size, kept in _empty
+        return {k: v.to(self.device) for k, v in empty.args().items()}
 
     def clip_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 images [B, 3, H, W] -> CLIP tokens [B, N, clip_dim], with the pipeline's preprocessing."""
