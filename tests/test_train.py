@@ -389,3 +389,18 @@ def test_upscaler_trainer_learns_resumes_and_exports(vae_model, tmp_path):
     disc = {k: v.clone() for k, v in task.disc.state_dict().items()}
     train(task, cfg, progress=False)
     assert any(not torch.equal(v, task.disc.state_dict()[k]) for k, v in disc.items())
+
+
+def test_known_weights_mark_the_latent_frames_of_known_frames():
+    """flf2v on 17 frames: latent frames 0 and 4 hold its known frames (frame 16 ends the last causal chunk)."""
+    from kinema.pipeline.conditioning import frame_mask
+    from kinema.train.dit import known_weights
+
+    def y(known):
+        return torch.cat([frame_mask(17, known, 2, 2)[None], torch.randn(1, 16, 5, 2, 2)], dim=1)
+
+    both = torch.cat([y([0, 16]), y([0]), y([5, 6]), y([])])
+    w = known_weights(both, 3.0)
+    assert w.shape == (4, 1, 5, 1, 1)
+    assert w.flatten(1).tolist() == [[4, 1, 1, 1, 4], [4, 1, 1, 1, 1], [1, 1, 4, 1, 1], [1, 1, 1, 1, 1]]
+    assert torch.equal(known_weights(both, 0.0), torch.ones(4, 1, 5, 1, 1))

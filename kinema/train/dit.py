@@ -81,6 +81,7 @@ class DiTTrainConfig(configs.TrainConfig):
     logit_mean: float = 0.0
     logit_std: float = 1.0
     object_weight: float = 0.0  # extra loss weight on latent pixels that hold the object (see latent_weights)
+    known_weight: float = 0.0  # extra loss weight on latent frames that hold a known frame (i2v / flf2v / span steps)
     pool_seed: int = -1  # seed of the latent pool's clips (-1 = seed), so a run can reuse another run's pool
     colors: tuple[str, ...] = tuple(world.COLORS)
     # sampling defaults written into the exported model
@@ -175,6 +176,18 @@ def latent_weights(x0: torch.Tensor, object_weight: float, threshold: float = 0.
     dev = (x0 - x0.flatten(3).median(dim=3).values[..., None, None]).norm(dim=1, keepdim=True)
     peak = dev.flatten(3).amax(dim=3)[..., None, None]
     return 1.0 + object_weight * (dev > threshold * peak).to(x0.dtype)
+
+
+def known_weights(y: torch.Tensor, known_weight: float, temporal: int = 4) -> torch.Tensor:
+    """Loss weights [B, 1, T, 1, 1]: 1 + known_weight on latent frames that hold a known pixel frame.
+
+    `y` is the i2v input (its first `temporal` channels the frame mask). A known frame's latent frame is
+    the one the output must reproduce: flf2v's last frame shares its latent frame with three generated
+    ones (the end of a causal chunk), and unweighted it came back about 10 dB below the VAE's own round
+    trip of it (docs/training.md).
+    """
+    known = y[:, :temporal].amax(dim=(1, 3, 4), keepdim=True) > 0
+    return 1.0 + known_weight * known.to(y.dtype)
 
 
 def _world_groups(cfg: DiTTrainConfig, colors):
@@ -421,6 +434,8 @@ class DiTTask(TrainTask):
             clip_fea = self.clip_tokens(b["clip_images"].flatten(0, 1)).unflatten(0, (n, k)).flatten(1, 2)
         pred = self.forward(xt, sigma * 1000, context, clip_fea, b["y"])
         w = latent_weights(x0, c.object_weight)
+        if b["mode"] != "t2v":
+            w = w * known_weights(b["y"], c.known_weight, self.vae.temporal_ratio)
         loss = (w * (pred - (noise - x0)) ** 2).mean() / w.mean()
         return loss, {"mode": MODES.index(b["mode"]), "frames": x0.shape[2]}
 
