@@ -61,7 +61,9 @@ def test_generate_equals_the_pipeline_and_reports_steps(world):
     assert torch.equal((frames * 255).round().to(torch.uint8), torch.from_numpy(direct.frames))
     assert fps == 8.0  # the built-in model's frame rate
     s = json.loads(settings)
-    assert s == direct.settings and s["steps"] == 3 and s["guide_scale"] == 4.0 and s["shift"] == 3.0
+    defaults = pipe.models.info.sample_defaults  # the built-in model's own guidance and shift
+    assert s == direct.settings and s["steps"] == 3
+    assert s["guide_scale"] == defaults["guide_scale"] == 2.5 and s["shift"] == defaults["shift"] == 3.0
     assert [(n, v, t) for n, v, t, _ in events] == [("4", 1, 3), ("4", 2, 3), ("4", 3, 3)]
     for *_, prev in events:  # the middle latent frame through the linear preview: [h, w, 3] uint8
         assert prev.dtype == np.uint8 and prev.shape == (8, 8, 3)
