@@ -433,9 +433,8 @@ class DiTTask(TrainTask):
             k = b["clip_images"].shape[1]
             clip_fea = self.clip_tokens(b["clip_images"].flatten(0, 1)).unflatten(0, (n, k)).flatten(1, 2)
         pred = self.forward(xt, sigma * 1000, context, clip_fea, b["y"])
-        w = latent_weights(x0, c.object_weight)
-        if b["mode"] != "t2v":
-            w = w * known_weights(b["y"], c.known_weight, self.vae.temporal_ratio)
+        # t2v steps' y is the empty condition: its frame mask is all 0, so known_weights leaves them at 1
+        w = latent_weights(x0, c.object_weight) * known_weights(b["y"], c.known_weight, self.vae.temporal_ratio)
         loss = (w * (pred - (noise - x0)) ** 2).mean() / w.mean()
         return loss, {"mode": MODES.index(b["mode"]), "frames": x0.shape[2]}
 
