@@ -42,22 +42,34 @@ def test_builtin_is_small_and_loads_through_the_public_loaders(pipe):
     assert models.clip.image_size == 64 and models.vae.z_dim == 16 and models.source == str(MODEL.resolve())
 
 
+@pytest.fixture(scope="module")
+def t2v_frames(pipe):
+    """Each fixed case generated once: (uint8 frames, analysis) by prompt, for the checks below."""
+    cache = {}
+
+    def frames(prompt, seed):
+        if prompt not in cache:
+            f = to_uint8(pipe(prompt, seed=seed, progress=False).video)
+            cache[prompt] = f, analyse(f)
+        return cache[prompt]
+
+    return frames
+
+
 @pytest.mark.parametrize("prompt,seed", CASES)
-def test_builtin_t2v_passes_the_analyser(pipe, prompt, seed):
-    video = pipe(prompt, seed=seed, progress=False).video
-    frames = to_uint8(video)
+def test_builtin_t2v_passes_the_analyser(t2v_frames, prompt, seed):
+    frames, a = t2v_frames(prompt, seed)
     assert frames.shape == (17, 64, 64, 3)
-    a = analyse(frames)
     got = a.matches(prompt)
     assert got["background"] and got["color"] and got["direction"], (prompt, a.caption())
     assert np.mean([p and s for p, s in zip(a.present, a.single)]) >= 0.9
 
 
-def test_builtin_t2v_draws_the_shapes(pipe):
+def test_builtin_t2v_draws_the_shapes(t2v_frames):
     """The shape of each fixed case (a circle, two squares, a triangle). The model draws 82% of the eval's shapes
     right (docs/training.md), so one miss in four is allowed; a model that draws blobs (session 7's: every square
     and triangle read as a circle) gets at most two."""
-    got = [analyse(to_uint8(pipe(prompt, seed=seed, progress=False).video)).matches(prompt)["shape"] for prompt, seed in CASES]
+    got = [t2v_frames(prompt, seed)[1].matches(prompt)["shape"] for prompt, seed in CASES]
     assert sum(got) >= 3, list(zip([p for p, _ in CASES], got))
 
 
