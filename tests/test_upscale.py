@@ -78,6 +78,55 @@ def test_frame_by_frame_upscalers_take_images_in_0_1():
     assert torch.allclose(got, video.repeat_interleave(2, 2).repeat_interleave(2, 3), atol=1e-6)
 
 
+@pytest.fixture(scope="module")
+def esrgan_files(tmp_path_factory):
+    """Random-weight ESRGAN files as users hold them (the original key layout, `model.0.weight`, ...), written with
+    spandrel's own architecture: x2, x4, and Real-ESRGAN x2plus's form (pixel-unshuffle by 2 into an x4 net)."""
+    from kinema.upscale.load import import_spandrel
+
+    import_spandrel()
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    folder, nets = tmp_path_factory.mktemp("esrgan"), {}
+    for name, kw in (("x2", dict(scale=2)), ("x4", dict(scale=4)), ("x2plus", dict(in_nc=12, scale=4, shuffle_factor=2))):
+        torch.manual_seed(len(nets))
+        net = ESRGAN(num_filters=8, num_blocks=1, **kw).eval()
+        torch.save(net.state_dict(), folder / f"{name}.pth")
+        nets[name] = net
+    return folder, nets
+
+
+@pytest.mark.parametrize("name,scale", [("x2", 2), ("x4", 4), ("x2plus", 2)])
+def test_real_esrgan_files_through_spandrel(esrgan_files, name, scale):
+    folder, nets = esrgan_files
+    up = load_upscaler(folder / f"{name}.pth", scale)
+    assert up.kind == "spandrel" and up.scale == scale
+    video = torch.rand(3, 2, 16, 12) * 2 - 1  # sides a multiple of 4: x2plus needs no padding
+    got = upscale_video(up, video, tile=0)
+    with torch.no_grad():  # the network itself, frame by frame, in [0, 1]
+        want = nets[name](((video.transpose(0, 1) + 1) / 2)).clamp(0, 1).transpose(0, 1) * 2 - 1
+    assert got.shape == (3, 2, 16 * scale, 12 * scale)
+    assert (got - want).abs().max() < 1e-5
+    odd = upscale_video(up, video[:, :, :13, :9], tile=0)  # spandrel pads to the model's size requirements
+    assert odd.shape == (3, 2, 13 * scale, 9 * scale)
+    with pytest.raises(KinemaError, match=f"upscales x{scale}; ask for --upscale {scale}"):
+        load_upscaler(folder / f"{name}.pth", 8 // scale)
+
+
+def test_cli_upscales_with_a_spandrel_file(esrgan_files, tmp_path):
+    from kinema.cli.main import main
+    from kinema.demo import write_random_checkpoint
+    from kinema.media import read_video
+
+    folder, _ = esrgan_files
+    write_random_checkpoint(tmp_path / "tiny")
+    out = tmp_path / "up.mp4"  # (an animated webp folds identical frames, which a random model can give)
+    assert main(["generate", "--task", "t2v-1.3B", "--ckpt_dir", str(tmp_path / "tiny"), "--size", "32*32",
+                 "--frame_num", "5", "--sample_steps", "2", "--prompt", PROMPT, "--upscale", "2", "--upscaler",
+                 str(folder / "x2plus.pth"), "--save_file", str(out)]) == 0
+    assert read_video(out).frames.shape == (5, 64, 64, 3)
+
+
 # -- through the pipeline -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pipe():

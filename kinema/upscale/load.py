@@ -3,7 +3,9 @@ optional `spandrel` package, the pixel upscalers of the Real-ESRGAN family (.pth
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from kinema.models.upscaler import Upscaler2x, UpscalerCascade, UpscalerConfig
 
 BUILTIN_UPSCALER = Path(__file__).resolve().parent.parent / "builtin" / "model" / "upscaler"  # x2 stages: stage1, ...
 KIND = "kinema-upscaler-x2"
+log = logging.getLogger("kinema")
 
 
 @dataclass
@@ -85,12 +88,46 @@ def load_upscaler(source: str | Path | None = None, factor: int | None = 2, devi
     return _spandrel(path, factor, device)
 
 
-def _spandrel(path: Path, factor: int, device) -> Upscaler:
+def import_spandrel(path: Path | str = "this file"):
+    """The spandrel module, or one KinemaError saying how to install it.
+
+    spandrel imports torchvision (two of its architectures use it). A torchvision whose C++ ops cannot load beside
+    this torch (PyPI's CUDA build beside a CPU torch wheel, the usual mismatch) fails on import in 0.28: it
+    registers fake kernels for `torchvision::nms` / `qnms` without the ops. None of spandrel's image models calls
+    those ops, so then the two are declared (no kernel: a call fails with torch's own message) and the import is
+    tried once more, with a warning naming the mismatch."""
     try:
         import spandrel
     except ImportError:
         raise KinemaError(f"{path} is not a Kinema upscaler; other upscalers (Real-ESRGAN, ...) load through spandrel: "
                           "pip install 'kinema[upscalers]' (or pip install spandrel).") from None
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+        import sys
+
+        log.warning("torchvision's C++ ops do not load beside torch %s (%s); spandrel's upscalers do not use them: "
+                    "going on without. Install the torchvision build made for this torch to silence this.",
+                    torch.__version__, e)
+        for name in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "spandrel")]:
+            del sys.modules[name]
+        _declare_torchvision_ops()
+        import spandrel
+    return spandrel
+
+
+@functools.cache
+def _declare_torchvision_ops() -> torch.library.Library:
+    """Declare (schema only) the torchvision ops its Python package needs at import; kept alive by the cache."""
+    lib = torch.library.Library("torchvision", "FRAGMENT")
+    for op in ("nms", "qnms"):
+        if not hasattr(torch.ops.torchvision, op):
+            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+    return lib
+
+
+def _spandrel(path: Path, factor: int, device) -> Upscaler:
+    spandrel = import_spandrel(path)
     try:
         desc = spandrel.ModelLoader(device=torch.device(device)).load_from_file(str(path))
     except Exception as e:  # spandrel's own errors: unknown architecture, corrupt file
@@ -99,4 +136,21 @@ def _spandrel(path: Path, factor: int, device) -> Upscaler:
         raise KinemaError(f"upscaler {path} is a {type(desc).__name__}, not an image upscaler.")
     if factor is not None and desc.scale != factor:
         raise KinemaError(f"upscaler {path} upscales x{desc.scale}; ask for --upscale {desc.scale}.")
-    return Upscaler(desc.model.eval().requires_grad_(False), desc.scale, "spandrel", str(path))
+    if (desc.input_channels, desc.output_channels) != (3, 3):
+        raise KinemaError(f"upscaler {path} maps {desc.input_channels} channels to {desc.output_channels}; video "
+                          "upscaling needs an RGB (3 to 3) model.")
+    desc.model.eval().requires_grad_(False)
+    return Upscaler(_SpandrelModel(desc), desc.scale, "spandrel", str(path))
+
+
+class _SpandrelModel(torch.nn.Module):
+    """A spandrel image model as a module: images [N, 3, H, W] in [0, 1] through its descriptor, which pads them to
+    the model's size requirements (a multiple of 2 for Real-ESRGAN x2plus) and crops the result back."""
+
+    def __init__(self, desc):
+        super().__init__()
+        self.net = desc.model  # registered, so .to() / .parameters() reach it
+        self._desc = desc
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._desc(images.to(next(self.net.parameters()).dtype)).float()
