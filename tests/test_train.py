@@ -158,8 +158,9 @@ def test_vae_decoder_only_keeps_the_latents(vae_model, tmp_path):
     from kinema.train.vae import VAEConfig, VAETask
 
     cfg = configs.build(VAEConfig, {**TINY_VAE, "output_dir": str(tmp_path), "steps": 4, "init_from": str(vae_model),
-                                    "train_encoder": False, "data_seed": 9})
+                                    "train_encoder": False, "data_seed": 9, "temporal_weight": 1.0})
     task = VAETask(cfg, torch.device("cpu"))
+    assert "temporal" in task.loss(0, torch.Generator().manual_seed(0))[1]
     before = _states(task)
     train(task, cfg, progress=False)
     after = _states(task)
@@ -169,6 +170,20 @@ def test_vae_decoder_only_keeps_the_latents(vae_model, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in dec)
     old, new = (json.loads((p / "vae" / "config.json").read_text()) for p in (vae_model, tmp_path / "model"))
     assert new["latents_mean"] == old["latents_mean"] and new["latents_std"] == old["latents_std"]
+
+
+def test_vae_temporal_term_costs_a_jump_between_frames():
+    """edge_l1 along time (temporal_weight): a reconstruction that jumps where the clip moves smoothly costs the
+    jump; one with the clip's own frame-to-frame change (whatever its constant offset) costs nothing."""
+    from kinema.train.vae import edge_l1
+
+    ramp = torch.linspace(-0.5, 0.5, 9)[None, None, :, None, None].expand(1, 3, 9, 4, 4)
+    w = torch.ones_like(ramp[:, :1])
+    assert edge_l1(ramp + 0.2, ramp, w, dims=(2,)).item() == pytest.approx(0.0, abs=1e-7)
+    jumpy = ramp.clone()
+    jumpy[:, :, 5:] += 0.3  # a step where a latent frame's pixel frames meet the next's
+    assert edge_l1(jumpy, ramp, w, dims=(2,)).item() == pytest.approx(0.3 / 8, rel=1e-5)  # one of 8 differences
+    assert edge_l1(jumpy, ramp, w).item() == pytest.approx(0.0, abs=1e-7)  # the spatial edges do not see it
 
 
 @pytest.mark.parametrize("source", ["model", "run"])

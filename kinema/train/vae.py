@@ -47,6 +47,10 @@ class VAEConfig(configs.TrainConfig):
     object_weight: float = 0.0  # extra loss weight on pixels away from the clip's median colour (its background)
     mse_weight: float = 1.0
     grad_weight: float = 0.0  # L1 on the horizontal and vertical pixel differences (edges), object-weighted as well
+    # L1 on the frame-to-frame differences, object-weighted: a causal VAE decodes each latent frame into 4 pixel
+    # frames, and plain L1 / MSE leave a jump (in the object's colour and place) where one latent frame's frames
+    # meet the next's; this term costs the whole jump
+    temporal_weight: float = 0.0
     # "identity": every causal conv's past taps zero and the temporal resamplers pass their latest frame, applied
     # after init_from, so a VAE trained on single frames (train_frames 1, which only reaches the last taps) starts
     # its video stage as that image VAE run frame by frame; "" leaves the weights as they are.
@@ -111,11 +115,12 @@ def pixel_weights(video: torch.Tensor, object_weight: float) -> torch.Tensor:
     return 1.0 + object_weight * ((video - median).abs().amax(1, keepdim=True) > 0.1).to(video.dtype)
 
 
-def edge_l1(recon: torch.Tensor, video: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Weighted L1 between the horizontal and vertical pixel differences of two videos [B, C, T, H, W]: a blurred
-    edge costs its whole step here, where in plain L1 it costs only the pixels it misses."""
+def edge_l1(recon: torch.Tensor, video: torch.Tensor, w: torch.Tensor, dims: tuple[int, ...] = (3, 4)) -> torch.Tensor:
+    """Weighted L1 between the pixel differences of two videos [B, C, T, H, W] along `dims` (3, 4: horizontal and
+    vertical, edges; 2: frame to frame, flicker): a blurred edge (or a jump between frames) costs its whole step
+    here, where in plain L1 it costs only the pixels it misses."""
     total = recon.new_zeros(())
-    for dim in (3, 4):
+    for dim in dims:
         d = (recon.diff(dim=dim) - video.diff(dim=dim)).abs()
         wd = torch.maximum(w.narrow(dim, 0, w.shape[dim] - 1), w.narrow(dim, 1, w.shape[dim] - 1))
         total = total + (d * wd).mean() / wd.mean()
@@ -243,6 +248,10 @@ class VAETask(TrainTask):
             edges = edge_l1(recon, video, w)
             loss = loss + cfg.grad_weight * edges
             terms["edge"] = edges.item()
+        if cfg.temporal_weight and video.shape[2] > 1:
+            flicker = edge_l1(recon, video, w, dims=(2,))
+            loss = loss + cfg.temporal_weight * flicker
+            terms["temporal"] = flicker.item()
         return loss, terms
 
     @torch.no_grad()
