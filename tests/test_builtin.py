@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import kinema
+from kinema.sampling.skip_layers import SkipLayers
 from kinema.builtin import MODEL
 from kinema.toy import world
 from kinema.toy.analyse import analyse
@@ -40,6 +41,8 @@ def test_builtin_is_small_and_loads_through_the_public_loaders(pipe):
     assert models.info.sample_defaults["size"] == "64*64" and models.info.sample_defaults["frame_num"] == 17
     assert models.text_encoder.tokenizer.source.endswith("spiece.model")
     assert models.clip.image_size == 64 and models.vae.z_dim == 16 and models.source == str(MODEL.resolve())
+    # its skip-layer guidance (one block of six, early steps only: within 2 points of every eval percentage)
+    assert pipe.prepare("x", skip_layers=True, progress=False).extras.skip_layers == SkipLayers((3,), 0.1, 0.3)
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +127,7 @@ def test_eval_takes_the_guidance_extras(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and "--slg_end tunes --slg, which is not given; add --slg." in r.stderr, r.stderr
     out = tmp_path / "e.json"
-    r = subprocess.run([sys.executable, "-m", "kinema.cli.main", "eval", "--only", "t2v", "--t2v", "1", "--slg", "3",
+    r = subprocess.run([sys.executable, "-m", "kinema.cli.main", "eval", "--only", "t2v", "--t2v", "1", "--slg", "default",
                         "--feta", "2.0", "--cfg_zero_star", "--sample_steps", "4", "--json", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -299,6 +299,30 @@ def test_extras_errors_name_the_value(models):
     assert parse_extras(skip_layers=None) == Extras()
 
 
+def test_skip_layers_take_the_models_defaults(models):
+    """A model may declare its skip-layer guidance (sample_defaults.slg: the blocks and steps that suit its depth);
+    fields not given come from it, then from the wrapper's defaults (block 10, steps 10-100%)."""
+    from dataclasses import replace
+
+    from kinema.loading.dit import ModelInfo
+
+    own = replace(models, info=ModelInfo(models.info.tasks, {"slg": {"blocks": [2], "start": 0.0, "end": 0.5}}))
+    pipe = Pipeline(own)
+    for value in (True, "default", {}):
+        assert pipe.prepare(PROMPT, skip_layers=value, progress=False).extras.skip_layers == SkipLayers((2,), 0.0, 0.5)
+    assert pipe.prepare(PROMPT, skip_layers="1", progress=False).extras.skip_layers == SkipLayers((1,), 0.0, 0.5)
+    assert pipe.prepare(PROMPT, skip_layers={"end": 1.0}, progress=False).extras.skip_layers == SkipLayers((2,), 0.0, 1.0)
+    assert pipe.prepare(PROMPT, skip_layers={"blocks": "default", "mode": "sd3"},  # the command line's --slg default
+                        progress=False).extras.skip_layers == SkipLayers((2,), 0.0, 0.5, "sd3")
+    explicit = SkipLayers((3,), 0.2, 0.4)
+    assert pipe.prepare(PROMPT, skip_layers=explicit, progress=False).extras.skip_layers == explicit
+    assert run(own, skip_layers=True).equal(run(models, skip_layers={"blocks": "2", "start": 0.0, "end": 0.5}))
+    # a model without its own: the wrapper's defaults (block 10, which this 4-block DiT lacks)
+    with pytest.raises(KinemaError, match="blocks 10 do not exist: this DiT has 4 blocks"):
+        Pipeline(models).prepare(PROMPT, skip_layers=True, progress=False)
+    assert Pipeline(models).prepare(PROMPT, skip_layers="1", progress=False).extras.skip_layers == SkipLayers((1,), 0.1, 1.0)
+
+
 # -- the command line and the wrapper's nodes --------------------------------------------------------
 def test_cli_flags_record_and_repeat(tmp_path, capsys):
     from kinema.cli.main import main

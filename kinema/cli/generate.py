@@ -87,9 +87,11 @@ def extras_flags(g) -> None:
     x = g.add_argument_group("guidance extras (README, \"Guidance extras\")")
     x.add_argument("--slg", default=None, metavar="BLOCKS",
                    help="skip-layer guidance: skip these DiT blocks (e.g. 9,10) in the uncond pass (or, --slg_mode sd3, "
-                        "in an extra cond pass)")
-    x.add_argument("--slg_start", type=float, default=None, help="first step of --slg, a fraction of the steps (default 0.1)")
-    x.add_argument("--slg_end", type=float, default=None, help="last step of --slg, a fraction of the steps (default 1.0)")
+                        "in an extra cond pass); `default`: the model's own blocks (Wan2.1: 10, the wrapper's)")
+    x.add_argument("--slg_start", type=float, default=None,
+                   help="first step of --slg, a fraction of the steps (default: the model's, else 0.1)")
+    x.add_argument("--slg_end", type=float, default=None,
+                   help="last step of --slg, a fraction of the steps (default: the model's, else 1.0)")
     x.add_argument("--slg_mode", default=None, choices=["uncond", "sd3"],
                    help="uncond: the wrapper's form (default); sd3: v += scale * (cond - cond_skipped)")
     x.add_argument("--slg_scale", type=float, default=None, help="the sd3 form's scale (default 3.0)")

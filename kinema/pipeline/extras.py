@@ -67,15 +67,18 @@ def train_latent_frames(sample_defaults: dict, temporal: int = 4) -> int:
 
 
 def parse_extras(*, skip_layers=None, cfg_zero_star=None, enhance=None, riflex=None, guided: bool = True,
-                 dit_config=None, names: dict | None = None) -> Extras:
+                 dit_config=None, slg_defaults: dict | None = None, names: dict | None = None) -> Extras:
     """A call's extras arguments -> Extras, or one KinemaError naming the value and the fix.
 
-    skip_layers: None, blocks ("9,10", [9, 10], 10), a SkipLayers or its fields as a dict;
+    skip_layers: None, True or "default" (the model's choice), blocks ("9,10", [9, 10], 10), a SkipLayers or its
+    fields as a dict; the fields not given come from slg_defaults (the model's `sample_defaults.slg`: a depth's
+    blocks and step range, which Wan's 30-40 blocks and a 6-block DiT do not share), else SkipLayers' own (the
+    wrapper's: block 10, steps 10-100%);
     cfg_zero_star: None / False, True, a CFGZeroStar or a dict; enhance: None, the weight (2.0), an
     EnhanceVideo or a dict; riflex: None / "off", "auto", an index K, or a Riflex. guided: whether the call
     runs classifier-free guidance; dit_config: the DiT's config, to check block and frequency indices."""
     names = names or {}
-    extras = Extras(_skip_layers(skip_layers, names.get("skip_layers", "skip_layers")),
+    extras = Extras(_skip_layers(skip_layers, names.get("skip_layers", "skip_layers"), slg_defaults or {}),
                     _record_of(cfg_zero_star, CFGZeroStar, names.get("cfg_zero_star", "cfg_zero_star")),
                     _enhance(enhance, names.get("enhance", "enhance")),
                     parse_riflex(riflex, names.get("riflex", "riflex")))
@@ -92,17 +95,21 @@ def parse_extras(*, skip_layers=None, cfg_zero_star=None, enhance=None, riflex=N
     return extras
 
 
-def _skip_layers(value, name: str) -> SkipLayers | None:
+def _skip_layers(value, name: str, defaults: dict) -> SkipLayers | None:
     if value is None or value is False:
         return None
     if isinstance(value, SkipLayers):
         return value
-    if isinstance(value, dict):
-        value = dict(value)
-        if "blocks" in value:
-            value["blocks"] = parse_blocks(value["blocks"], name)
-        return _record_of(value, SkipLayers, name)
-    return SkipLayers(blocks=parse_blocks(value, name))
+    if value is True or (isinstance(value, str) and value.strip().lower() == "default"):
+        value = {}
+    elif not isinstance(value, dict):
+        value = {"blocks": value}
+    if isinstance(value.get("blocks"), str) and value["blocks"].strip().lower() == "default":
+        value = {k: v for k, v in value.items() if k != "blocks"}  # --slg default --slg_end 0.5
+    value = {**defaults, **value}
+    if "blocks" in value:
+        value["blocks"] = parse_blocks(value["blocks"], name)
+    return _record_of(value, SkipLayers, name)
 
 
 def _enhance(value, name: str) -> EnhanceVideo | None:

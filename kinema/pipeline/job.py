@@ -77,7 +77,8 @@ def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=N
         cache = parse_cache(cache, names.get("cache", "cache")) if isinstance(cache, str) or cache is None else cache
     parse_vae_tile(vae_tile)
     extras = parse_extras(skip_layers=skip_layers, cfg_zero_star=cfg_zero_star, enhance=enhance, riflex=riflex,
-                          guided=s.guided, dit_config=target.dit_config, names=names)
+                          guided=s.guided, dit_config=target.dit_config,
+                          slg_defaults=target.info.sample_defaults.get("slg"), names=names)
     windows = parse_windows(context_windows, names.get("context_windows", "context_windows"))
     sections = prompt_sections(s.prompt, windows is not None, names.get("prompt", "prompt"))
     second = parse_refine(refine, names)
