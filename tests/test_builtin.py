@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import kinema
-from kinema.sampling.skip_layers import SkipLayers
 from kinema.builtin import MODEL
+from kinema.sampling.enhance import EnhanceVideo
+from kinema.sampling.skip_layers import SkipLayers
 from kinema.toy import world
 from kinema.toy.analyse import analyse
 from kinema.toy.evaluate import to_uint8
@@ -43,6 +44,7 @@ def test_builtin_is_small_and_loads_through_the_public_loaders(pipe):
     assert models.clip.image_size == 64 and models.vae.z_dim == 16 and models.source == str(MODEL.resolve())
     # its skip-layer guidance (one block of six, early steps only: within 2 points of every eval percentage)
     assert pipe.prepare("x", skip_layers=True, progress=False).extras.skip_layers == SkipLayers((3,), 0.1, 0.3)
+    assert pipe.prepare("x", enhance=True, progress=False).extras.enhance == EnhanceVideo(1.0)  # 5 latent frames
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +130,7 @@ def test_eval_takes_the_guidance_extras(tmp_path):
     assert r.returncode == 2 and "--slg_end tunes --slg, which is not given; add --slg." in r.stderr, r.stderr
     out = tmp_path / "e.json"
     r = subprocess.run([sys.executable, "-m", "kinema.cli.main", "eval", "--only", "t2v", "--t2v", "1", "--slg", "default",
-                        "--feta", "2.0", "--cfg_zero_star", "--sample_steps", "4", "--json", str(out)],
+                        "--feta", "default", "--cfg_zero_star", "--sample_steps", "4", "--json", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "t2v colour %" in r.stdout and out.exists()

@@ -299,14 +299,16 @@ def test_extras_errors_name_the_value(models):
     assert parse_extras(skip_layers=None) == Extras()
 
 
-def test_skip_layers_take_the_models_defaults(models):
-    """A model may declare its skip-layer guidance (sample_defaults.slg: the blocks and steps that suit its depth);
-    fields not given come from it, then from the wrapper's defaults (block 10, steps 10-100%)."""
+def test_extras_take_the_models_defaults(models):
+    """A model may declare its skip-layer guidance and Enhance-A-Video (sample_defaults.slg / .feta: what suits its
+    depth and length); fields not given come from it, then from the wrapper's defaults (block 10, steps 10-100%;
+    weight 2 over every step)."""
     from dataclasses import replace
 
     from kinema.loading.dit import ModelInfo
 
-    own = replace(models, info=ModelInfo(models.info.tasks, {"slg": {"blocks": [2], "start": 0.0, "end": 0.5}}))
+    own = replace(models, info=ModelInfo(models.info.tasks, {"slg": {"blocks": [2], "start": 0.0, "end": 0.5},
+                                                            "feta": {"weight": 1.0, "end": 0.8}}))
     pipe = Pipeline(own)
     for value in (True, "default", {}):
         assert pipe.prepare(PROMPT, skip_layers=value, progress=False).extras.skip_layers == SkipLayers((2,), 0.0, 0.5)
@@ -321,6 +323,12 @@ def test_skip_layers_take_the_models_defaults(models):
     with pytest.raises(KinemaError, match="blocks 10 do not exist: this DiT has 4 blocks"):
         Pipeline(models).prepare(PROMPT, skip_layers=True, progress=False)
     assert Pipeline(models).prepare(PROMPT, skip_layers="1", progress=False).extras.skip_layers == SkipLayers((1,), 0.1, 1.0)
+    for value, want in ((True, EnhanceVideo(1.0, 0.0, 0.8)), ("default", EnhanceVideo(1.0, 0.0, 0.8)),
+                        (3.0, EnhanceVideo(3.0, 0.0, 0.8)), ({"weight": "default", "start": 0.2}, EnhanceVideo(1.0, 0.2, 0.8)),
+                        (EnhanceVideo(2.0), EnhanceVideo(2.0))):
+        assert pipe.prepare(PROMPT, enhance=value, progress=False).extras.enhance == want, value
+    assert Pipeline(models).prepare(PROMPT, enhance=True, progress=False).extras.enhance == EnhanceVideo(2.0, 0.0, 1.0)
+    assert run(own, enhance="default").equal(run(models, enhance={"weight": 1.0, "end": 0.8}))
 
 
 # -- the command line and the wrapper's nodes --------------------------------------------------------

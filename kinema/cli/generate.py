@@ -83,6 +83,16 @@ def refine_argument(args) -> dict | None:
     return {"size": args.refine_size, **tune}
 
 
+def weight_or_default(text: str) -> float | str:
+    """--feta's value: a number, or `default` (the model's own)."""
+    if text.strip().lower() == "default":
+        return "default"
+    return float(text)
+
+
+weight_or_default.__name__ = "weight (a number or 'default')"  # argparse names the type in its error
+
+
 def extras_flags(g) -> None:
     x = g.add_argument_group("guidance extras (README, \"Guidance extras\")")
     x.add_argument("--slg", default=None, metavar="BLOCKS",
@@ -99,11 +109,13 @@ def extras_flags(g) -> None:
                    help="CFG-Zero*: an optimised scale on the uncond prediction, and zero-init of the first steps")
     x.add_argument("--zero_init_steps", type=int, default=None,
                    help="with --cfg_zero_star: steps given a zero velocity at the start (default 1; 0 turns it off)")
-    x.add_argument("--feta", type=float, default=None, metavar="WEIGHT",
+    x.add_argument("--feta", type=weight_or_default, default=None, metavar="WEIGHT",
                    help="Enhance-A-Video: scale self-attention by the cross-frame intensity times (frames + WEIGHT); "
-                        "the wrapper's default weight is 2.0")
-    x.add_argument("--feta_start", type=float, default=None, help="first step of --feta, a fraction (default 0.0)")
-    x.add_argument("--feta_end", type=float, default=None, help="last step of --feta, a fraction (default 1.0)")
+                        "`default`: the model's weight (Wan2.1: the wrapper's 2.0)")
+    x.add_argument("--feta_start", type=float, default=None,
+                   help="first step of --feta, a fraction (default: the model's, else 0.0)")
+    x.add_argument("--feta_end", type=float, default=None,
+                   help="last step of --feta, a fraction (default: the model's, else 1.0)")
     w = g.add_argument_group("context windows (README, \"Long video\")")
     w.add_argument("--context_frames", type=int, default=None, metavar="N",
                    help="denoise in overlapping windows of N pixel frames (4n+1; e.g. 81, 17 for the built-in model), "

@@ -67,20 +67,22 @@ def train_latent_frames(sample_defaults: dict, temporal: int = 4) -> int:
 
 
 def parse_extras(*, skip_layers=None, cfg_zero_star=None, enhance=None, riflex=None, guided: bool = True,
-                 dit_config=None, slg_defaults: dict | None = None, names: dict | None = None) -> Extras:
+                 dit_config=None, model_defaults: dict | None = None, names: dict | None = None) -> Extras:
     """A call's extras arguments -> Extras, or one KinemaError naming the value and the fix.
 
     skip_layers: None, True or "default" (the model's choice), blocks ("9,10", [9, 10], 10), a SkipLayers or its
-    fields as a dict; the fields not given come from slg_defaults (the model's `sample_defaults.slg`: a depth's
-    blocks and step range, which Wan's 30-40 blocks and a 6-block DiT do not share), else SkipLayers' own (the
-    wrapper's: block 10, steps 10-100%);
-    cfg_zero_star: None / False, True, a CFGZeroStar or a dict; enhance: None, the weight (2.0), an
-    EnhanceVideo or a dict; riflex: None / "off", "auto", an index K, or a Riflex. guided: whether the call
-    runs classifier-free guidance; dit_config: the DiT's config, to check block and frequency indices."""
+    fields as a dict; cfg_zero_star: None / False, True, a CFGZeroStar or a dict; enhance: None, True or "default",
+    the weight (2.0), an EnhanceVideo or a dict; riflex: None / "off", "auto", an index K, or a Riflex. guided:
+    whether the call runs classifier-free guidance; dit_config: the DiT's config, to check block and frequency
+    indices. model_defaults: the model's sample_defaults; the skip-layer and Enhance-A-Video fields a call does not
+    give come from its `slg` and `feta` (the wrapper's defaults are set for Wan2.1's 30-40 blocks and 21 latent
+    frames, which a 6-block DiT of 5 latent frames does not share), else from SkipLayers' / EnhanceVideo's own
+    (the wrapper's: block 10 over steps 10-100%; weight 2 over every step)."""
     names = names or {}
-    extras = Extras(_skip_layers(skip_layers, names.get("skip_layers", "skip_layers"), slg_defaults or {}),
+    model_defaults = model_defaults or {}
+    extras = Extras(_skip_layers(skip_layers, names.get("skip_layers", "skip_layers"), model_defaults.get("slg", {})),
                     _record_of(cfg_zero_star, CFGZeroStar, names.get("cfg_zero_star", "cfg_zero_star")),
-                    _enhance(enhance, names.get("enhance", "enhance")),
+                    _enhance(enhance, names.get("enhance", "enhance"), model_defaults.get("feta", {})),
                     parse_riflex(riflex, names.get("riflex", "riflex")))
     s = extras.skip_layers
     if s is not None and s.mode == "uncond" and not guided:
@@ -95,29 +97,44 @@ def parse_extras(*, skip_layers=None, cfg_zero_star=None, enhance=None, riflex=N
     return extras
 
 
+def _is_default(value) -> bool:
+    return isinstance(value, str) and value.strip().lower() == "default"
+
+
+def _with_defaults(value, main: str, defaults: dict) -> dict:
+    """True / "default" / the main field's value / a dict of fields (its main field may be "default", as the
+    command line's `--slg default --slg_end 0.5` gives) -> the fields, the model's defaults under them."""
+    if value is True or _is_default(value):
+        value = {}
+    elif not isinstance(value, dict):
+        value = {main: value}
+    if _is_default(value.get(main)):
+        value = {k: v for k, v in value.items() if k != main}
+    return {**defaults, **value}
+
+
 def _skip_layers(value, name: str, defaults: dict) -> SkipLayers | None:
     if value is None or value is False:
         return None
     if isinstance(value, SkipLayers):
         return value
-    if value is True or (isinstance(value, str) and value.strip().lower() == "default"):
-        value = {}
-    elif not isinstance(value, dict):
-        value = {"blocks": value}
-    if isinstance(value.get("blocks"), str) and value["blocks"].strip().lower() == "default":
-        value = {k: v for k, v in value.items() if k != "blocks"}  # --slg default --slg_end 0.5
-    value = {**defaults, **value}
+    value = _with_defaults(value, "blocks", defaults)
     if "blocks" in value:
         value["blocks"] = parse_blocks(value["blocks"], name)
     return _record_of(value, SkipLayers, name)
 
 
-def _enhance(value, name: str) -> EnhanceVideo | None:
+def _enhance(value, name: str, defaults: dict) -> EnhanceVideo | None:
     if value is None or value is False:
         return None
+    if isinstance(value, EnhanceVideo):
+        return value
+    if isinstance(value, str) and not _is_default(value):
+        raise KinemaError(f"{name} {value!r} is not understood; pass a weight (2.0), True or 'default' (the "
+                          "model's), an EnhanceVideo or a dict of its fields.")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return EnhanceVideo(weight=float(value))
-    return _record_of(value, EnhanceVideo, name)
+        value = float(value)
+    return _record_of(_with_defaults(value, "weight", defaults), EnhanceVideo, name)
 
 
 def _record_of(value, kind, name: str):

@@ -78,7 +78,7 @@ def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=N
     parse_vae_tile(vae_tile)
     extras = parse_extras(skip_layers=skip_layers, cfg_zero_star=cfg_zero_star, enhance=enhance, riflex=riflex,
                           guided=s.guided, dit_config=target.dit_config,
-                          slg_defaults=target.info.sample_defaults.get("slg"), names=names)
+                          model_defaults=target.info.sample_defaults, names=names)
     windows = parse_windows(context_windows, names.get("context_windows", "context_windows"))
     sections = prompt_sections(s.prompt, windows is not None, names.get("prompt", "prompt"))
     second = parse_refine(refine, names)

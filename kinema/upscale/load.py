@@ -145,7 +145,7 @@ def _spandrel(path: Path, factor: int, device) -> Upscaler:
 
 class _SpandrelModel(torch.nn.Module):
     """A spandrel image model as a module: images [N, 3, H, W] in [0, 1] through its descriptor, which pads them to
-    the model's size requirements (a multiple of 2 for Real-ESRGAN x2plus) and crops the result back."""
+    the model's size requirements (a multiple of 4 for Real-ESRGAN x2plus) and crops the result back."""
 
     def __init__(self, desc):
         super().__init__()
