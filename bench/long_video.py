@@ -2,8 +2,12 @@
 
 For a few world prompts (the eval seed, not used in training) it generates a long t2v (default 161 frames)
 twice: in one pass (the baseline; the built-in DiT takes 41 latent frames at 64x64 easily) and with context
-windows (default 17 frames, overlap 8, the uniform_standard schedule); and a 17-frame clip extended three times by
-32 frames (task extend, overlap 9; its seams are the joins). For each video, from the world analyser:
+windows (by default the model's own: 17 frames, overlap 12, the uniform_standard schedule); and a 17-frame clip
+extended three times by 32 frames (task extend, overlap 9; its seams are the joins), with the default colour match
+(`extend`: one map per channel from the overlap) and with each frame's histogram matched to the overlap's
+(`extend hm`). Two more rows give the floor of each measure: `truth`, the world's own render of the prompt's
+clip over the same frames (its motion spread over 161 frames: a still-looking object, moving a tenth of its
+17-frame speed), and `truth vae`, that render through the VAE and back. For each video, from the world analyser:
 
 - followed: the share of frames where exactly one object is found (the analyser follows one object);
 - seam ratio: the largest frame-to-frame centroid jump at a window boundary (the first pixel frame of each
@@ -16,7 +20,7 @@ windows (default 17 frames, overlap 8, the uniform_standard schedule); and a 17-
   video's mean, in 0-255 levels (bound 3); object colour drift: the largest deviation of a frame's object
   colour (the median of its interior, as the analyser measures colour) from the video's median (bound 6).
 
-    .venv/bin/python bench/long_video.py [--frames 161] [--window 17] [--overlap 8] [--prompts 6]
+    .venv/bin/python bench/long_video.py [--frames 161] [--window 17] [--overlap 12] [--prompts 6]
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ import json
 import time
 
 import numpy as np
+import torch
 
 import kinema
 from kinema.toy import world
-from kinema.toy.analyse import analyse
+from kinema.toy.analyse import analyse, coverage_alpha
 from kinema.toy.evaluate import _specs, to_uint8
+from kinema.pipeline.job import parse_windows
 from kinema.sampling.windows import windows_for
 
 
@@ -49,8 +55,11 @@ def soft_track(frames: np.ndarray, a) -> list[tuple[float, float] | None]:
         if not a.present[i]:
             out.append(None)
             continue
-        seg = np.array(a.color_rgb) - np.array(bg)
-        alpha = np.clip((x[i] - np.array(bg)) @ seg / max(float(seg @ seg), 1e-6), 0, 1)
+        alpha = coverage_alpha(x[i], np.array(bg, np.float32), np.array(a.color_rgb, np.float32))
+        if alpha is None:
+            out.append(None)
+            continue
+        alpha = alpha.clip(0, 1)
         alpha[alpha < 0.1] = 0
         m = alpha.sum()
         out.append((float((alpha * xs).sum() / m) + 0.5, float((alpha * ys).sum() / m) + 0.5) if m > 0 else None)
@@ -91,24 +100,29 @@ def metrics(frames: np.ndarray, boundaries: list[int]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--frames", type=int, default=161)
-    p.add_argument("--window", type=int, default=17)
-    p.add_argument("--overlap", type=int, default=8)
-    p.add_argument("--schedule", default="uniform_standard")
-    p.add_argument("--fuse", default="linear", choices=["linear", "pyramid", "flat"])
-    p.add_argument("--no_freenoise", dest="freenoise", action="store_false",
+    p.add_argument("--window", type=int, default=None, help="window frames (default: the model's)")
+    p.add_argument("--overlap", type=int, default=None, help="window overlap in frames (default: the model's)")
+    p.add_argument("--schedule", default=None, help="default: the model's, else uniform_standard")
+    p.add_argument("--fuse", default=None, choices=["linear", "pyramid", "flat"])
+    p.add_argument("--no_freenoise", dest="freenoise", action="store_const", const=False, default=None,
                    help="the windows without FreeNoise initial noise (on by default, as in the Pipeline)")
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--seed", type=int, default=20260)
     p.add_argument("--extend", type=int, default=3, help="extensions of a 17-frame clip (0: none)")
     p.add_argument("--extend_frames", type=int, default=32)
     p.add_argument("--overlap_frames", type=int, default=9)
-    p.add_argument("--modes", default="one pass,windows,extend")
+    p.add_argument("--modes", default="truth,truth vae,one pass,windows,extend,extend hm")
     p.add_argument("--json", default=None, help="write the rows here")
     args = p.parse_args()
     modes = [m.strip() for m in args.modes.split(",")]
     pipe = kinema.Pipeline.load()
+    given = dict(frames=args.window, overlap=args.overlap, schedule=args.schedule, fuse=args.fuse,
+                 freenoise=args.freenoise)
+    windows = parse_windows({k: v for k, v in given.items() if v is not None}, "windows",
+                            pipe.models.info.sample_defaults.get("context", {}))
+    print(f"windows: {windows.describe()}", flush=True)
     total = (args.frames - 1) // 4 + 1
-    size, overlap = (args.window - 1) // 4 + 1, args.overlap // 4
+    size, _, overlap = windows.latent()
     edges = {e for w in windows_for("static_standard", 0, total, size, 1, overlap) for e in (w[0], w[-1] + 1)}
     # where a window starts or ends: latent frame k >= 1 decodes to pixel frames 4k-3 .. 4k
     boundaries = sorted(4 * k - 3 for k in edges - {0, total})
@@ -116,26 +130,29 @@ def main() -> None:
     for i, spec in enumerate(_specs(args.seed, args.prompts, 64, 64, tuple(world.COLORS))):
         for mode in modes:
             t0 = time.perf_counter()
-            if mode == "extend":  # a 17-frame clip, then `extend` continuations of it, each from its last frames
+            if mode.startswith("truth"):  # the world's render (and its VAE round trip): the floor of each measure
+                truth = world.to_tensor(world.render(spec, 64, 64, args.frames))
+                vae = pipe.models.vae
+                with torch.no_grad():
+                    video = vae.decode(vae.encode(truth[None].to(vae.device)))[0].cpu() if mode == "truth vae" else truth
+                seams = boundaries
+            elif mode.startswith("extend"):  # a 17-frame clip, then `extend` continuations, each from its last frames
                 video = pipe(spec.caption, frame_num=17, seed=args.seed + i, progress=False).video
                 joins = []
                 for k in range(args.extend):
                     joins.append(video.shape[1])
                     video = pipe(spec.caption, task="extend", video=video, extend_frames=args.extend_frames,
                                  overlap_frames=args.overlap_frames, seed=args.seed + i + 1000 * (k + 1),
-                                 progress=False).video
+                                 colour_match="hm" if mode == "extend hm" else "overlap", progress=False).video
                 seams = joins
             else:
-                windows = None if mode == "one pass" else dict(frames=args.window, overlap=args.overlap,
-                                                              schedule=args.schedule, fuse=args.fuse,
-                                                              freenoise=args.freenoise)
-                video = pipe(spec.caption, frame_num=args.frames, seed=args.seed + i, context_windows=windows,
-                             progress=False).video
+                video = pipe(spec.caption, frame_num=args.frames, seed=args.seed + i,
+                             context_windows=None if mode == "one pass" else windows, progress=False).video
                 seams = boundaries
             row = dict(prompt=spec.caption, mode=mode, frames=video.shape[1],
                        seconds=round(time.perf_counter() - t0, 1), **metrics(to_uint8(video), seams))
             rows.append(row)
-            print(f"{mode:9} {row['frames']:4d} frames {row['seconds']:6.1f}s followed {row['followed']:.2f} seam {row['seam']:.2f} "
+            print(f"{mode:10} {row['frames']:4d} frames {row['seconds']:6.1f}s followed {row['followed']:.2f} seam {row['seam']:.2f} "
                   f"(sub-pixel {row['soft_seam']:.2f}, vs latent starts {row['seam_phase']:.2f} / {row['soft_seam_phase']:.2f}) "
                   f"bg drift {row['bg_drift']:.1f} obj drift {row['obj_drift']:.1f}  {spec.caption} -> {row['caption']}",
                   flush=True)

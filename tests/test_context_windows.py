@@ -208,6 +208,32 @@ def test_prompt_travel_and_window_errors(models):
             run(models, context_windows=kw)
 
 
+def test_windows_take_the_models_defaults(models):
+    """A model may declare its windows (sample_defaults.context: what suits its training length); True, "default",
+    a frame count or a dict take every field not given from them, then from the wrapper's (81 frames, overlap 16)."""
+    from dataclasses import replace
+
+    from kinema.loading.dit import ModelInfo
+    from kinema.sampling.windows import ContextWindows
+
+    own = replace(models, info=ModelInfo(models.info.tasks, {"context": {"frames": 17, "overlap": 12}}))
+    pipe = Pipeline(own)
+
+    def windows(value, p=pipe):
+        return p.prepare(PROMPT, size=(32, 32), frame_num=33, context_windows=value, progress=False).windows
+
+    for value in (True, "default", {}, {"frames": "default"}):
+        assert windows(value) == ContextWindows(17, overlap=12), value
+    assert windows(21) == ContextWindows(21, overlap=12)
+    assert windows({"overlap": 8, "fuse": "pyramid"}) == ContextWindows(17, overlap=8, fuse="pyramid")
+    assert windows(ContextWindows(9, overlap=4)) == ContextWindows(9, overlap=4)  # a record as it is
+    assert windows(True, Pipeline(models)) == ContextWindows()  # no model defaults: the wrapper's
+    assert windows({"frames": 17}, Pipeline(models)) == ContextWindows(17)
+    with pytest.raises(KinemaError, match="context_windows 'some' is not understood"):
+        windows("some")
+    assert run(own, context_windows=True).latents.equal(run(models, context_windows=dict(frames=17, overlap=12)).latents)
+
+
 def test_i2v_windows_keep_the_first_frame_anchor(models):
     image = torch.rand(3, 32, 32) * 2 - 1
     out = run(models, task="i2v", image=image, context_windows=dict(frames=17, overlap=8))
@@ -237,3 +263,11 @@ def test_cli_windows_and_repeat(tmp_path, capsys):
     assert "--context_overlap tunes context windows, which are off; add --context_frames" in capsys.readouterr().err
     assert main([*gen, "--plan", "--context_frames", "17"]) == 0
     assert "41 frames in windows of 17" in capsys.readouterr().out
+    # `default`: the model's windows (this Wan2.1-style checkpoint declares none: the wrapper's 81 frames, which
+    # cover these 41 in one window)
+    assert main([*gen, "--plan", "--context_frames", "default"]) == 0
+    assert "41 frames in windows of 81" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main([*gen, "--plan", "--context_frames", "many"])
+    assert e.value.code == 2
+    assert "invalid frame count (4n+1 or 'default') value: 'many'" in capsys.readouterr().err

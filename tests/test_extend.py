@@ -10,7 +10,8 @@ from conftest import StubTextEncoder
 
 from kinema.errors import KinemaError
 from kinema.models.dit import DiTConfig, WanDiT
-from kinema.pipeline.extend import Extension, colour_match, join, known_frames, parse_extension, replace_known
+from kinema.pipeline.extend import (Extension, colour_match, histogram_match, join, known_frames, parse_extension,
+                                   replace_known)
 from kinema.pipeline.models import Models
 from kinema.pipeline.pipeline import Pipeline
 from kinema.sampling.context import StepContext
@@ -48,6 +49,53 @@ def test_colour_match_maps_the_generated_overlap_onto_the_source():
     # a wild overlap is corrected at most by the clamp on the gain
     flat = torch.full_like(source, 0.2) + 1e-3 * torch.randn(source.shape, generator=g)
     assert (colour_match(flat, flat, source).flatten(1).std(1) <= 1.25 * flat.flatten(1).std(1) + 1e-6).all()
+
+
+def test_histogram_match_gives_every_frame_the_overlaps_values():
+    g = torch.Generator().manual_seed(1)
+    reference = torch.rand(3, 1, 8, 8, generator=g) * 2 - 1
+    # a frame with the same values in another order comes back as those values in its own order
+    order = torch.randperm(64, generator=g)
+    shuffled = reference.flatten(2)[:, :, order].view(3, 1, 8, 8)
+    assert torch.allclose(histogram_match(shuffled, reference), shuffled, atol=1e-6)
+    # frames whose colour drifted (brighter, flatter, each by more) are put back on the reference's values, keeping
+    # each frame's own order of pixels
+    drifted = torch.cat([reference * (1 - 0.1 * i) + 0.05 * i for i in range(4)], dim=1)
+    out = histogram_match(drifted, reference)
+    assert torch.allclose(out, reference.expand(3, 4, 8, 8), atol=1e-6)
+    # a frame of other values gets the reference's distribution (sorted values equal), ties kept equal
+    other = torch.rand(3, 2, 8, 8, generator=g).round(decimals=1)
+    out = histogram_match(other, reference)
+    for f in range(2):
+        mapped = out[:, f].flatten(1)
+        assert (mapped.min(1).values >= reference.flatten(1).min(1).values - 1e-6).all()
+        assert (mapped.max(1).values <= reference.flatten(1).max(1).values + 1e-6).all()
+        flat = other[:, f].flatten(1)
+        same = flat[:, :, None] == flat[:, None, :]
+        assert torch.equal(same, mapped[:, :, None] == mapped[:, None, :])  # equal in, equal out; else the order kept
+    # a pooled overlap of K frames: each new frame takes the pooled distribution's quantiles
+    pooled = torch.rand(3, 3, 8, 8, generator=g)
+    one = histogram_match(pooled[:, :1] + 0.3, pooled)[:, 0].flatten(1).sort(1).values
+    want = pooled.flatten(1).sort(1).values
+    assert torch.allclose(one, want[:, torch.linspace(0, want.shape[1] - 1, 64).round().long()], atol=0.02)
+
+
+def test_join_colour_match_modes():
+    g = torch.Generator().manual_seed(2)
+    values = torch.rand(3, 64, generator=g) * 2 - 1  # every frame the same values, moved about (a moving scene)
+    video = torch.stack([values[:, torch.randperm(64, generator=g)].view(3, 8, 8) for _ in range(9)], dim=1)
+    clip = torch.cat([video[:, -5:], video[:, -5:] * 0.8 + 0.1], dim=1)  # the new frames: the overlap, drifted
+    base = dict(frames=5, overlap=5)
+    off = join(Extension(**base, colour="off"), video, clip)
+    assert torch.equal(off[:, 9:], clip[:, 5:])
+    hm = join(Extension(**base, colour="hm"), video, clip)
+    assert torch.allclose(hm[:, 9:], video[:, -5:], atol=1e-6)  # the drift taken out, frame by frame
+    overlap = join(Extension(**base, colour="overlap"), video, clip)
+    assert torch.equal(overlap[:, 9:], colour_match(clip[:, 5:], clip[:, :5], video[:, -5:]))
+    assert torch.equal(join(Extension(**base), video, clip), overlap)  # the default
+    assert Extension(**base, colour="hm").record()["colour_match"] == "hm"
+    with pytest.raises(KinemaError, match="colour_match 'mkl' is not one of overlap, hm, off"):
+        parse_extension(8, 5, False, 9, colour="mkl")
 
 
 def test_join_keeps_the_source_and_appends_the_new_frames():
@@ -126,6 +174,10 @@ def test_extend_errors(source):
             pipe.prepare(PROMPT, task="extend", video=source, progress=False, **kw)
     with pytest.raises(KinemaError, match="extend_frames is for task extend"):
         i2v.prepare(PROMPT, extend_frames=8, progress=False)
+    with pytest.raises(KinemaError, match="colour_match is for task extend"):
+        i2v.prepare(PROMPT, colour_match="hm", progress=False)
+    with pytest.raises(KinemaError, match="colour_match 'x' is not one of"):
+        i2v.prepare(PROMPT, task="extend", video=source, extend_frames=8, colour_match="x", progress=False)
     with pytest.raises(KinemaError, match="needs video"):
         i2v.prepare(PROMPT, task="extend", extend_frames=8, progress=False)
 
@@ -147,7 +199,8 @@ def test_cli_extends_and_repeats(tmp_path, capsys):
     frames = read_video(longer).frames
     assert frames.shape == (17, 32, 32, 3) and torch.equal(frames[:9], read_video(first).frames)
     meta = read_metadata(longer)
-    assert (meta["task"], meta["extend_frames"], meta["overlap_frames"]) == ("extend", 8, 5)
+    assert (meta["task"], meta["extend_frames"], meta["overlap_frames"], meta["colour_match"]) == ("extend", 8, 5,
+                                                                                                   "overlap")
     again = tmp_path / "again.webp"
     assert main([*base, "--from", str(longer), "--video", str(first), "--save_file", str(again)]) == 0
     assert np.array_equal(read_video(again).frames, frames)

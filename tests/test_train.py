@@ -338,6 +338,27 @@ def test_world_clips_render_alike_in_worker_processes_and_the_pool_crops_them():
         assert any(torch.equal(crop, c[:, :, y : y + 16, x : x + 16]) for c in full for y in range(17) for x in range(17))
 
 
+def test_slow_clips_slow_some_objects_down_and_leave_the_rest_as_they_were():
+    from kinema.train.world_data import ClipPool, render_clips
+
+    plain, specs = render_clips(4, range(40), 32, 32, 5, random_colors=0.3, workers=1)
+    slow, slow_specs = render_clips(4, range(40), 32, 32, 5, random_colors=0.3, workers=1, slow=0.5)
+    changed = [i for i, (a, b) in enumerate(zip(specs, slow_specs)) if a != b]
+    assert 8 <= len(changed) <= 32  # about half the clips
+    for i, (a, b) in enumerate(zip(specs, slow_specs)):  # the same clip otherwise: only its travel is shorter
+        assert (a.color, a.shape, a.direction, a.background, a.size, a.start) == \
+            (b.color, b.shape, b.direction, b.background, b.size, b.start)
+        assert b.travel <= a.travel and (b.travel < a.travel) == (i in changed)
+        assert np.array_equal(plain[i, 0], slow[i, 0])  # the first frame is where the object starts either way
+    i = changed[0]
+    from kinema.toy.analyse import analyse
+
+    assert analyse(slow[i]).moved < analyse(plain[i]).moved - 1  # pixels travelled over the clip
+    assert np.array_equal(ClipPool(4, 40, 32, 32, 5, tuple(world.COLORS), 0.3, 0.5).clips, slow)
+    with pytest.raises(KinemaError, match="slow_clips 1.5 is a share of the clips"):
+        configs.build(__import__("kinema.train.vae", fromlist=["VAEConfig"]).VAEConfig, {**TINY_VAE, "slow_clips": 1.5})
+
+
 def test_vae_trains_from_a_clip_pool(tmp_path):
     from kinema.train.vae import VAEConfig, VAETask
 

@@ -29,7 +29,7 @@ FLAGS = {
     "image": "--image", "first_frame": "--first_frame", "last_frame": "--last_frame", "video": "--video",
     "cache": "--cache", "vae_tile": "--vae_tile", "skip_layers": "--slg", "cfg_zero_star": "--cfg_zero_star",
     "enhance": "--feta", "riflex": "--riflex", "context_windows": "--context_frames", "extend_frames": "--extend_frames",
-    "overlap_frames": "--overlap_frames", "loop": "--loop", "refine": "--refine_size", "refine_size": "--refine_size",
+    "overlap_frames": "--overlap_frames", "loop": "--loop", "colour_match": "--colour_match", "refine": "--refine_size", "refine_size": "--refine_size",
     "refine_denoise": "--refine_denoise", "refine_steps": "--refine_steps", "refine_method": "--refine_method",
     "upscale": "--upscale", "upscaler": "--upscaler", "upscale_tile": "--upscale_tile",
     "batched_cfg": "--batched_cfg", "ulysses_size": "--ulysses_size", "ring_size": "--ring_size",
@@ -67,6 +67,7 @@ def call_arguments(args) -> dict:
                 first_frame=args.first_frame, last_frame=args.last_frame, video=args.video,
                 denoise=args.denoise, cache=args.cache, vae_tile=args.vae_tile, batched_cfg=args.batched_cfg,
                 extend_frames=args.extend_frames, overlap_frames=args.overlap_frames, loop=args.loop,
+                colour_match=args.colour_match,
                 refine=refine_argument(args), upscale=args.upscale, upscaler=args.upscaler,
                 upscale_tile=args.upscale_tile, **extras_arguments(args))
 
@@ -93,6 +94,16 @@ def weight_or_default(text: str) -> float | str:
 weight_or_default.__name__ = "weight (a number or 'default')"  # argparse names the type in its error
 
 
+def frames_or_default(text: str) -> int | str:
+    """--context_frames' value: a whole number of frames, or `default` (the model's own windows)."""
+    if text.strip().lower() == "default":
+        return "default"
+    return int(text)
+
+
+frames_or_default.__name__ = "frame count (4n+1 or 'default')"
+
+
 def extras_flags(g) -> None:
     x = g.add_argument_group("guidance extras (README, \"Guidance extras\")")
     x.add_argument("--slg", default=None, metavar="BLOCKS",
@@ -117,11 +128,13 @@ def extras_flags(g) -> None:
     x.add_argument("--feta_end", type=float, default=None,
                    help="last step of --feta, a fraction (default: the model's, else 1.0)")
     w = g.add_argument_group("context windows (README, \"Long video\")")
-    w.add_argument("--context_frames", type=int, default=None, metavar="N",
+    w.add_argument("--context_frames", type=frames_or_default, default=None, metavar="N",
                    help="denoise in overlapping windows of N pixel frames (4n+1; e.g. 81, 17 for the built-in model), "
-                        "for videos longer than the model takes")
+                        "for videos longer than the model takes; `default`: the model's own windows (Wan2.1: the "
+                        "wrapper's 81 frames, overlap 16; the built-in model: 17, overlap 12)")
     w.add_argument("--context_stride", type=int, default=None, help="with --context_frames: the wrapper's stride (default 4)")
-    w.add_argument("--context_overlap", type=int, default=None, help="with --context_frames: overlap in pixel frames (default 16)")
+    w.add_argument("--context_overlap", type=int, default=None,
+                   help="with --context_frames: overlap in pixel frames (default: the model's, else 16)")
     w.add_argument("--context_schedule", default=None, choices=["uniform_standard", "uniform_looped", "static_standard"],
                    help="with --context_frames: how windows are placed each step (default uniform_standard)")
     w.add_argument("--context_fuse", default=None, choices=["linear", "pyramid", "flat"],

@@ -27,7 +27,7 @@ FROM_KEYS = {
     **{k: k for k in ("slg", "slg_start", "slg_end", "slg_mode", "slg_scale", "cfg_zero_star", "zero_init_steps", "feta",
                       "feta_start", "feta_end", "riflex", "context_frames", "context_stride", "context_overlap",
                       "context_schedule", "context_fuse", "freenoise", "context_rope", "extend_frames", "overlap_frames",
-                      "loop", "refine_size", "refine_denoise", "refine_steps", "refine_method", "upscale", "upscaler")},
+                      "loop", "colour_match", "refine_size", "refine_denoise", "refine_steps", "refine_method", "upscale", "upscaler")},
 }
 
 
@@ -208,6 +208,10 @@ def _input_flags(g) -> None:
     g.add_argument("--overlap_frames", type=int, default=9, metavar="K",
                    help="task extend: the video's last K frames (4k+1) the new frames continue from")
     g.add_argument("--loop", action="store_true", help="task extend: make the new end lead back into the first frame")
+    g.add_argument("--colour_match", default="overlap", choices=["overlap", "hm", "off"],
+                   help="task extend: colour-correct the new frames by one map measured on the overlap (overlap), "
+                        "each frame's histogram matched to the overlap's (hm: no drift over repeated extensions of "
+                        "one scene), or not at all (off)")
     g.add_argument("--from", dest="from_file", default=None, help="repeat the run recorded in a Kinema output file's metadata")
 
 

@@ -9,9 +9,15 @@ continue them (ComfyUI's "noise mask" inpainting). With `loop` the clip's last `
 the video's first ones (known through y only: a causal VAE's latent of a clip's start is not the latent
 of the same frames mid-clip), so the join leads back into the first frame.
 
-The join keeps every input frame and appends the new ones after the overlap. Each new frame is
-colour-corrected per channel so the overlap as generated has the input overlap's mean and spread; the
-correction is measured on the overlap only, so repeated extensions do not drift in colour.
+The join keeps every input frame and appends the new ones after the overlap, colour-corrected
+(`colour_match`): `overlap` (the default) applies one affine map per channel to every new frame, the
+one that gives the overlap as generated the input overlap's mean and spread (it removes the clip's
+offset from the source); `hm` matches each new frame's histogram, per channel, to the input overlap's
+(ComfyUI's ColorMatch `hm`, what extension workflows put after each segment): it also removes the
+colour the model drifts to within the new frames, so repeated extensions keep the overlap's colours,
+but it gives every frame the overlap's distribution of values, so it is for continuing one scene (a
+frame whose object grew loses the growth's edge pixels to the background); `off` joins them as
+generated.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from kinema.errors import KinemaError
 
 MAX_COLOUR_GAIN = 1.25  # the per-channel spread correction is clamped to [1/1.25, 1.25]
+COLOUR_MATCH = ("overlap", "hm", "off")
 
 
 @dataclass(frozen=True)
@@ -32,6 +39,7 @@ class Extension:
     frames: int
     overlap: int = 9
     loop: bool = False
+    colour: str = "overlap"  # how the new frames are colour-matched to the overlap: one of COLOUR_MATCH
 
     def clip_frames(self) -> int:
         """Frames of the clip the model generates."""
@@ -42,10 +50,12 @@ class Extension:
         return (self.overlap - 1) // temporal + 1
 
     def record(self) -> dict:
-        return {"extend_frames": self.frames, "overlap_frames": self.overlap, "loop": self.loop}
+        return {"extend_frames": self.frames, "overlap_frames": self.overlap, "loop": self.loop,
+                "colour_match": self.colour}
 
 
-def parse_extension(frames, overlap, loop, video_frames: int, names: dict | None = None, temporal: int = 4) -> Extension:
+def parse_extension(frames, overlap, loop, video_frames: int, names: dict | None = None, temporal: int = 4,
+                    colour: str = "overlap") -> Extension:
     """The extension settings, checked against the source video's frame count."""
     n = (names or {}).get
     for value, name, rule in ((frames, n("extend_frames", "extend_frames"), f"a multiple of {temporal}, e.g. 32"),
@@ -63,7 +73,10 @@ def parse_extension(frames, overlap, loop, video_frames: int, names: dict | None
                           "the video; use a shorter overlap or a longer video.")
     if not isinstance(loop, bool):
         raise KinemaError(f"{n('loop', 'loop')} {loop!r} must be True or False.")
-    return Extension(frames, overlap, loop)
+    if colour not in COLOUR_MATCH:
+        raise KinemaError(f"{n('colour_match', 'colour_match')} {colour!r} is not one of {', '.join(COLOUR_MATCH)} "
+                          "(overlap: one map for the clip; hm: each frame's histogram to the overlap's; off).")
+    return Extension(frames, overlap, loop, colour)
 
 
 def known_frames(ext: Extension, video: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -106,11 +119,34 @@ def colour_match(new: torch.Tensor, generated_overlap: torch.Tensor, overlap: to
     return out.clamp(-1, 1)
 
 
+def histogram_match(new: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Each frame of new [3, F, H, W], per channel, given the distribution of values of reference [3, K, H, W]: a
+    pixel of rank r among its frame's N values takes the reference's value at the same quantile, r / (N - 1),
+    interpolated between the reference's sorted values (tied values share their mid-rank, so equal stays equal)."""
+    ref = reference.float().flatten(1).sort(dim=1).values  # [3, M]
+    m = ref.shape[1]
+    out = torch.empty(new.shape, dtype=torch.float32, device=new.device)
+    for f in range(new.shape[1]):  # a frame at a time: the ranks of a long, large video would not fit at once
+        x = new[:, f].float().reshape(new.shape[0], -1).contiguous()  # [3, N]
+        ordered = x.sort(dim=1).values
+        rank = (torch.searchsorted(ordered, x) + torch.searchsorted(ordered, x, right=True) - 1).float() / 2
+        pos = rank * ((m - 1) / max(x.shape[1] - 1, 1))
+        lo = pos.floor().long().clamp(0, m - 1)
+        hi = (lo + 1).clamp(max=m - 1)
+        frac = pos - lo
+        out[:, f] = (ref.gather(1, lo) * (1 - frac) + ref.gather(1, hi) * frac).view_as(new[:, f])
+    return out
+
+
 def join(ext: Extension, video: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
-    """The source video [3, F, H, W] with the generated clip's new frames, colour-matched, appended:
-    [3, F + frames, H, W]."""
+    """The source video [3, F, H, W] with the generated clip's new frames, colour-matched (ext.colour),
+    appended: [3, F + frames, H, W]."""
     k = ext.overlap
-    new = colour_match(clip[:, k : k + ext.frames], clip[:, :k], video[:, -k:])
+    new = clip[:, k : k + ext.frames].float()
+    if ext.colour == "overlap":
+        new = colour_match(new, clip[:, :k], video[:, -k:])
+    elif ext.colour == "hm":
+        new = histogram_match(new, video[:, -k:])
     return torch.cat([video.float(), new], dim=1)
 
 

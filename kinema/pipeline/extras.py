@@ -97,18 +97,18 @@ def parse_extras(*, skip_layers=None, cfg_zero_star=None, enhance=None, riflex=N
     return extras
 
 
-def _is_default(value) -> bool:
+def is_default(value) -> bool:
     return isinstance(value, str) and value.strip().lower() == "default"
 
 
-def _with_defaults(value, main: str, defaults: dict) -> dict:
+def with_defaults(value, main: str, defaults: dict) -> dict:
     """True / "default" / the main field's value / a dict of fields (its main field may be "default", as the
     command line's `--slg default --slg_end 0.5` gives) -> the fields, the model's defaults under them."""
-    if value is True or _is_default(value):
+    if value is True or is_default(value):
         value = {}
     elif not isinstance(value, dict):
         value = {main: value}
-    if _is_default(value.get(main)):
+    if is_default(value.get(main)):
         value = {k: v for k, v in value.items() if k != main}
     return {**defaults, **value}
 
@@ -118,7 +118,7 @@ def _skip_layers(value, name: str, defaults: dict) -> SkipLayers | None:
         return None
     if isinstance(value, SkipLayers):
         return value
-    value = _with_defaults(value, "blocks", defaults)
+    value = with_defaults(value, "blocks", defaults)
     if "blocks" in value:
         value["blocks"] = parse_blocks(value["blocks"], name)
     return _record_of(value, SkipLayers, name)
@@ -129,12 +129,12 @@ def _enhance(value, name: str, defaults: dict) -> EnhanceVideo | None:
         return None
     if isinstance(value, EnhanceVideo):
         return value
-    if isinstance(value, str) and not _is_default(value):
+    if isinstance(value, str) and not is_default(value):
         raise KinemaError(f"{name} {value!r} is not understood; pass a weight (2.0), True or 'default' (the "
                           "model's), an EnhanceVideo or a dict of its fields.")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = float(value)
-    return _record_of(_with_defaults(value, "weight", defaults), EnhanceVideo, name)
+    return _record_of(with_defaults(value, "weight", defaults), EnhanceVideo, name)
 
 
 def _record_of(value, kind, name: str):

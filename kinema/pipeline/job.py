@@ -12,7 +12,7 @@ import torch
 
 from kinema.errors import KinemaError
 from kinema.memory.vae_tiling import parse_vae_tile
-from kinema.pipeline.extras import Extras, parse_extras
+from kinema.pipeline.extras import Extras, is_default, parse_extras, with_defaults
 from kinema.pipeline.guidance import Guidance, guidance_for
 from kinema.pipeline.extend import Extension, parse_extension
 from kinema.pipeline.inputs import image_input, video_input
@@ -50,7 +50,7 @@ class Job:
 def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=None, last_frame=None, video=None,
                 latents=None, cache=None, vae_tile="auto", batched_cfg=False, skip_layers=None, cfg_zero_star=None,
                 enhance=None, riflex=None, context_windows=None, extend_frames=None, overlap_frames=9, loop=False,
-                refine=None, upscale=None, upscaler=None, upscale_tile=128, callback=None, cancel=None, decode=True,
+                colour_match="overlap", refine=None, upscale=None, upscaler=None, upscale_tile=128, callback=None, cancel=None, decode=True,
                 progress=True, names=None, **settings) -> Job:
     """A call's arguments (`Pipeline.__call__`'s) -> Job, or one KinemaError naming the value and the fix.
     `names` maps argument names to the names messages use (the command line's flags)."""
@@ -60,7 +60,8 @@ def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=N
     media = media_inputs(spec, task, {"image": image, "first_frame": first_frame, "last_frame": last_frame,
                                       "video": video}, names)
     first = media.get(spec.images[0]) if spec.images else None
-    extension = _extension(spec, target, media.get("video"), extend_frames, overlap_frames, loop, settings, names)
+    extension = _extension(spec, target, media.get("video"), extend_frames, overlap_frames, loop, colour_match,
+                           settings, names)
     s = resolve_settings(spec, target.info.sample_defaults, prompt=prompt, geometry=target.geometry, names=names,
                          image_size=None if first is None else tuple(first.shape[1:]),
                          video_frames=None if video is None or extension else media["video"].shape[1], **settings)
@@ -79,7 +80,8 @@ def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=N
     extras = parse_extras(skip_layers=skip_layers, cfg_zero_star=cfg_zero_star, enhance=enhance, riflex=riflex,
                           guided=s.guided, dit_config=target.dit_config,
                           model_defaults=target.info.sample_defaults, names=names)
-    windows = parse_windows(context_windows, names.get("context_windows", "context_windows"))
+    windows = parse_windows(context_windows, names.get("context_windows", "context_windows"),
+                            target.info.sample_defaults.get("context", {}))
     sections = prompt_sections(s.prompt, windows is not None, names.get("prompt", "prompt"))
     second = parse_refine(refine, names)
     if second is not None and extension is not None:
@@ -91,14 +93,16 @@ def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=N
                bool(decode), bool(progress))
 
 
-def _extension(spec: Task, target: Target, video, frames, overlap, loop, settings: dict, names: dict):
+def _extension(spec: Task, target: Target, video, frames, overlap, loop, colour, settings: dict, names: dict):
     """Task extend: its Extension, with the run's size and frame count set from the video (settings changed in
     place); other tasks: None, and the extension arguments refused."""
     n = names.get
     if spec.name != "extend":
-        if frames is not None or loop:
-            raise KinemaError(f"{n('extend_frames', 'extend_frames') if frames is not None else n('loop', 'loop')} "
-                              "is for task extend; add it (with the video to continue) or drop the flag.")
+        for given, key in ((frames is not None, "extend_frames"), (bool(loop), "loop"),
+                           (colour != "overlap", "colour_match")):
+            if given:
+                raise KinemaError(f"{n(key, key)} is for task extend; add it (with the video to continue) or drop "
+                                  "the flag.")
         return None
     for key in ("size", "frame_num"):
         if settings.get(key) is not None:
@@ -106,7 +110,7 @@ def _extension(spec: Task, target: Target, video, frames, overlap, loop, setting
                               f"frames; drop {n(key, key)}.")
     if frames is None:
         raise KinemaError(f"task extend needs {n('extend_frames', 'extend_frames')}: how many frames to add (e.g. 32).")
-    ext = parse_extension(frames, overlap, loop, video.shape[1], names, target.geometry.temporal)
+    ext = parse_extension(frames, overlap, loop, video.shape[1], names, target.geometry.temporal, colour)
     if ext.loop and target.dit_config.in_dim <= target.geometry.z_dim:
         raise KinemaError(f"{n('loop', 'loop')} needs a DiT that takes known frames anywhere (an image-to-video type "
                           "model, like the built-in one); this checkpoint is a text-to-video model.")
@@ -118,22 +122,24 @@ def _extension(spec: Task, target: Target, video, frames, overlap, loop, setting
     return ext
 
 
-def parse_windows(value, name: str = "context_windows") -> ContextWindows | None:
-    """None / False -> None; True -> the defaults; a ContextWindows; a dict of its fields."""
+def parse_windows(value, name: str = "context_windows", defaults: dict | None = None) -> ContextWindows | None:
+    """None / False -> None; True or "default" -> the model's windows; a ContextWindows; the frames (17); a dict of
+    its fields (`frames` may be "default"). Fields not given come from the model's `sample_defaults.context` (`defaults`), then
+    from ContextWindows' own (the wrapper's: 81 frames, overlap 16, for Wan2.1's 81-frame training)."""
     if value is None or value is False:
         return None
-    if value is True:
-        return ContextWindows()
     if isinstance(value, ContextWindows):
         return value
-    if isinstance(value, dict):
+    if value is True or isinstance(value, (dict, int)) or is_default(value):  # an int: the frames
+        value = with_defaults(value, "frames", dict(defaults or {}))
         known = {f.name for f in fields(ContextWindows)}
         unknown = sorted(set(value) - known)
         if unknown:
             raise KinemaError(f"{name} has no field {', '.join(map(repr, unknown))}; its fields are "
                               f"{', '.join(sorted(known))}.")
         return ContextWindows(**value)
-    raise KinemaError(f"{name} {value!r} is not understood; pass True, a ContextWindows or a dict of its fields.")
+    raise KinemaError(f"{name} {value!r} is not understood; pass True or 'default' (the model's windows), a "
+                      "ContextWindows or a dict of its fields.")
 
 
 def prompt_sections(prompt: str, windows: bool, name: str = "prompt") -> tuple[str, ...]:

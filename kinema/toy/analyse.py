@@ -218,6 +218,17 @@ def _shape_features(alpha: np.ndarray, obj: np.ndarray) -> tuple[float, float] |
     return float(mass / box), float(skew)
 
 
+def coverage_alpha(frame: np.ndarray, background: np.ndarray, color: np.ndarray) -> np.ndarray | None:
+    """Each pixel's coverage estimate [H, W] in one frame [H, W, 3]: its colour projected on the segment from the
+    frame's background colour (0) to the object's colour (1), unclipped (zero-mean noise stays zero-mean); None when
+    the two colours coincide."""
+    seg = color - background
+    den = float(seg @ seg)
+    if den < 1e-6:
+        return None
+    return ((frame - background) @ seg) / den
+
+
 def analyse(frames: np.ndarray, colors: dict | None = None) -> Analysis:
     """Recover background, object colour, shape and direction from uint8 frames [F, H, W, 3] (or one [H, W, 3])."""
     colors = {**COLORS, **EXTRA_COLORS} if colors is None else colors
@@ -273,11 +284,10 @@ def analyse(frames: np.ndarray, colors: dict | None = None) -> Analysis:
         # shape: median fill ratio and skewness over frames (see the module docstring)
         feats = []
         for i in have:
-            seg = rgb - bg_frame[i]
-            den = float(seg @ seg)
-            if den < 1e-6:
+            alpha = coverage_alpha(x[i], bg_frame[i], rgb)
+            if alpha is None:
                 continue
-            feat = _shape_features((diff[i] @ seg) / den, objs[i])
+            feat = _shape_features(alpha, objs[i])
             if feat is not None:
                 feats.append(feat)
         if feats:

@@ -56,6 +56,11 @@ class VAEConfig(configs.TrainConfig):
     # its video stage as that image VAE run frame by frame; "" leaves the weights as they are.
     temporal_init: str = ""
     random_colors: float = 0.3  # share of clips with arbitrary colours, so the VAE is not tied to the palette
+    # share of training clips whose object travels a random fraction of the world's distance, down to standing still:
+    # the world's objects always move 35-60% of the frame in 17 frames, and a VAE that never saw slower motion decodes
+    # a still or slow object (a long video's, an image's) with twice the colour error, worst in one of the 4 frames
+    # of each latent frame (docs/training.md, VAE stage 11)
+    slow_clips: float = 0.0
     train_encoder: bool = True  # False: only the decoder learns, so the latents (and a DiT trained on them) stay valid
     data_seed: int = -1  # seed of the training clips (-1 = seed); the held-out clips always follow seed
     pool_size: int = 0  # > 0: render this many clips once (in parallel) and crop each batch from them; for GPUs,
@@ -67,6 +72,8 @@ class VAEConfig(configs.TrainConfig):
     warmup_steps: int = 200
 
     def check(self) -> None:
+        if not 0.0 <= self.slow_clips <= 1.0:
+            raise configs.KinemaError(f"slow_clips {self.slow_clips} is a share of the clips: give one in 0..1.")
         if (self.train_frames - 1) % 4 or (self.frames - 1) % 4:
             raise configs.KinemaError("train_frames and frames must be 1 + 4k (1, 5, 9, 13, 17, ...).")
         if self.crop and (self.crop % 8 or self.crop > min(self.width, self.height)):
@@ -198,7 +205,7 @@ class VAETask(TrainTask):
             # Clips as long as the held-out ones; a batch takes a random run of train_frames of each (single frames
             # from anywhere in the motion for an image stage).
             self.pool = ClipPool(self._data_seed(), cfg.pool_size, cfg.width, cfg.height,
-                                 max(cfg.train_frames, cfg.frames), self.colors, cfg.random_colors)
+                                 max(cfg.train_frames, cfg.frames), self.colors, cfg.random_colors, cfg.slow_clips)
 
     def _data_seed(self) -> int:
         return self.cfg.seed if self.cfg.data_seed < 0 else self.cfg.data_seed
@@ -220,7 +227,7 @@ class VAETask(TrainTask):
             return self.pool.batch(step, cfg.batch_size, cfg.crop, cfg.train_frames,
                                    cfg.crop_around_object).to(self.device)
         video, _ = clip_batch(self._data_seed(), step, cfg.batch_size, cfg.width, cfg.height, cfg.train_frames,
-                              colors=self.colors, random_colors=cfg.random_colors, crop=cfg.crop)
+                              colors=self.colors, random_colors=cfg.random_colors, crop=cfg.crop, slow=cfg.slow_clips)
         return video.to(self.device)
 
     def loss(self, step, generator):

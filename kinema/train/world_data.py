@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -23,11 +24,15 @@ def random_rgb_spec(rng: np.random.Generator, width: int, height: int) -> world.
     return world.ClipSpec(hexes[0], spec.shape, spec.direction, hexes[1], spec.size, spec.travel, spec.start)
 
 
-def _render(seed: int, index: int, width: int, height: int, frames: int, colors, random_colors: float, crop: int):
-    """Clip `index` of the world `seed` as uint8 [F, H, W, 3] (or crop x crop) and its spec."""
+def _render(seed: int, index: int, width: int, height: int, frames: int, colors, random_colors: float, crop: int,
+            slow: float = 0.0):
+    """Clip `index` of the world `seed` as uint8 [F, H, W, 3] (or crop x crop) and its spec. `slow`: the share of
+    clips whose object travels a uniform random fraction of its distance (0: it stands still)."""
     rng = world.clip_rng(seed, index)
     spec = (random_rgb_spec(rng, width, height) if rng.random() < random_colors
             else world.random_spec(rng, width, height, colors=colors))
+    if slow and rng.random() < slow:  # no draw without it: the clips of runs that do not ask stay as they were
+        spec = replace(spec, travel=spec.travel * float(rng.uniform(0.0, 1.0)))
     clip = world.render(spec, width, height, frames)
     if crop:
         y, x = rng.integers(0, height - crop + 1), rng.integers(0, width - crop + 1)
@@ -47,12 +52,13 @@ def default_workers() -> int:
 
 
 def render_clips(seed: int, indices, width: int, height: int, frames: int, colors=tuple(world.COLORS),
-                 random_colors: float = 0.0, crop: int = 0, workers: int = 0):
+                 random_colors: float = 0.0, crop: int = 0, workers: int = 0, slow: float = 0.0):
     """Clips `indices` of the world `seed`: (uint8 [N, F, H, W, 3], specs). `workers` > 1 renders in that many
-    processes (0 = default_workers()), for enough clips to pay for them; the clips are the same either way."""
+    processes (0 = default_workers()), for enough clips to pay for them; the clips are the same either way.
+    `slow`: the share of clips with a slower (or still) object (`_render`)."""
     indices = [int(i) for i in indices]
     workers = workers or default_workers()
-    rest = (width, height, frames, tuple(colors), random_colors, crop)
+    rest = (width, height, frames, tuple(colors), random_colors, crop, slow)
     if workers <= 1 or len(indices) < PARALLEL_MIN_CLIPS:
         parts = _render_many((seed, indices, *rest))
     else:
@@ -66,10 +72,10 @@ def render_clips(seed: int, indices, width: int, height: int, frames: int, color
 
 
 def clip_batch(seed: int, step: int, batch_size: int, width: int, height: int, frames: int,
-               colors=tuple(world.COLORS), random_colors: float = 0.0, crop: int = 0):
+               colors=tuple(world.COLORS), random_colors: float = 0.0, crop: int = 0, slow: float = 0.0):
     """[B, 3, F, H, W] in [-1, 1] (or crop x crop) and the B specs, for training step `step`."""
     clips, specs = render_clips(seed, range(step * batch_size, (step + 1) * batch_size), width, height, frames, colors,
-                                random_colors, crop, workers=1)
+                                random_colors, crop, workers=1, slow=slow)
     return torch.stack([world.to_tensor(c) for c in clips]), specs
 
 
@@ -80,9 +86,11 @@ class ClipPool:
     VAE run renders its pool up front, in parallel, and trains on crops of it.
     """
 
-    def __init__(self, seed: int, size: int, width: int, height: int, frames: int, colors, random_colors: float):
+    def __init__(self, seed: int, size: int, width: int, height: int, frames: int, colors, random_colors: float,
+                 slow: float = 0.0):
         self.seed = seed
-        self.clips, _ = render_clips(seed, range(size), width, height, frames, colors, random_colors)  # [N, F, H, W, 3]
+        self.clips, _ = render_clips(seed, range(size), width, height, frames, colors, random_colors,
+                                     slow=slow)  # [N, F, H, W, 3]
 
     def batch(self, step: int, batch_size: int, crop: int, frames: int = 0, around_object: bool = False) -> torch.Tensor:
         """`frames` > 0: a random run of that many frames of each drawn clip (1: single frames, for images).
