@@ -299,8 +299,16 @@ class VAETask(TrainTask):
     def export(self, folder: Path) -> None:
         from kinema.train.export import save_component
 
-        mean, std = self.latent_stats(self.cfg.stats_clips)
         cfg = self.cfg
+        if cfg.init_from and not cfg.train_encoder:
+            # the encoder is the one it started from, and a DiT trained on its latents normalised them by its stats:
+            # keep those (measured again on other held-out clips they would differ, and shift every DiT input)
+            from kinema.loading.vae import load_vae
+
+            start = load_vae(cfg.init_from)
+            mean, std = list(start.latents_mean), list(start.latents_std)
+        else:
+            mean, std = self.latent_stats(cfg.stats_clips)
         save_component(folder / "vae", "diffusion_pytorch_model.safetensors", self.vae.state_dict(), {
             "_class_name": "AutoencoderKLWan", "base_dim": cfg.dim, "z_dim": cfg.z_dim, "dim_mult": list(cfg.dim_mult),
             "num_res_blocks": cfg.num_res_blocks, "latents_mean": mean, "latents_std": std,
