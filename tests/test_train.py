@@ -171,6 +171,12 @@ def test_vae_decoder_only_keeps_the_latents(vae_model, tmp_path):
     assert any(not torch.equal(before[k], after[k]) for k in dec)
     old, new = (json.loads((p / "vae" / "config.json").read_text()) for p in (vae_model, tmp_path / "model"))
     assert new["latents_mean"] == old["latents_mean"] and new["latents_std"] == old["latents_std"]
+    # started from a training checkpoint (no stats in it): the run measures them and exports
+    again = configs.build(VAEConfig, {**TINY_VAE, "output_dir": str(tmp_path / "again"), "steps": 1,
+                                      "init_from": str(tmp_path), "train_encoder": False, "seed": 123})
+    assert train(VAETask(again, torch.device("cpu")), again, progress=False)["finished"]
+    assert len(json.loads((tmp_path / "again" / "model" / "vae" / "config.json").read_text())["latents_mean"]) == \
+        len(old["latents_mean"])
 
 
 def test_vae_temporal_term_costs_a_jump_between_frames():

@@ -191,10 +191,16 @@ class VAETask(TrainTask):
             # stalls at a constant output (measured: 12 dB after 150 steps with the default init, 20 dB with this).
             self.vae.conv1.bias[cfg.z_dim :].fill_(cfg.init_logvar)
             self.vae.conv1.weight[: cfg.z_dim] *= cfg.init_mu_scale
+        self.start_stats = None  # (latents_mean, latents_std) of an exported VAE this run starts from
         if cfg.init_from:
             from kinema.loading.vae import load_vae
 
-            self.vae.load_state_dict(init_state(cfg.init_from, "vae", load_vae))
+            def load(path):
+                start = load_vae(path)
+                self.start_stats = (list(start.latents_mean), list(start.latents_std))
+                return start
+
+            self.vae.load_state_dict(init_state(cfg.init_from, "vae", load))
         if cfg.temporal_init == "identity":
             identity_in_time(self.vae)
         self.vae.train()
@@ -300,13 +306,11 @@ class VAETask(TrainTask):
         from kinema.train.export import save_component
 
         cfg = self.cfg
-        if cfg.init_from and not cfg.train_encoder:
+        if self.start_stats is not None and not cfg.train_encoder:
             # the encoder is the one it started from, and a DiT trained on its latents normalised them by its stats:
-            # keep those (measured again on other held-out clips they would differ, and shift every DiT input)
-            from kinema.loading.vae import load_vae
-
-            start = load_vae(cfg.init_from)
-            mean, std = list(start.latents_mean), list(start.latents_std)
+            # keep those (measured again on other held-out clips they would differ, and shift every DiT input); a
+            # training checkpoint carries no stats, so a run started from one measures them as any other
+            mean, std = self.start_stats
         else:
             mean, std = self.latent_stats(cfg.stats_clips)
         save_component(folder / "vae", "diffusion_pytorch_model.safetensors", self.vae.state_dict(), {
