@@ -81,7 +81,7 @@ def parse_extras(*, skip_layers=None, cfg_zero_star=None, enhance=None, riflex=N
     names = names or {}
     model_defaults = model_defaults or {}
     extras = Extras(_skip_layers(skip_layers, names.get("skip_layers", "skip_layers"), model_defaults.get("slg", {})),
-                    _record_of(cfg_zero_star, CFGZeroStar, names.get("cfg_zero_star", "cfg_zero_star")),
+                    record_of(cfg_zero_star, CFGZeroStar, names.get("cfg_zero_star", "cfg_zero_star")),
                     _enhance(enhance, names.get("enhance", "enhance"), model_defaults.get("feta", {})),
                     parse_riflex(riflex, names.get("riflex", "riflex")))
     s = extras.skip_layers
@@ -121,7 +121,7 @@ def _skip_layers(value, name: str, defaults: dict) -> SkipLayers | None:
     value = with_defaults(value, "blocks", defaults)
     if "blocks" in value:
         value["blocks"] = parse_blocks(value["blocks"], name)
-    return _record_of(value, SkipLayers, name)
+    return record_of(value, SkipLayers, name)
 
 
 def _enhance(value, name: str, defaults: dict) -> EnhanceVideo | None:
@@ -134,10 +134,10 @@ def _enhance(value, name: str, defaults: dict) -> EnhanceVideo | None:
                           "model's), an EnhanceVideo or a dict of its fields.")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = float(value)
-    return _record_of(with_defaults(value, "weight", defaults), EnhanceVideo, name)
+    return record_of(with_defaults(value, "weight", defaults), EnhanceVideo, name)
 
 
-def _record_of(value, kind, name: str):
+def record_of(value, kind, name: str):
     """None / False -> None; True -> kind(); a kind as it is; a dict of its fields -> kind(**dict)."""
     if value is None or value is False:
         return None

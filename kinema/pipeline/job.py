@@ -6,13 +6,13 @@ command line can check a call against the checkpoints' headers before it loads a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
 from kinema.errors import KinemaError
 from kinema.memory.vae_tiling import parse_vae_tile
-from kinema.pipeline.extras import Extras, is_default, parse_extras, with_defaults
+from kinema.pipeline.extras import Extras, is_default, parse_extras, record_of, with_defaults
 from kinema.pipeline.guidance import Guidance, guidance_for
 from kinema.pipeline.extend import Extension, parse_extension
 from kinema.pipeline.inputs import image_input, video_input
@@ -124,20 +124,14 @@ def _extension(spec: Task, target: Target, video, frames, overlap, loop, colour,
 
 def parse_windows(value, name: str = "context_windows", defaults: dict | None = None) -> ContextWindows | None:
     """None / False -> None; True or "default" -> the model's windows; a ContextWindows; the frames (17); a dict of
-    its fields (`frames` may be "default"). Fields not given come from the model's `sample_defaults.context` (`defaults`), then
-    from ContextWindows' own (the wrapper's: 81 frames, overlap 16, for Wan2.1's 81-frame training)."""
+    its fields (`frames` may be "default"). Fields not given come from the model's `sample_defaults.context`
+    (`defaults`), then from ContextWindows' own (the wrapper's: 81 frames, overlap 16, for Wan2.1's 81-frame training)."""
     if value is None or value is False:
         return None
     if isinstance(value, ContextWindows):
         return value
     if value is True or isinstance(value, (dict, int)) or is_default(value):  # an int: the frames
-        value = with_defaults(value, "frames", dict(defaults or {}))
-        known = {f.name for f in fields(ContextWindows)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise KinemaError(f"{name} has no field {', '.join(map(repr, unknown))}; its fields are "
-                              f"{', '.join(sorted(known))}.")
-        return ContextWindows(**value)
+        return record_of(with_defaults(value, "frames", dict(defaults or {})), ContextWindows, name)
     raise KinemaError(f"{name} {value!r} is not understood; pass True or 'default' (the model's windows), a "
                       "ContextWindows or a dict of its fields.")
 
