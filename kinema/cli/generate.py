@@ -85,24 +85,20 @@ def refine_argument(args) -> dict | None:
     return {"size": args.refine_size, **tune}
 
 
-def weight_or_default(text: str) -> float | str:
-    """--feta's value: a number, or `default` (the model's own)."""
-    if text.strip().lower() == "default":
-        return "default"
-    return float(text)
+def or_default(cast, what: str):
+    """An argparse type for a flag that takes a value or `default` (the model's own): `default`, else cast(text).
+    `what` names the type in argparse's error ("invalid WHAT value: ...")."""
+    def parse(text: str):
+        from kinema.pipeline.extras import is_default  # here: the parser is built before torch is imported
+
+        return "default" if is_default(text) else cast(text)
+
+    parse.__name__ = what
+    return parse
 
 
-weight_or_default.__name__ = "weight (a number or 'default')"  # argparse names the type in its error
-
-
-def frames_or_default(text: str) -> int | str:
-    """--context_frames' value: a whole number of frames, or `default` (the model's own windows)."""
-    if text.strip().lower() == "default":
-        return "default"
-    return int(text)
-
-
-frames_or_default.__name__ = "frame count (4n+1 or 'default')"
+weight_or_default = or_default(float, "weight (a number or 'default')")  # --feta
+frames_or_default = or_default(int, "frame count (4n+1 or 'default')")  # --context_frames
 
 
 def extras_flags(g) -> None:
