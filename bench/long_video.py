@@ -20,7 +20,7 @@ clip over the same frames (its motion spread over 161 frames: a still-looking ob
   video's mean, in 0-255 levels (bound 3); object colour drift: the largest deviation of a frame's object
   colour (the median of its interior, as the analyser measures colour) from the video's median (bound 6).
 
-    .venv/bin/python bench/long_video.py [--frames 161] [--window 17] [--overlap 12] [--prompts 6]
+    .venv/bin/python bench/long_video.py [--frames 161] [--window 17] [--overlap 12] [--prompts 6] [--ckpt_dir DIR]
 """
 
 from __future__ import annotations
@@ -113,9 +113,10 @@ def main() -> None:
     p.add_argument("--overlap_frames", type=int, default=9)
     p.add_argument("--modes", default="truth,truth vae,one pass,windows,extend,extend hm")
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--ckpt_dir", default=None, help="another model folder (default: the built-in model)")
     args = p.parse_args()
     modes = [m.strip() for m in args.modes.split(",")]
-    pipe = kinema.Pipeline.load()
+    pipe = kinema.Pipeline.load(args.ckpt_dir)
     given = dict(frames=args.window, overlap=args.overlap, schedule=args.schedule, fuse=args.fuse,
                  freenoise=args.freenoise)
     windows = parse_windows({k: v for k, v in given.items() if v is not None}, "windows",
