@@ -2,7 +2,7 @@
 
 For a few world prompts (the eval seed, not used in training) it generates a long t2v (default 161 frames)
 twice: in one pass (the baseline; the built-in DiT takes 41 latent frames at 64x64 easily) and with context
-windows (by default the model's own: 17 frames, overlap 12, the uniform_standard schedule); and a 17-frame clip
+windows (by default the model's own: 17 frames, overlap 16, the uniform_standard schedule); and a 17-frame clip
 extended three times by 32 frames (task extend, overlap 9; its seams are the joins), with the default colour match
 (`extend`: one map per channel from the overlap) and with each frame's histogram matched to the overlap's
 (`extend hm`). Two more rows give the floor of each measure: `truth`, the world's own render of the prompt's
@@ -20,7 +20,7 @@ clip over the same frames (its motion spread over 161 frames: a still-looking ob
   video's mean, in 0-255 levels (bound 3); object colour drift: the largest deviation of a frame's object
   colour (the median of its interior, as the analyser measures colour) from the video's median (bound 6).
 
-    .venv/bin/python bench/long_video.py [--frames 161] [--window 17] [--overlap 12] [--prompts 6] [--ckpt_dir DIR]
+    .venv/bin/python bench/long_video.py [--frames 161] [--window 17] [--overlap 16] [--prompts 6] [--ckpt_dir DIR]
 """
 
 from __future__ import annotations

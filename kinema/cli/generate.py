@@ -128,7 +128,7 @@ def extras_flags(g) -> None:
     w.add_argument("--context_frames", type=frames_or_default, default=None, metavar="N",
                    help="denoise in overlapping windows of N pixel frames (4n+1; e.g. 81, 17 for the built-in model), "
                         "for videos longer than the model takes; `default`: the model's own windows (Wan2.1: the "
-                        "wrapper's 81 frames, overlap 16; the built-in model: 17, overlap 12)")
+                        "wrapper's 81 frames, overlap 16; the built-in model: 17, overlap 16)")
     w.add_argument("--context_stride", type=int, default=None, help="with --context_frames: the wrapper's stride (default 4)")
     w.add_argument("--context_overlap", type=int, default=None,
                    help="with --context_frames: overlap in pixel frames (default: the model's, else 16)")
