@@ -28,7 +28,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, capsys):
     assert read_metadata(tmp_path / "outputs/readme/i2v.gif")["task"] == "i2v"
     assert "torch.Size([1, 3, 17, 64, 64]) torch.Size([1, 16, 5, 8, 8])" in out
     assert "3 1 2.0 auto" in out and "True sd3" in out  # the guidance extras
-    assert "(49, 64, 64, 3) 17 12 uniform_standard" in out  # context windows (the built-in model's)
+    assert "(49, 64, 64, 3) 17 16 uniform_standard" in out  # context windows (the built-in model's)
     assert "8 pyramid False" in out  # and one's own
     assert "(17, 64, 64, 3) (33, 64, 64, 3) 16" in out  # extension
     assert "flowmatch_distill 4 1.0" in out  # the built-in distillation LoRA
