@@ -209,9 +209,9 @@ def _input_flags(g) -> None:
                    help="task extend: the video's last K frames (4k+1) the new frames continue from")
     g.add_argument("--loop", action="store_true", help="task extend: make the new end lead back into the first frame")
     g.add_argument("--colour_match", default="overlap", choices=["overlap", "hm", "off"],
-                   help="task extend: colour-correct the new frames by one map measured on the overlap (overlap), "
-                        "each frame's histogram matched to the overlap's (hm: no drift over repeated extensions of "
-                        "one scene), or not at all (off)")
+                   help="task extend: colour-correct the new frames by the offset measured on the overlap (overlap: "
+                        "one shift per channel), each frame's histogram matched to the overlap's (hm: for repeated "
+                        "extensions of one scene), or not at all (off)")
     g.add_argument("--from", dest="from_file", default=None, help="repeat the run recorded in a Kinema output file's metadata")
 
 
