@@ -3,9 +3,9 @@
 For a few world prompts (the eval seed, not used in training) it generates a long t2v (default 161 frames)
 twice: in one pass (the baseline; the built-in DiT takes 41 latent frames at 64x64 easily) and with context
 windows (by default the model's own: 17 frames, overlap 16, the uniform_standard schedule); and a 17-frame clip
-extended three times by 32 frames (task extend, overlap 9; its seams are the joins), with the default colour match
-(`extend`: one map per channel from the overlap) and with each frame's histogram matched to the overlap's
-(`extend hm`). Two more rows give the floor of each measure: `truth`, the world's own render of the prompt's
+extended three times by 32 frames (task extend, overlap 9; its seams are the joins), with the defaults (`extend`:
+the colour shifted by the overlap's offset, the overlap cross-faded into the new clip's), joined by a cut after the
+input frames (`extend cut`), and with each frame's histogram matched to the overlap's (`extend hm`). Two more rows give the floor of each measure: `truth`, the world's own render of the prompt's
 clip over the same frames (its motion spread over 161 frames: a still-looking object, moving a tenth of its
 17-frame speed), and `truth vae`, that render through the VAE and back. For each video, from the world analyser:
 
@@ -111,7 +111,7 @@ def main() -> None:
     p.add_argument("--extend", type=int, default=3, help="extensions of a 17-frame clip (0: none)")
     p.add_argument("--extend_frames", type=int, default=32)
     p.add_argument("--overlap_frames", type=int, default=9)
-    p.add_argument("--modes", default="truth,truth vae,one pass,windows,extend,extend hm")
+    p.add_argument("--modes", default="truth,truth vae,one pass,windows,extend,extend cut,extend hm")
     p.add_argument("--json", default=None, help="write the rows here")
     p.add_argument("--ckpt_dir", default=None, help="another model folder (default: the built-in model)")
     args = p.parse_args()
@@ -144,7 +144,8 @@ def main() -> None:
                     joins.append(video.shape[1])
                     video = pipe(spec.caption, task="extend", video=video, extend_frames=args.extend_frames,
                                  overlap_frames=args.overlap_frames, seed=args.seed + i + 1000 * (k + 1),
-                                 colour_match="hm" if mode == "extend hm" else "overlap", progress=False).video
+                                 colour_match="hm" if "hm" in mode else "overlap",
+                                 overlap_join="cut" if "cut" in mode else "blend", progress=False).video
                 seams = joins
             else:
                 video = pipe(spec.caption, frame_num=args.frames, seed=args.seed + i,

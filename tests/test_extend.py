@@ -10,7 +10,7 @@ from conftest import StubTextEncoder
 
 from kinema.errors import KinemaError
 from kinema.models.dit import DiTConfig, WanDiT
-from kinema.pipeline.extend import (Extension, colour_match, histogram_match, join, known_frames, parse_extension,
+from kinema.pipeline.extend import (OVERLAP_JOIN, Extension, colour_match, histogram_match, join, known_frames, parse_extension,
                                    replace_known)
 from kinema.pipeline.models import Models
 from kinema.pipeline.pipeline import Pipeline
@@ -102,11 +102,32 @@ def test_join_colour_match_modes():
 
 def test_join_keeps_the_source_and_appends_the_new_frames():
     video = torch.rand(3, 12, 4, 4) * 2 - 1
-    ext = Extension(8, 5)
     clip = torch.cat([video[:, -5:], torch.rand(3, 8, 4, 4) * 2 - 1], dim=1)  # a perfect overlap: no correction
-    out = join(ext, video, clip)
-    assert out.shape == (3, 20, 4, 4) and torch.equal(out[:, :12], video)
-    assert torch.allclose(out[:, 12:], clip[:, 5:13], atol=1e-5)
+    for how in OVERLAP_JOIN:
+        out = join(Extension(8, 5, join=how), video, clip)
+        assert out.shape == (3, 20, 4, 4) and torch.allclose(out[:, :12], video, atol=1e-6)
+        assert torch.allclose(out[:, 12:], clip[:, 5:13], atol=1e-5)
+
+
+def test_join_blend_cross_fades_the_overlap_into_the_clips_own():
+    g = torch.Generator().manual_seed(3)
+    video = torch.rand(3, 12, 4, 4, generator=g) * 1.6 - 0.8
+    generated = video[:, -5:] + 0.05 * torch.randn(3, 5, 4, 4, generator=g)  # decoded again: a little off
+    clip = torch.cat([generated, torch.rand(3, 8, 4, 4, generator=g) * 1.6 - 0.8], dim=1)
+    cut = join(Extension(8, 5, colour="off", join="cut"), video, clip)
+    assert torch.equal(cut[:, :12], video) and torch.equal(cut[:, 12:], clip[:, 5:])
+    blend = join(Extension(8, 5, colour="off"), video, clip)  # the default
+    assert torch.equal(blend[:, :7], video[:, :7]) and torch.equal(blend[:, 12:], clip[:, 5:])
+    for i in range(5):  # frame i of the overlap: (i + 1) / 5 of the generated one; the last is all generated
+        w = (i + 1) / 5
+        assert torch.allclose(blend[:, 7 + i], video[:, 7 + i] * (1 - w) + generated[:, i] * w, atol=1e-6)
+    # colour-matched like the new frames: the generated overlap shifted by the same offset
+    shifted = join(Extension(8, 5), video, clip)
+    offset = (video[:, -5:].mean((1, 2, 3)) - generated.mean((1, 2, 3)))[:, None, None]
+    assert torch.allclose(shifted[:, 11], (generated[:, 4] + offset).clamp(-1, 1), atol=1e-6)
+    assert Extension(8, 5).record()["overlap_join"] == "blend"
+    with pytest.raises(KinemaError, match="overlap_join 'fade' is not one of blend, cut"):
+        parse_extension(8, 5, False, 9, join="fade")
 
 
 def test_replace_known_shows_the_model_the_known_frames_at_each_noise_level():
@@ -148,7 +169,11 @@ def test_pipeline_extends(source, i2v):
     pipe = Pipeline(tiny_models(i2v))
     out = pipe(PROMPT, task="extend", video=source, extend_frames=8, overlap_frames=5, steps=3, seed=1, progress=False)
     assert out.video.shape == (3, 21, 32, 32)
-    assert torch.equal(out.video[:, :13], source)  # every source frame kept as it was
+    assert torch.equal(out.video[:, :8], source[:, :8])  # the source's frames before the overlap kept as they were
+    cut = pipe(PROMPT, task="extend", video=source, extend_frames=8, overlap_frames=5, steps=3, seed=1,
+               overlap_join="cut", progress=False)
+    assert torch.equal(cut.video[:, :13], source)  # every source frame kept as it was
+    assert torch.equal(cut.video[:, 13:], out.video[:, 13:]) and cut.settings["overlap_join"] == "cut"
     assert out.latents.shape == (16, 4, 4, 4)  # the clip: 5 + 8 = 13 frames
     z = pipe.models.vae.encode(source[:, -5:][None])[0]
     assert torch.equal(out.latents[:, :2], z)  # the overlap's latents exactly
@@ -180,6 +205,10 @@ def test_extend_errors(source):
         i2v.prepare(PROMPT, colour_match="hm", progress=False)
     with pytest.raises(KinemaError, match="colour_match 'x' is not one of"):
         i2v.prepare(PROMPT, task="extend", video=source, extend_frames=8, colour_match="x", progress=False)
+    with pytest.raises(KinemaError, match="overlap_join is for task extend"):
+        i2v.prepare(PROMPT, overlap_join="cut", progress=False)
+    with pytest.raises(KinemaError, match="overlap_join 'x' is not one of"):
+        i2v.prepare(PROMPT, task="extend", video=source, extend_frames=8, overlap_join="x", progress=False)
     with pytest.raises(KinemaError, match="needs video"):
         i2v.prepare(PROMPT, task="extend", extend_frames=8, progress=False)
 
@@ -199,10 +228,14 @@ def test_cli_extends_and_repeats(tmp_path, capsys):
     assert main([*base, "--task", "extend", "--video", str(first), "--extend_frames", "8", "--overlap_frames", "5",
                  "--prompt", PROMPT, "--save_file", str(longer)]) == 0
     frames = read_video(longer).frames
-    assert frames.shape == (17, 32, 32, 3) and torch.equal(frames[:9], read_video(first).frames)
+    assert frames.shape == (17, 32, 32, 3) and torch.equal(frames[:4], read_video(first).frames[:4])
     meta = read_metadata(longer)
-    assert (meta["task"], meta["extend_frames"], meta["overlap_frames"], meta["colour_match"]) == ("extend", 8, 5,
-                                                                                                   "overlap")
+    assert (meta["task"], meta["extend_frames"], meta["overlap_frames"], meta["colour_match"],
+            meta["overlap_join"]) == ("extend", 8, 5, "overlap", "blend")
+    cut = tmp_path / "cut.webp"
+    assert main([*base, "--task", "extend", "--video", str(first), "--extend_frames", "8", "--overlap_frames", "5",
+                 "--overlap_join", "cut", "--prompt", PROMPT, "--save_file", str(cut)]) == 0
+    assert torch.equal(read_video(cut).frames[:9], read_video(first).frames)  # every input frame as it was
     again = tmp_path / "again.webp"
     assert main([*base, "--from", str(longer), "--video", str(first), "--save_file", str(again)]) == 0
     assert np.array_equal(read_video(again).frames, frames)

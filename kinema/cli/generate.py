@@ -30,6 +30,7 @@ FLAGS = {
     "cache": "--cache", "vae_tile": "--vae_tile", "skip_layers": "--slg", "cfg_zero_star": "--cfg_zero_star",
     "enhance": "--feta", "riflex": "--riflex", "context_windows": "--context_frames", "extend_frames": "--extend_frames",
     "overlap_frames": "--overlap_frames", "loop": "--loop", "colour_match": "--colour_match",
+    "overlap_join": "--overlap_join",
     "refine": "--refine_size", "refine_size": "--refine_size",
     "refine_denoise": "--refine_denoise", "refine_steps": "--refine_steps", "refine_method": "--refine_method",
     "upscale": "--upscale", "upscaler": "--upscaler", "upscale_tile": "--upscale_tile",
@@ -68,7 +69,7 @@ def call_arguments(args) -> dict:
                 first_frame=args.first_frame, last_frame=args.last_frame, video=args.video,
                 denoise=args.denoise, cache=args.cache, vae_tile=args.vae_tile, batched_cfg=args.batched_cfg,
                 extend_frames=args.extend_frames, overlap_frames=args.overlap_frames, loop=args.loop,
-                colour_match=args.colour_match,
+                colour_match=args.colour_match, overlap_join=args.overlap_join,
                 refine=refine_argument(args), upscale=args.upscale, upscaler=args.upscaler,
                 upscale_tile=args.upscale_tile, **extras_arguments(args))
 

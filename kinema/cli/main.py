@@ -27,7 +27,7 @@ FROM_KEYS = {
     **{k: k for k in ("slg", "slg_start", "slg_end", "slg_mode", "slg_scale", "cfg_zero_star", "zero_init_steps", "feta",
                       "feta_start", "feta_end", "riflex", "context_frames", "context_stride", "context_overlap",
                       "context_schedule", "context_fuse", "freenoise", "context_rope", "extend_frames", "overlap_frames",
-                      "loop", "colour_match", "refine_size", "refine_denoise", "refine_steps", "refine_method", "upscale", "upscaler")},
+                      "loop", "colour_match", "overlap_join", "refine_size", "refine_denoise", "refine_steps", "refine_method", "upscale", "upscaler")},
 }
 
 
@@ -212,6 +212,9 @@ def _input_flags(g) -> None:
                    help="task extend: colour-correct the new frames by the offset measured on the overlap (overlap: "
                         "one shift per channel), each frame's histogram matched to the overlap's (hm: for repeated "
                         "extensions of one scene), or not at all (off)")
+    g.add_argument("--overlap_join", default="blend", choices=["blend", "cut"],
+                   help="task extend: cross-fade the video's last K frames into the new clip's own decode of them "
+                        "(blend: no jump at the join), or keep every input frame as it was (cut)")
     g.add_argument("--from", dest="from_file", default=None, help="repeat the run recorded in a Kinema output file's metadata")
 
 

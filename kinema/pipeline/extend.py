@@ -9,8 +9,14 @@ continue them (ComfyUI's "noise mask" inpainting). With `loop` the clip's last `
 the video's first ones (known through y only: a causal VAE's latent of a clip's start is not the latent
 of the same frames mid-clip), so the join leads back into the first frame.
 
-The join keeps every input frame and appends the new ones after the overlap, colour-corrected
-(`colour_match`): `overlap` (the default) shifts every new frame, per channel, by the difference of the
+The join appends the new frames after the overlap (`overlap_join`): `blend` (the default) cross-fades the
+source's last `overlap` frames into the overlap as generated (frame i of K given weight (i + 1) / K, so the
+last is the generated one), so the first new frame follows a frame of its own decode: the generated overlap
+is the known frames decoded again, within the VAE's round trip of the source, and what differs (a
+fraction of a pixel of the object's place, a level of colour) is spread over the overlap instead of jumping
+at the join (on the built-in model, three extensions of six prompts: the join's jump within 1.5x the median
+jump elsewhere on four, against two with `cut`); `cut` keeps every input frame as it was. Both are
+colour-corrected (`colour_match`): `overlap` (the default) shifts every new frame, per channel, by the difference of the
 source overlap's mean and the overlap as generated (it removes the clip's offset from the source; the
 generated overlap is the same frames, decoded again, so that offset is all it can measure: a gain from the
 spread of the two overlaps would mostly be edge and sharpness differences, and multiplying by it moves
@@ -32,6 +38,7 @@ import torch
 from kinema.errors import KinemaError
 
 COLOUR_MATCH = ("overlap", "hm", "off")
+OVERLAP_JOIN = ("blend", "cut")
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,7 @@ class Extension:
     overlap: int = 9
     loop: bool = False
     colour: str = "overlap"  # how the new frames are colour-matched to the overlap: one of COLOUR_MATCH
+    join: str = "blend"  # how they are joined on: one of OVERLAP_JOIN
 
     def clip_frames(self) -> int:
         """Frames of the clip the model generates."""
@@ -53,11 +61,11 @@ class Extension:
 
     def record(self) -> dict:
         return {"extend_frames": self.frames, "overlap_frames": self.overlap, "loop": self.loop,
-                "colour_match": self.colour}
+                "colour_match": self.colour, "overlap_join": self.join}
 
 
 def parse_extension(frames, overlap, loop, video_frames: int, names: dict | None = None, temporal: int = 4,
-                    colour: str = "overlap") -> Extension:
+                    colour: str = "overlap", join: str = "blend") -> Extension:
     """The extension settings, checked against the source video's frame count."""
     n = (names or {}).get
     for value, name, rule in ((frames, n("extend_frames", "extend_frames"), f"a multiple of {temporal}, e.g. 32"),
@@ -78,7 +86,10 @@ def parse_extension(frames, overlap, loop, video_frames: int, names: dict | None
     if colour not in COLOUR_MATCH:
         raise KinemaError(f"{n('colour_match', 'colour_match')} {colour!r} is not one of {', '.join(COLOUR_MATCH)} "
                           "(overlap: one map for the clip; hm: each frame's histogram to the overlap's; off).")
-    return Extension(frames, overlap, loop, colour)
+    if join not in OVERLAP_JOIN:
+        raise KinemaError(f"{n('overlap_join', 'overlap_join')} {join!r} is not one of {', '.join(OVERLAP_JOIN)} "
+                          "(blend: cross-fade the overlap into the new clip's; cut: keep every input frame).")
+    return Extension(frames, overlap, loop, colour, join)
 
 
 def known_frames(ext: Extension, video: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -139,15 +150,20 @@ def histogram_match(new: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 
 def join(ext: Extension, video: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
-    """The source video [3, F, H, W] with the generated clip's new frames, colour-matched (ext.colour),
-    appended: [3, F + frames, H, W]."""
+    """The source video [3, F, H, W] with the generated clip's new frames appended, colour-matched (ext.colour):
+    [3, F + frames, H, W]; with ext.join "blend", the source's last `overlap` frames cross-faded into the clip's
+    (colour-matched the same way)."""
     k = ext.overlap
-    new = clip[:, k : k + ext.frames].float()
+    ours = clip[:, : k + ext.frames].float()  # the generated overlap, then the new frames
     if ext.colour == "overlap":
-        new = colour_match(new, clip[:, :k], video[:, -k:])
+        ours = colour_match(ours, clip[:, :k], video[:, -k:])
     elif ext.colour == "hm":
-        new = histogram_match(new, video[:, -k:])
-    return torch.cat([video.float(), new], dim=1)
+        ours = histogram_match(ours, video[:, -k:])
+    if ext.join == "cut":
+        return torch.cat([video.float(), ours[:, k:]], dim=1)
+    w = torch.arange(1, k + 1, dtype=torch.float32, device=ours.device).div(k).view(1, k, 1, 1)
+    faded = video[:, -k:].float() * (1 - w) + ours[:, :k] * w
+    return torch.cat([video[:, :-k].float(), faded, ours[:, k:]], dim=1)
 
 
 @torch.no_grad()

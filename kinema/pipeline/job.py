@@ -50,7 +50,7 @@ class Job:
 def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=None, last_frame=None, video=None,
                 latents=None, cache=None, vae_tile="auto", batched_cfg=False, skip_layers=None, cfg_zero_star=None,
                 enhance=None, riflex=None, context_windows=None, extend_frames=None, overlap_frames=9, loop=False,
-                colour_match="overlap", refine=None, upscale=None, upscaler=None, upscale_tile=128, callback=None,
+                colour_match="overlap", overlap_join="blend", refine=None, upscale=None, upscaler=None, upscale_tile=128, callback=None,
                 cancel=None, decode=True, progress=True, names=None, **settings) -> Job:
     """A call's arguments (`Pipeline.__call__`'s) -> Job, or one KinemaError naming the value and the fix.
     `names` maps argument names to the names messages use (the command line's flags)."""
@@ -61,7 +61,7 @@ def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=N
                                       "video": video}, names)
     first = media.get(spec.images[0]) if spec.images else None
     extension = _extension(spec, target, media.get("video"), extend_frames, overlap_frames, loop, colour_match,
-                           settings, names)
+                           overlap_join, settings, names)
     s = resolve_settings(spec, target.info.sample_defaults, prompt=prompt, geometry=target.geometry, names=names,
                          image_size=None if first is None else tuple(first.shape[1:]),
                          video_frames=None if video is None or extension else media["video"].shape[1], **settings)
@@ -93,13 +93,13 @@ def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=N
                bool(decode), bool(progress))
 
 
-def _extension(spec: Task, target: Target, video, frames, overlap, loop, colour, settings: dict, names: dict):
+def _extension(spec: Task, target: Target, video, frames, overlap, loop, colour, join, settings: dict, names: dict):
     """Task extend: its Extension, with the run's size and frame count set from the video (settings changed in
     place); other tasks: None, and the extension arguments refused."""
     n = names.get
     if spec.name != "extend":
         for given, key in ((frames is not None, "extend_frames"), (bool(loop), "loop"),
-                           (colour != "overlap", "colour_match")):
+                           (colour != "overlap", "colour_match"), (join != "blend", "overlap_join")):
             if given:
                 raise KinemaError(f"{n(key, key)} is for task extend; add it (with the video to continue) or drop "
                                   "the flag.")
@@ -110,7 +110,7 @@ def _extension(spec: Task, target: Target, video, frames, overlap, loop, colour,
                               f"frames; drop {n(key, key)}.")
     if frames is None:
         raise KinemaError(f"task extend needs {n('extend_frames', 'extend_frames')}: how many frames to add (e.g. 32).")
-    ext = parse_extension(frames, overlap, loop, video.shape[1], names, target.geometry.temporal, colour)
+    ext = parse_extension(frames, overlap, loop, video.shape[1], names, target.geometry.temporal, colour, join)
     if ext.loop and target.dit_config.in_dim <= target.geometry.z_dim:
         raise KinemaError(f"{n('loop', 'loop')} needs a DiT that takes known frames anywhere (an image-to-video type "
                           "model, like the built-in one); this checkpoint is a text-to-video model.")
