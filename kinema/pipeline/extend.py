@@ -11,22 +11,22 @@ of the same frames mid-clip), so the join leads back into the first frame.
 
 The join appends the new frames after the overlap (`overlap_join`): `blend` (the default) cross-fades the
 source's last `overlap` frames into the overlap as generated (frame i of K given weight (i + 1) / K, so the
-last is the generated one), so the first new frame follows a frame of its own decode: the generated overlap
-is the known frames decoded again, within the VAE's round trip of the source, and what differs (a
-fraction of a pixel of the object's place, a level of colour) is spread over the overlap instead of jumping
-at the join (on the built-in model, three extensions of six prompts: the join's jump within 1.5x the median
-jump elsewhere on four, against two with `cut`); `cut` keeps every input frame as it was. Both are
-colour-corrected (`colour_match`): `overlap` (the default) shifts every new frame, per channel, by the difference of the
-source overlap's mean and the overlap as generated (it removes the clip's offset from the source; the
-generated overlap is the same frames, decoded again, so that offset is all it can measure: a gain from the
-spread of the two overlaps would mostly be edge and sharpness differences, and multiplying by it moves
-every colour far from the frame's mean, the object's above all: on the built-in model it made object colour
-drift 8-18/255 over three extensions, against 5-8 with the shift); `hm` matches each new frame's histogram,
+last is the generated one), so the first new frame follows a frame of its own decode: the generated overlap is
+the known frames decoded again, within the VAE's round trip of the source, and what differs (a fraction of a
+pixel of the object's place, a level of colour) is spread over the overlap instead of jumping at the join (on
+the built-in model, three extensions of six prompts: the join's jump within 1.5x the median jump elsewhere on
+four, against two with `cut`); `cut` keeps every input frame as it was. Both are colour-corrected
+(`colour_match`): `overlap` (the default) shifts every new frame, per channel, by the difference of the source
+overlap's mean and the overlap as generated (it removes the clip's offset from the source; the generated
+overlap is the same frames, decoded again, so that offset is all it can measure: a gain from the spread of the
+two overlaps would mostly be edge and sharpness differences, and multiplying by it moves every colour far from
+the frame's mean, the object's above all: on the built-in model it made object colour drift 8-18/255 over
+three extensions, against 4-9 with the shift and the blended join); `hm` matches each new frame's histogram,
 per channel, to the input overlap's (ComfyUI's ColorMatch `hm`, what extension workflows put after each
 segment): it also removes the colour the model drifts to within the new frames, so repeated extensions keep
-the overlap's colours, but it gives every frame the overlap's distribution of values, so it is for
-continuing one scene (a frame whose object grew loses the growth's edge pixels to the background); `off`
-joins them as generated.
+the overlap's colours, but it gives every frame the overlap's distribution of values, so it is for continuing
+one scene (a frame whose object grew loses the growth's edge pixels to the background); `off` joins them as
+generated.
 """
 
 from __future__ import annotations
