@@ -85,7 +85,8 @@ def parse_extension(frames, overlap, loop, video_frames: int, names: dict | None
         raise KinemaError(f"{n('loop', 'loop')} {loop!r} must be True or False.")
     if colour not in COLOUR_MATCH:
         raise KinemaError(f"{n('colour_match', 'colour_match')} {colour!r} is not one of {', '.join(COLOUR_MATCH)} "
-                          "(overlap: one shift per channel, from the overlap; hm: each frame's histogram to the overlap's; off).")
+                          "(overlap: one shift per channel, from the overlap; hm: each frame's histogram to the "
+                          "overlap's; off).")
     if join not in OVERLAP_JOIN:
         raise KinemaError(f"{n('overlap_join', 'overlap_join')} {join!r} is not one of {', '.join(OVERLAP_JOIN)} "
                           "(blend: cross-fade the overlap into the new clip's; cut: keep every input frame).")

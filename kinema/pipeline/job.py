@@ -50,8 +50,8 @@ class Job:
 def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=None, last_frame=None, video=None,
                 latents=None, cache=None, vae_tile="auto", batched_cfg=False, skip_layers=None, cfg_zero_star=None,
                 enhance=None, riflex=None, context_windows=None, extend_frames=None, overlap_frames=9, loop=False,
-                colour_match="overlap", overlap_join="blend", refine=None, upscale=None, upscaler=None, upscale_tile=128, callback=None,
-                cancel=None, decode=True, progress=True, names=None, **settings) -> Job:
+                colour_match="overlap", overlap_join="blend", refine=None, upscale=None, upscaler=None,
+                upscale_tile=128, callback=None, cancel=None, decode=True, progress=True, names=None, **settings) -> Job:
     """A call's arguments (`Pipeline.__call__`'s) -> Job, or one KinemaError naming the value and the fix.
     `names` maps argument names to the names messages use (the command line's flags)."""
     names = names or {}
