@@ -1,13 +1,14 @@
 """Long video on the built-in model: seams and drift with context windows and with extension, against one pass.
 
-For a few world prompts (the eval seed, not used in training) it generates a long t2v (default 161 frames)
-twice: in one pass (the baseline; the built-in DiT takes 41 latent frames at 64x64 easily) and with context
-windows (by default the model's own: 17 frames, overlap 16, the uniform_standard schedule); and a 17-frame clip
-extended three times by 32 frames (task extend, overlap 9; its seams are the joins), with the defaults (`extend`:
-the colour shifted by the overlap's offset, the overlap cross-faded into the new clip's), joined by a cut after the
-input frames (`extend cut`), and with each frame's histogram matched to the overlap's (`extend hm`). Two more rows give the floor of each measure: `truth`, the world's own render of the prompt's
-clip over the same frames (its motion spread over 161 frames: a still-looking object, moving a tenth of its
-17-frame speed), and `truth vae`, that render through the VAE and back. For each video, from the world analyser:
+For a few world prompts (the eval seed, not used in training) it generates a long t2v (default 161 frames) twice:
+in one pass (the baseline; the built-in DiT takes 41 latent frames at 64x64 easily) and with context windows (by
+default the model's own: 17 frames, overlap 16, the uniform_standard schedule); and a 17-frame clip extended three
+times by 32 frames (task extend, overlap 9; its seams are the joins), with the defaults (`extend`: the colour
+shifted by the overlap's offset, the overlap cross-faded into the new clip's), joined by a cut after the input
+frames (`extend cut`), and with each frame's histogram matched to the overlap's (`extend hm`). Two more rows give
+the floor of each measure: `truth`, the world's own render of the prompt's clip over the same frames (its motion
+spread over 161 frames: a still-looking object, moving a tenth of its 17-frame speed), and `truth vae`, that render
+through the VAE and back. For each video, from the world analyser:
 
 - followed: the share of frames where exactly one object is found (the analyser follows one object);
 - seam ratio: the largest frame-to-frame centroid jump at a window boundary (the first pixel frame of each
