@@ -126,32 +126,39 @@ def test_video_lossless_444_10bit_is_exact(tmp_path):
     np.testing.assert_array_equal(read_video(path).frames.numpy(), clip)
 
 
+def test_rgb_to_yuv_planes_bt709_limited_range():
+    """Known colours against the BT.709 formula: Y' = 16 + 219 (Kr R + Kg G + Kb B), C = 128 + 224 (X - Y') / 2(1 - Kx)."""
+    from kinema.media.yuv import rgb_to_yuv_planes
+
+    rgb = np.array([[[255, 0, 0], [255, 255, 255], [0, 0, 0], [0, 255, 0]]] * 2, np.uint8)  # [2, 4, 3]
+    y, cb, cr = rgb_to_yuv_planes(rgb, "yuv444p")
+    np.testing.assert_array_equal(y[0], [63, 235, 16, 173])
+    np.testing.assert_array_equal(cb[0], [102, 128, 128, 42])
+    np.testing.assert_array_equal(cr[0], [240, 128, 128, 26])
+    y10, cb10, cr10 = rgb_to_yuv_planes(rgb, "yuv420p10le")  # 4x the levels, chroma the mean of each 2x2 block
+    assert y10.dtype == np.uint16 and cb10.shape == (1, 2)
+    np.testing.assert_array_equal(y10[0], [250, 940, 64, 691])
+    cb_red, cb_green = 128 - 224 * 0.2126 / 1.8556, 128 - 224 * 0.7152 / 1.8556  # 102.34, 41.66; white, black 128
+    np.testing.assert_array_equal(cb10[0], [round(4 * (cb_red + 128) / 2), round(4 * (128 + cb_green) / 2)])
+    assert rgb_to_yuv_planes(rgb, "nv12") is None  # left to swscale
+
+
 @pytest.mark.parametrize("fmt,padded", [("h264-mp4", (18, 34)), ("h265-mp4", (64, 64))])
 def test_odd_size_pads_with_the_edge_and_crops_back_exactly(tmp_path, fmt, padded):
     """4:4:4 10-bit lossless is exact here, so any error in padding, tagging or cropping shows as a wrong pixel."""
     import av
 
-    from kinema.media.read import _to_rgb
+    from kinema.media.yuv import frame_to_rgb
 
     clip = detail_clip(5, 17, 33)
-    path = save_video(clip, tmp_path, format=fmt, pix_fmt="yuv444p10le", lossless=True)
-    frames = read_video(path).frames.numpy()
-    assert frames.shape == (5, 17, 33, 3)
-    if fmt == "h264-mp4" and not np.array_equal(frames, clip):
-        # Known, not yet explained: about 1 lossless libx264 encode in 25-75 of this clip (FFmpeg 8, PyAV 18) has
-        # strips of 8 wrong pixels (seen: 8, 16), with or without encoder threads, more often under load. A
-        # padding, tagging or cropping error is wrong every time: a second encode must be exact.
-        import warnings
-
-        wrong = int((frames != clip).any(-1).sum())
-        warnings.warn(f"lossless h264 encode came back with {wrong} wrong pixels; re-encoded once")
-        assert wrong < frames[..., 0].size // 100  # a stray strip, not a whole row, column or frame
+    for _ in range(4):  # FFmpeg 8's swscale greyed 8 pixels of a row in ~1 encode in 2 of this clip: never again
         path = save_video(clip, tmp_path, format=fmt, pix_fmt="yuv444p10le", lossless=True)
         frames = read_video(path).frames.numpy()
-    np.testing.assert_array_equal(frames, clip)
+        assert frames.shape == (5, 17, 33, 3)
+        np.testing.assert_array_equal(frames, clip)
     with av.open(str(path)) as container:
         assert container.metadata["kinema_frame_size"] == "33x17"
-        stored = np.stack([_to_rgb(f) for f in container.decode(video=0)])  # [5, H', W', 3] as encoded
+        stored = np.stack([frame_to_rgb(f) for f in container.decode(video=0)])  # [5, H', W', 3] as encoded
     assert stored.shape[1:3] == padded
     np.testing.assert_array_equal(stored[:, :17, :33], clip)
     np.testing.assert_array_equal(stored[:, :17, 33:], np.repeat(clip[:, :, -1:], padded[1] - 33, axis=2))
@@ -217,10 +224,10 @@ def test_counter_naming_and_no_overwrite(tmp_path):
 
 
 def test_crash_leaves_no_partial_file(tmp_path, monkeypatch):
-    import av
+    from kinema.media import write
 
     calls = {"n": 0}
-    original = av.VideoFrame.from_ndarray
+    original = write.rgb_to_frame
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -228,7 +235,7 @@ def test_crash_leaves_no_partial_file(tmp_path, monkeypatch):
             raise RuntimeError("simulated crash mid-encode")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(av.VideoFrame, "from_ndarray", failing)
+    monkeypatch.setattr(write, "rgb_to_frame", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         save_video(rich_clip(5), tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -21,6 +21,7 @@ import torch
 from kinema.errors import KinemaError
 from kinema.media.files import IMAGE_SUFFIXES, check_readable, open_container, open_image
 from kinema.media.metadata import FRAME_SIZE_TAG, from_json, get_tag, sidecar_path
+from kinema.media.yuv import frame_to_rgb
 
 ANIMATED_SUFFIXES = {".gif", ".webp"}  # decoded with Pillow: FFmpeg cannot read animated WebP
 DEFAULT_FPS = 16.0  # Wan2.1's rate, reported for stills and sequences without a sidecar
@@ -93,37 +94,6 @@ def _read_sequence(folder: Path, max_frames: int | None) -> Video:
     return Video(torch.from_numpy(np.stack(frames)), float(fps))
 
 
-# Luma weights (Kr, Kb) by the frame's colorspace tag; untagged video is taken as BT.601, as FFmpeg does.
-_MATRIX = {1: (0.2126, 0.0722), 5: (0.299, 0.114), 6: (0.299, 0.114), 9: (0.2627, 0.0593), 10: (0.2627, 0.0593)}
-
-
-def _yuv_to_rgb(frame) -> np.ndarray:
-    """A decoded YUV frame -> [H, W, 3] uint8, with the matrix and range it is tagged with.
-
-    swscale's direct YUV -> rgb24 path scales limited-range levels as if 8 bits
-    mapped to 16 by *257 rather than <<8 and darkens every frame by ~1-2
-    levels, so only the chroma upsampling (YUV -> yuv444p16le, exact) is left
-    to it and the matrix is applied here.
-    """
-    kr, kb = _MATRIX.get(frame.colorspace, _MATRIX[5])
-    yuv = frame.reformat(format="yuv444p16le", interpolation="BILINEAR").to_ndarray()  # [H, W, 3] uint16
-    yuv = yuv.astype(np.float32) / 256.0  # 8-bit scale (swscale widens by shifting)
-    y, u, v = yuv[..., 0], yuv[..., 1] - 128.0, yuv[..., 2] - 128.0
-    if frame.color_range != 2:  # limited ("tv") range: Y in 16..235, C in 16..240
-        y, u, v = (y - 16.0) * (255 / 219), u * (255 / 224), v * (255 / 224)
-    r = y + 2 * (1 - kr) * v
-    b = y + 2 * (1 - kb) * u
-    g = (y - kr * r - kb * b) / (1 - kr - kb)
-    return np.stack([r, g, b], axis=-1).round().clip(0, 255).astype(np.uint8)
-
-
-def _to_rgb(frame) -> np.ndarray:
-    name = frame.format.name
-    if name.startswith("yuv") and not name.startswith("yuvj") and "a" not in name[3:6]:
-        return _yuv_to_rgb(frame)
-    return frame.to_ndarray(format="rgb24")  # RGB, palette, full-range yuvj: swscale is exact enough
-
-
 def _declared_frames(container, stream) -> float | None:
     """How many frames the container says the stream holds; None where it does not say."""
     import av
@@ -164,7 +134,7 @@ def _read_container(path: Path, max_frames: int | None) -> Video:
                 if packet.is_corrupt:
                     damage = f"the packet at {float(packet.pts * packet.time_base):.3g}s is cut short"
                     break
-                frames.extend(_to_rgb(frame) for frame in packet.decode())
+                frames.extend(frame_to_rgb(frame) for frame in packet.decode())
                 if max_frames is not None and len(frames) >= max_frames:
                     break
         except av.FFmpegError as e:

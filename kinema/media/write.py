@@ -38,6 +38,7 @@ import torch
 from kinema.errors import KinemaError
 from kinema.media import metadata as meta
 from kinema.media import naming
+from kinema.media.yuv import rgb_to_frame
 
 
 @dataclass(frozen=True)
@@ -148,9 +149,7 @@ def _write_av(frames, tmp: Path, fmt: Format, fps: Fraction, crf: int, pix_fmt: 
         cc.colorspace = cc.color_primaries = cc.color_trc = 1  # BT.709
         cc.color_range = 1  # limited ("tv")
         for i, rgb in enumerate(padded):
-            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format=pix_fmt, dst_colorspace="ITU709")
-            frame.colorspace = frame.color_primaries = frame.color_trc = 1
-            frame.color_range = 1
+            frame = rgb_to_frame(rgb, pix_fmt)
             frame.pts = i
             container.mux(_checked_dts(stream.encode(frame), len(padded)))
         container.mux(_checked_dts(stream.encode(None), len(padded)))

@@ -31,8 +31,9 @@ from torch.utils.data import Dataset
 
 from kinema.errors import KinemaError
 from kinema.media.metadata import FRAME_SIZE_TAG, get_tag
-from kinema.media.read import (ANIMATED_SUFFIXES, DEFAULT_FPS, IMAGE_SUFFIXES, _to_rgb, check_readable,
+from kinema.media.read import (ANIMATED_SUFFIXES, DEFAULT_FPS, IMAGE_SUFFIXES, check_readable,
                                open_container, open_image, read_video)
+from kinema.media.yuv import frame_to_rgb
 from kinema.train.buckets import aspect_buckets, nearest_bucket, token_bucket
 
 CAPTION_FILES = ("captions.json", "captions.csv", "metadata.json", "metadata.csv")
@@ -266,7 +267,7 @@ def decode_frames(path: Path, indices: Sequence[int]) -> torch.Tensor:
             for i, frame in enumerate(container.decode(stream)):
                 final = (i, frame)
                 if i in wanted:
-                    got[i] = _to_rgb(frame)
+                    got[i] = frame_to_rgb(frame)
                 if i >= last:
                     break
         except av.FFmpegError as e:
@@ -275,7 +276,7 @@ def decode_frames(path: Path, indices: Sequence[int]) -> torch.Tensor:
     if final is None:
         raise KinemaError(f"{path} holds no video frames; it is empty or truncated. Re-export it")
     if final[0] not in got:
-        got[final[0]] = _to_rgb(final[1])
+        got[final[0]] = frame_to_rgb(final[1])
     video = np.stack([got[i] if i in got else got[final[0]] for i in indices])  # [F, H, W, 3]
     if size:
         w, h = (int(v) for v in size.split("x"))
