@@ -5,7 +5,9 @@ in one pass (the baseline; the built-in DiT takes 41 latent frames at 64x64 easi
 default the model's own: 17 frames, overlap 16, the uniform_standard schedule); and a 17-frame clip extended three
 times by 32 frames (task extend, overlap 9; its seams are the joins), with the defaults (`extend`: the colour
 shifted by the overlap's offset, the overlap cross-faded into the new clip's), joined by a cut after the input
-frames (`extend cut`), and with each frame's histogram matched to the overlap's (`extend hm`). Two more rows give
+frames (`extend cut`), and with each frame's histogram matched to the overlap's (`extend hm`); more words after
+`extend` combine: `windows` samples each continuation with the context windows above, `truth` continues the
+world's own 17-frame render instead of a generated clip (a real video to extend). Two more rows give
 the floor of each measure: `truth`, the world's own render of the prompt's clip over the same frames (its motion
 spread over 161 frames: a still-looking object, moving a tenth of its 17-frame speed), and `truth vae`, that render
 through the VAE and back. For each video, from the world analyser:
@@ -139,14 +141,19 @@ def main() -> None:
                     video = vae.decode(vae.encode(truth[None].to(vae.device)))[0].cpu() if mode == "truth vae" else truth
                 seams = boundaries
             elif mode.startswith("extend"):  # a 17-frame clip, then `extend` continuations, each from its last frames
-                video = pipe(spec.caption, frame_num=17, seed=args.seed + i, progress=False).video
+                words = mode.split()[1:]
+                if "truth" in words:  # a real clip to continue: the world's own 17-frame render
+                    video = world.to_tensor(world.render(spec, 64, 64, 17))
+                else:
+                    video = pipe(spec.caption, frame_num=17, seed=args.seed + i, progress=False).video
                 joins = []
                 for k in range(args.extend):
                     joins.append(video.shape[1])
                     video = pipe(spec.caption, task="extend", video=video, extend_frames=args.extend_frames,
                                  overlap_frames=args.overlap_frames, seed=args.seed + i + 1000 * (k + 1),
-                                 colour_match="hm" if "hm" in mode else "overlap",
-                                 overlap_join="cut" if "cut" in mode else "blend", progress=False).video
+                                 colour_match="hm" if "hm" in words else "overlap",
+                                 overlap_join="cut" if "cut" in words else "blend",
+                                 context_windows=windows if "windows" in words else None, progress=False).video
                 seams = joins
             else:
                 video = pipe(spec.caption, frame_num=args.frames, seed=args.seed + i,

@@ -23,7 +23,7 @@ TINY_VAE = dict(dim=4, dim_mult=[1, 2, 2, 2], width=32, height=32, frames=5, tra
 TINY_DIT = dict(dim=32, ffn_dim=64, num_heads=2, num_layers=1, text_len=16, text_dim=16, text_ffn_dim=32, text_heads=2,
                 text_layers=1, clip_image_size=32, clip_patch=16, clip_dim=16, clip_heads=1, clip_layers=2,
                 pool_size=16, pool_frames=[5], pool_frame_shares=[1.0], width=32, height=32, frames=5, batch_size=4,
-                lr=2e-3, warmup_steps=1, log_every=1, sample_steps=2, threads=1, ema=0.9)
+                lr=2e-3, warmup_steps=1, log_every=1, sample_steps=2, threads=1, ema=0.9, temporal_weight=1.0)
 
 
 class Interrupt(Exception):
@@ -447,3 +447,20 @@ def test_known_weights_mark_the_latent_frames_of_known_frames():
     assert w.shape == (4, 1, 5, 1, 1)
     assert w.flatten(1).tolist() == [[4, 1, 1, 1, 4], [4, 1, 1, 1, 1], [1, 1, 4, 1, 1], [1, 1, 1, 1, 1]]
     assert torch.equal(known_weights(both, 0.0), torch.ones(4, 1, 5, 1, 1))
+
+
+def test_temporal_error_is_the_mean_square_of_the_frame_to_frame_change():
+    """Against a direct computation; an error held over the frames costs 0, one flipping sign costs 4x its square."""
+    from kinema.train.dit import temporal_error
+
+    g = torch.Generator().manual_seed(0)
+    err, w = torch.randn(2, 4, 5, 3, 3, generator=g), 1 + torch.rand(2, 1, 5, 3, 3, generator=g)
+    direct = sum(((torch.maximum(w[:, :, t], w[:, :, t + 1]) * (err[:, :, t + 1] - err[:, :, t]) ** 2).sum()
+                  for t in range(4)))
+    norm = sum(torch.maximum(w[:, :, t], w[:, :, t + 1]).sum() * 4 for t in range(4))
+    assert torch.allclose(temporal_error(err, w), direct / norm)
+    held = torch.ones(1, 1, 5, 2, 2).mul(0.3)
+    flips = held * torch.tensor([1.0, -1, 1, -1, 1]).view(1, 1, 5, 1, 1)
+    ones = torch.ones(1, 1, 5, 2, 2)
+    assert temporal_error(held, ones) == 0
+    assert torch.allclose(temporal_error(flips, ones), torch.tensor(4 * 0.09))

@@ -82,6 +82,9 @@ class DiTTrainConfig(configs.TrainConfig):
     logit_std: float = 1.0
     object_weight: float = 0.0  # extra loss weight on latent pixels that hold the object (see latent_weights)
     known_weight: float = 0.0  # extra loss weight on latent frames that hold a known frame (i2v / flf2v / span steps)
+    # weight of the frame-to-frame term (see temporal_error): a velocity error that changes from one latent frame to
+    # the next (a frame whose colour or place jumps) costs more than the same error held over the frames
+    temporal_weight: float = 0.0
     pool_seed: int = -1  # seed of the latent pool's clips (-1 = seed), so a run can reuse another run's pool
     colors: tuple[str, ...] = tuple(world.COLORS)
     # sampling defaults written into the exported model
@@ -176,6 +179,17 @@ def latent_weights(x0: torch.Tensor, object_weight: float, threshold: float = 0.
     dev = (x0 - x0.flatten(3).median(dim=3).values[..., None, None]).norm(dim=1, keepdim=True)
     peak = dev.flatten(3).amax(dim=3)[..., None, None]
     return 1.0 + object_weight * (dev > threshold * peak).to(x0.dtype)
+
+
+def temporal_error(err: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The weighted mean square of the error's change from one latent frame to the next (err, w [B, C|1, T, h, w]).
+
+    err[t+1] - err[t] = (pred[t+1] - pred[t]) - (target[t+1] - target[t]): the velocity's frame-to-frame change
+    against the truth's. An error held over the frames costs nothing here, one that flips between frames (a frame
+    whose object colour or place jumps: the flicker) costs twice its square. Each pair weighs the larger of its two
+    frames' weights."""
+    pair = torch.maximum(w[:, :, 1:], w[:, :, :-1]).expand_as(err[:, :, 1:])
+    return (pair * err.diff(dim=2) ** 2).mean() / pair.mean()
 
 
 def known_weights(y: torch.Tensor, known_weight: float, temporal: int = 4) -> torch.Tensor:
@@ -435,8 +449,14 @@ class DiTTask(TrainTask):
         pred = self.forward(xt, sigma * 1000, context, clip_fea, b["y"])
         # t2v steps' y is the empty condition: its frame mask is all 0, so known_weights leaves them at 1
         w = latent_weights(x0, c.object_weight) * known_weights(b["y"], c.known_weight, self.vae.temporal_ratio)
-        loss = (w * (pred - (noise - x0)) ** 2).mean() / w.mean()
-        return loss, {"mode": MODES.index(b["mode"]), "frames": x0.shape[2]}
+        err = pred - (noise - x0)
+        loss = (w * err**2).mean() / w.mean()
+        terms = {"mode": MODES.index(b["mode"]), "frames": x0.shape[2]}
+        if c.temporal_weight and x0.shape[2] > 1:
+            flicker = temporal_error(err, w)
+            loss = loss + c.temporal_weight * flicker
+            terms["temporal"] = flicker.item()
+        return loss, terms
 
     # -- samples and export -------------------------------------------------------------------------
     def pipeline(self):
