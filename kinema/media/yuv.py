@@ -5,8 +5,8 @@ default and every pix_fmt the README names) are converted here in numpy, BT.709
 limited range, chroma averaged over each 2x2 (4:2:0) or 2x1 (4:2:2) block, and
 the planes copied into the frame. FFmpeg 8's swscale is not used for these: its
 rgb24 -> yuv444p10le path was seen to write 8 pixels of a row as mid-grey
-(Y = Cb = Cr = 512) in 1 frame in 3 of a 34x18 clip, differently run to run, so
-a "lossless" encode came back wrong. Other formats the encoders take (nv12,
+(Y = Cb = Cr = 512) in 68 of 150 encodes of a 34x18 clip under load (the same
+frame converted differently run to run), so a "lossless" encode came back wrong. Other formats the encoders take (nv12,
 gray, gbrp, yuva, yuvj) are left to swscale.
 
 Reading: swscale only upsamples the chroma (to yuv444p16le, a shift for 4:4:4);

@@ -185,9 +185,9 @@ def temporal_error(err: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The weighted mean square of the error's change from one latent frame to the next (err, w [B, C|1, T, h, w]).
 
     err[t+1] - err[t] = (pred[t+1] - pred[t]) - (target[t+1] - target[t]): the velocity's frame-to-frame change
-    against the truth's. An error held over the frames costs nothing here, one that flips between frames (a frame
-    whose object colour or place jumps: the flicker) costs twice its square. Each pair weighs the larger of its two
-    frames' weights."""
+    against the truth's. An error held over the frames costs nothing here; one on a single frame (a frame whose
+    object colour or place jumps: the flicker) costs twice its square, one flipping sign every frame four times.
+    Each pair weighs the larger of its two frames' weights."""
     pair = torch.maximum(w[:, :, 1:], w[:, :, :-1]).expand_as(err[:, :, 1:])
     return (pair * err.diff(dim=2) ** 2).mean() / pair.mean()
 
