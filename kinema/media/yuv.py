@@ -6,8 +6,10 @@ limited range, chroma averaged over each 2x2 (4:2:0) or 2x1 (4:2:2) block, and
 the planes copied into the frame. FFmpeg 8's swscale is not used for these: its
 rgb24 -> yuv444p10le path was seen to write 8 pixels of a row as mid-grey
 (Y = Cb = Cr = 512) in 68 of 150 encodes of a 34x18 clip under load (the same
-frame converted differently run to run), so a "lossless" encode came back wrong. Other formats the encoders take (nv12,
-gray, gbrp, yuva, yuvj) are left to swscale.
+frame converted differently run to run), so a "lossless" encode came back
+wrong. Other formats the encoders take (nv12, gray, gbrp, yuva, yuvj) are left
+to swscale. The numpy path costs ~22 ms a 832x480 4:2:0 frame on this 2-core
+machine (swscale: ~2; a few seconds on a long video, against a wrong one).
 
 Reading: swscale only upsamples the chroma (to yuv444p16le, a shift for 4:4:4);
 the matrix and the range are applied here, because its direct YUV -> rgb24
@@ -40,11 +42,10 @@ def rgb_to_yuv_planes(rgb: np.ndarray, pix_fmt: str) -> list[np.ndarray] | None:
     y = kr * x[..., 0] + (1 - kr - kb) * x[..., 1] + kb * x[..., 2]
     cb = (x[..., 2] - y) / (2 * (1 - kb))  # -0.5..0.5
     cr = (x[..., 0] - y) / (2 * (1 - kr))
-    h, w = y.shape
-    if sub != "444":  # average each block of chroma samples (centre-sited)
-        rows = 2 if sub == "420" else 1
-        cb = cb.reshape(h // rows, rows, w // 2, 2).mean(axis=(1, 3))
-        cr = cr.reshape(h // rows, rows, w // 2, 2).mean(axis=(1, 3))
+    if sub == "422":  # average each block of chroma samples (centre-sited)
+        cb, cr = ((c[:, 0::2] + c[:, 1::2]) / 2 for c in (cb, cr))
+    elif sub == "420":  # summed in pairs: the same values as a 2x2 mean, in a quarter of its time
+        cb, cr = (((c[0::2, 0::2] + c[0::2, 1::2]) + (c[1::2, 0::2] + c[1::2, 1::2])) / 4 for c in (cb, cr))
     scale = 1 << (bits - 8)
     dtype = np.uint8 if bits == 8 else np.uint16
     top = (1 << bits) - 1
