@@ -3,10 +3,11 @@
 For a few world prompts (the eval seed, not used in training) it generates a long t2v (default 161 frames) twice:
 in one pass (the baseline; the built-in DiT takes 41 latent frames at 64x64 easily) and with context windows (by
 default the model's own: 17 frames, overlap 16, the uniform_standard schedule); and a 17-frame clip extended three
-times by 32 frames (task extend, overlap 9; its seams are the joins), with the defaults (`extend`: the colour
-shifted by the overlap's offset, the overlap cross-faded into the new clip's), joined by a cut after the input
+times by 32 frames (task extend, overlap 9; its seams are the joins), with the defaults (`extend`: the model's
+own windows where it declares some, the colour shifted by the overlap's offset, the overlap cross-faded into the new clip's), joined by a cut after the input
 frames (`extend cut`), and with each frame's histogram matched to the overlap's (`extend hm`); more words after
-`extend` combine: `windows` samples each continuation with the context windows above, `truth` continues the
+`extend` combine: `windows` samples each continuation with the context windows above (what a model that declares
+windows does by default: the built-in one), `onepass` in one pass (`context_windows=False`), `truth` continues the
 world's own 17-frame render instead of a generated clip (a real video to extend). Two more rows give
 the floor of each measure: `truth`, the world's own render of the prompt's clip over the same frames (its motion
 spread over 161 frames: a still-looking object, moving a tenth of its 17-frame speed), and `truth vae`, that render
@@ -153,11 +154,12 @@ def main() -> None:
                                  overlap_frames=args.overlap_frames, seed=args.seed + i + 1000 * (k + 1),
                                  colour_match="hm" if "hm" in words else "overlap",
                                  overlap_join="cut" if "cut" in words else "blend",
-                                 context_windows=windows if "windows" in words else None, progress=False).video
+                                 context_windows=windows if "windows" in words else False if "onepass" in words
+                                 else None, progress=False).video
                 seams = joins
             else:
                 video = pipe(spec.caption, frame_num=args.frames, seed=args.seed + i,
-                             context_windows=None if mode == "one pass" else windows, progress=False).video
+                             context_windows=False if mode == "one pass" else windows, progress=False).video
                 seams = boundaries
             row = dict(prompt=spec.caption, mode=mode, frames=video.shape[1],
                        seconds=round(time.perf_counter() - t0, 1), **metrics(to_uint8(video), seams))

@@ -233,6 +233,18 @@ def test_windows_take_the_models_defaults(models):
         windows("some")
     assert run(own, context_windows=True).latents.equal(run(models, context_windows=dict(frames=17, overlap=12)).latents)
 
+    # not given: the model's own windows for a clip longer than one of them; off / False: one pass; a model that
+    # declares none (Wan2.1's): one pass, as the wrapper
+    assert windows(None) == ContextWindows(17, overlap=12)
+    assert pipe.prepare(PROMPT, size=(32, 32), frame_num=17, progress=False).windows is None  # one window long
+    assert windows(False) is None and windows("off") is None and windows(" OFF ") is None
+    assert windows(None, Pipeline(models)) is None
+    auto, off = run(own), run(own, context_windows="off")
+    assert auto.latents.equal(run(models, context_windows=dict(frames=17, overlap=12)).latents)
+    assert off.latents.equal(run(models).latents)
+    assert auto.settings["context_frames"] == 17 and off.settings["context_frames"] == "off"
+    assert "context_frames" not in run(own, frame_num=17).settings and "context_frames" not in run(models).settings
+
 
 def test_i2v_windows_keep_the_first_frame_anchor(models):
     image = torch.rand(3, 32, 32) * 2 - 1
@@ -260,7 +272,11 @@ def test_cli_windows_and_repeat(tmp_path, capsys):
     assert np.array_equal(read_video(out).frames, read_video(again).frames)
     capsys.readouterr()
     assert main([*gen, "--save_file", str(tmp_path / "x.mp4"), "--context_overlap", "8"]) == 2
-    assert "--context_overlap tunes context windows, which are off; add --context_frames" in capsys.readouterr().err
+    assert "--context_overlap tunes context windows; add --context_frames N" in capsys.readouterr().err
+    assert main([*gen, "--save_file", str(tmp_path / "x.mp4"), "--context_frames", "off", "--context_overlap", "8"]) == 2
+    assert "(not with --context_frames off)" in capsys.readouterr().err
+    assert main([*gen, "--plan", "--context_frames", "off"]) == 2  # one pass: no windows to travel over
+    assert "prompt travel spreads them over context windows" in capsys.readouterr().err
     assert main([*gen, "--plan", "--context_frames", "17"]) == 0
     assert "41 frames in windows of 17" in capsys.readouterr().out
     # `default`: the model's windows (this Wan2.1-style checkpoint declares none: the wrapper's 81 frames, which
@@ -270,4 +286,4 @@ def test_cli_windows_and_repeat(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main([*gen, "--plan", "--context_frames", "many"])
     assert e.value.code == 2
-    assert "invalid frame count (4n+1 or 'default') value: 'many'" in capsys.readouterr().err
+    assert "invalid frame count (4n+1, 'default' or 'off') value: 'many'" in capsys.readouterr().err

@@ -86,12 +86,14 @@ def refine_argument(args) -> dict | None:
     return {"size": args.refine_size, **tune}
 
 
-def or_default(cast, what: str):
-    """An argparse type for a flag that takes a value or `default` (the model's own): `default`, else cast(text).
-    `what` names the type in argparse's error ("invalid WHAT value: ...")."""
+def or_default(cast, what: str, off: bool = False):
+    """An argparse type for a flag that takes a value or `default` (the model's own), and with `off` the word `off`:
+    `default` / `off`, else cast(text). `what` names the type in argparse's error ("invalid WHAT value: ...")."""
     def parse(text: str):
         from kinema.pipeline.extras import is_default  # here: the parser is built before torch is imported
 
+        if off and text.strip().lower() == "off":
+            return "off"
         return "default" if is_default(text) else cast(text)
 
     parse.__name__ = what
@@ -99,7 +101,7 @@ def or_default(cast, what: str):
 
 
 weight_or_default = or_default(float, "weight (a number or 'default')")  # --feta
-frames_or_default = or_default(int, "frame count (4n+1 or 'default')")  # --context_frames
+frames_or_default = or_default(int, "frame count (4n+1, 'default' or 'off')", off=True)  # --context_frames
 
 
 def extras_flags(g) -> None:
@@ -129,7 +131,9 @@ def extras_flags(g) -> None:
     w.add_argument("--context_frames", type=frames_or_default, default=None, metavar="N",
                    help="denoise in overlapping windows of N pixel frames (4n+1; e.g. 81, 17 for the built-in model), "
                         "for videos longer than the model takes; `default`: the model's own windows (Wan2.1: the "
-                        "wrapper's 81 frames, overlap 16; the built-in model: 17, overlap 16)")
+                        "wrapper's 81 frames, overlap 16; the built-in model: 17, overlap 16); `off`: one pass. Not "
+                        "given: a model that declares its windows (the built-in one) uses them for clips longer than "
+                        "a window, a checkpoint that declares none (Wan2.1) runs in one pass")
     w.add_argument("--context_stride", type=int, default=None, help="with --context_frames: the wrapper's stride (default 4)")
     w.add_argument("--context_overlap", type=int, default=None,
                    help="with --context_frames: overlap in pixel frames (default: the model's, else 16)")
@@ -165,10 +169,12 @@ def extras_arguments(args) -> dict:
     zero = given(zero_init_steps=args.zero_init_steps)
     windows = given(stride=args.context_stride, overlap=args.context_overlap, schedule=args.context_schedule,
                     fuse=args.context_fuse, rope=args.context_rope) | ({} if args.freenoise is None else {"freenoise": args.freenoise})
-    if windows and args.context_frames is None:
+    if windows and args.context_frames in (None, "off"):
         raise KinemaError(f"{', '.join('--' + (('' if args.freenoise else 'no_') + k if k == 'freenoise' else 'context_' + k) for k in windows)} "
-                          "tunes context windows, which are off; add --context_frames.")
-    return dict(context_windows=dict(frames=args.context_frames, **windows) if args.context_frames is not None else None,
+                          "tunes context windows; add --context_frames N, or --context_frames default for the model's "
+                          "own" + (" (not with --context_frames off)." if args.context_frames == "off" else "."))
+    frames = args.context_frames
+    return dict(context_windows=None if frames is None else False if frames == "off" else dict(frames=frames, **windows),
                 skip_layers=dict(blocks=args.slg, **slg) if args.slg is not None else None,
                 cfg_zero_star=zero if args.cfg_zero_star else None,
                 enhance=dict(weight=args.feta, **feta) if args.feta is not None else None,

@@ -81,7 +81,7 @@ def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=N
                           guided=s.guided, dit_config=target.dit_config,
                           model_defaults=target.info.sample_defaults, names=names)
     windows = parse_windows(context_windows, names.get("context_windows", "context_windows"),
-                            target.info.sample_defaults.get("context", {}))
+                            target.info.sample_defaults.get("context", {}), s.frame_num)
     sections = prompt_sections(s.prompt, windows is not None, names.get("prompt", "prompt"))
     second = parse_refine(refine, names)
     if second is not None and extension is not None:
@@ -122,18 +122,27 @@ def _extension(spec: Task, target: Target, video, frames, overlap, loop, colour,
     return ext
 
 
-def parse_windows(value, name: str = "context_windows", defaults: dict | None = None) -> ContextWindows | None:
-    """None / False -> None; True or "default" -> the model's windows; a ContextWindows; the frames (17); a dict of
-    its fields (`frames` may be "default"). Fields not given come from the model's `sample_defaults.context`
-    (`defaults`), then from ContextWindows' own (the wrapper's: 81 frames, overlap 16, for Wan2.1's 81-frame training)."""
-    if value is None or value is False:
+def parse_windows(value, name: str = "context_windows", defaults: dict | None = None,
+                  frames: int | None = None) -> ContextWindows | None:
+    """None -> the model's own windows when it declares some (`sample_defaults.context`, `defaults`) and the clip
+    (`frames` pixel frames) is longer than one of them, else none; False / "off" -> none; True or "default" -> the
+    model's windows; a ContextWindows; the frames (17); a dict of its fields (`frames` may be "default"). Fields not
+    given come from the model's `sample_defaults.context`, then from ContextWindows' own (the wrapper's: 81 frames,
+    overlap 16, for Wan2.1's 81-frame training). A checkpoint that declares none (Wan2.1's) runs in one pass unless
+    windows are asked for, as in the wrapper."""
+    if value is None:
+        if not defaults or frames is None:
+            return None
+        own = record_of(with_defaults(True, "frames", dict(defaults)), ContextWindows, name)
+        return own if (frames - 1) // 4 + 1 > own.latent_frames else None
+    if value is False or (isinstance(value, str) and value.strip().lower() == "off"):
         return None
     if isinstance(value, ContextWindows):
         return value
     if value is True or isinstance(value, (dict, int)) or is_default(value):  # an int: the frames
         return record_of(with_defaults(value, "frames", dict(defaults or {})), ContextWindows, name)
-    raise KinemaError(f"{name} {value!r} is not understood; pass True or 'default' (the model's windows), a "
-                      "ContextWindows or a dict of its fields.")
+    raise KinemaError(f"{name} {value!r} is not understood; pass True or 'default' (the model's windows), 'off' or "
+                      "False (one pass), a ContextWindows or a dict of its fields.")
 
 
 def prompt_sections(prompt: str, windows: bool, name: str = "prompt") -> tuple[str, ...]:

@@ -30,7 +30,7 @@ from kinema.parallel.vae import ParallelVAE
 from kinema.pipeline.conditioning import make_condition
 from kinema.pipeline.extend import extension_inputs, join
 from kinema.pipeline.extras import train_latent_frames
-from kinema.pipeline.job import Job, prepare_job
+from kinema.pipeline.job import Job, parse_windows, prepare_job
 from kinema.pipeline.latents import fit_video, prepare_latents
 from kinema.pipeline.load import LoadOptions, load_models, open_checkpoints
 from kinema.pipeline.models import Models, Runtime
@@ -227,6 +227,8 @@ class Pipeline:
         if (w := job.windows) is not None:
             rec.update(context_frames=w.frames, context_stride=w.stride, context_overlap=w.overlap,
                        context_schedule=w.schedule, context_fuse=w.fuse, freenoise=w.freenoise, context_rope=w.rope)
+        elif parse_windows(None, defaults=m.info.sample_defaults.get("context", {}), frames=job.settings.frame_num):
+            rec["context_frames"] = "off"  # one pass where the model's own windows would apply: asked for, so kept
         if m.loras:
             rec["loras"] = [[p, s] for p, s in m.loras]
         rec["model"] = m.source or "in-memory"
