@@ -44,7 +44,7 @@ def test_builtin_is_small_and_loads_through_the_public_loaders(pipe):
     assert models.clip.image_size == 64 and models.vae.z_dim == 16 and models.source == str(MODEL.resolve())
     # its skip-layer guidance (one block of six, early steps only: within 2 points of every eval percentage)
     assert pipe.prepare("x", skip_layers=True, progress=False).extras.skip_layers == SkipLayers((3,), 0.1, 0.3)
-    assert pipe.prepare("x", enhance=True, progress=False).extras.enhance == EnhanceVideo(1.0)  # 5 latent frames
+    assert pipe.prepare("x", enhance=True, progress=False).extras.enhance == EnhanceVideo(0.5)  # 5 latent frames
 
 
 @pytest.fixture(scope="module")
