@@ -90,9 +90,9 @@ def or_default(cast, what: str, off: bool = False):
     """An argparse type for a flag that takes a value or `default` (the model's own), and with `off` the word `off`:
     `default` / `off`, else cast(text). `what` names the type in argparse's error ("invalid WHAT value: ...")."""
     def parse(text: str):
-        from kinema.pipeline.extras import is_default  # here: the parser is built before torch is imported
+        from kinema.pipeline.extras import is_default, is_off  # here: the parser is built before torch is imported
 
-        if off and text.strip().lower() == "off":
+        if off and is_off(text):
             return "off"
         return "default" if is_default(text) else cast(text)
 
@@ -174,7 +174,7 @@ def extras_arguments(args) -> dict:
                           "tunes context windows; add --context_frames N, or --context_frames default for the model's "
                           "own" + (" (not with --context_frames off)." if args.context_frames == "off" else "."))
     frames = args.context_frames
-    return dict(context_windows=None if frames is None else False if frames == "off" else dict(frames=frames, **windows),
+    return dict(context_windows=frames if frames in (None, "off") else dict(frames=frames, **windows),
                 skip_layers=dict(blocks=args.slg, **slg) if args.slg is not None else None,
                 cfg_zero_star=zero if args.cfg_zero_star else None,
                 enhance=dict(weight=args.feta, **feta) if args.feta is not None else None,

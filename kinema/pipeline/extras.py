@@ -101,6 +101,11 @@ def is_default(value) -> bool:
     return isinstance(value, str) and value.strip().lower() == "default"
 
 
+def is_off(value) -> bool:
+    """The word `off` (any case, spaces around): a feature the model would use by default, turned off."""
+    return isinstance(value, str) and value.strip().lower() == "off"
+
+
 def with_defaults(value, main: str, defaults: dict) -> dict:
     """True / "default" / the main field's value / a dict of fields (its main field may be "default", as the
     command line's `--slg default --slg_end 0.5` gives) -> the fields, the model's defaults under them."""

@@ -12,7 +12,7 @@ import torch
 
 from kinema.errors import KinemaError
 from kinema.memory.vae_tiling import parse_vae_tile
-from kinema.pipeline.extras import Extras, is_default, parse_extras, record_of, with_defaults
+from kinema.pipeline.extras import Extras, is_default, is_off, parse_extras, record_of, with_defaults
 from kinema.pipeline.guidance import Guidance, guidance_for
 from kinema.pipeline.extend import Extension, parse_extension
 from kinema.pipeline.inputs import image_input, video_input
@@ -135,7 +135,7 @@ def parse_windows(value, name: str = "context_windows", defaults: dict | None = 
             return None
         own = record_of(with_defaults(True, "frames", dict(defaults)), ContextWindows, name)
         return own if (frames - 1) // 4 + 1 > own.latent_frames else None
-    if value is False or (isinstance(value, str) and value.strip().lower() == "off"):
+    if value is False or is_off(value):
         return None
     if isinstance(value, ContextWindows):
         return value
