@@ -108,7 +108,7 @@ def test_user_errors_exit_2(ckpt, image_ckpts, tmp_path, capsys):
         (_gen(image_ckpts / "flf2v", "--task", "flf2v-14B", "--first_frame", str(image_ckpts / "first.png")),
          "needs --last_frame"),
         (_gen(partial), "umT5"),
-        (_gen(ckpt, "--save_file", str(existing)), "already exists"),
+        (_gen(ckpt, "--save_file", str(existing)), "already exists and Kinema never overwrites a file: give --save_file another name"),
         (["info", str(tmp_path / "nothing.mp4")], "does not exist"),
     ]
     for args, message in cases:

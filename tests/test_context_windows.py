@@ -3,6 +3,8 @@ the engine's paths to them (Python, kinema generate, the wrapper's nodes)."""
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from kinema.pipeline.models import Models
 from kinema.pipeline.pipeline import Pipeline
 from kinema.sampling.context import StepContext
 from kinema.sampling.windows import (
-    ContextWindows, freenoise, ordered_halving, window_weights, windowed, windows_for,
+    ContextWindows, freenoise, ordered_halving, unused_sections, window_weights, windowed, windows_for,
 )
 
 PROMPT = "a red circle moving right"
@@ -121,6 +123,13 @@ def test_prompt_travel_picks_the_section_of_the_last_frame():
     windowed(fns, spec, 15)(torch.zeros(1, 1, 15, 1, 1), None, ctx(0))
     # sections of 5 latent frames: a window's prompt is the section of its last frame
     assert [(i, w[-1]) for i, w in calls] == [(0, 4), (1, 7), (2, 10), (2, 13), (2, 14)]
+    assert unused_sections(spec, 15, 3, 10) == []
+    # 10 sections over those windows (last frames 4, 7, 10, 13, 14: sections 2, 4, 6, 8, 9): five are never taken
+    assert unused_sections(spec, 15, 10, 1) == [0, 1, 3, 5, 7]
+    # uniform_standard moves the windows each step: the union over the steps counts
+    moving = ContextWindows(frames=17, overlap=8)
+    once, every = unused_sections(moving, 15, 10, 1), unused_sections(moving, 15, 10, 20)
+    assert set(every) <= set(once) and every != once
 
 
 # -- through the pipeline -------------------------------------------------------------------------------
@@ -191,7 +200,7 @@ def test_pipeline_windows(models, monkeypatch):
     assert torch.equal(ab[2][2], dit.rope((5, 2, 2), "cpu", (3, 0, 0)))
 
 
-def test_prompt_travel_and_window_errors(models):
+def test_prompt_travel_and_window_errors(models, caplog):
     with pytest.raises(KinemaError, match="prompt travel spreads them over context windows"):
         run(models, prompt="a red circle | a blue square")
     with pytest.raises(KinemaError, match="empty '\\|' section"):
@@ -201,6 +210,11 @@ def test_prompt_travel_and_window_errors(models):
     one = run(models, prompt="a red circle moving right", context_windows=dict(frames=17, overlap=8,
                                                                                schedule="static_standard"))
     assert (travel.latents - one.latents).abs().max() > 1e-3
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        run(models, steps=1, prompt=" | ".join(f"a red circle {i}" for i in range(8)),
+            context_windows=dict(frames=17, overlap=8, schedule="static_standard"))
+    assert "prompt: 5 of its 8 '|' sections fall on no window's last frame" in caplog.text
+    assert "'a red circle 0', 'a red circle 1'" in caplog.text
     for kw, text in ((dict(frames=18), "4n \\+ 1"), (dict(frames=17, overlap=20), "overlap 20"),
                      (dict(frames=17, schedule="random"), "schedule 'random'"), (dict(size=3), "no field 'size'"),
                      (dict(frames=17, fuse="max"), "fuse 'max'")):

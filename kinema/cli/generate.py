@@ -208,7 +208,14 @@ def writer_options(args, prefix: str) -> dict:
 def check_output(args, fmt: str, target: Path, prefix: str) -> None:
     """Every writer option and the output place, before anything loads (a bad --fps must not wait for sampling)."""
     from kinema.media import check_save
+    from kinema.media.metadata import sidecar_path
 
+    if args.save_file and target.suffix and not target.is_dir():  # the writer's own message names the Python fix
+        for p in (target, sidecar_path(target)):
+            if p.exists():
+                raise KinemaError(f"{p} already exists and Kinema never overwrites a file: give --save_file another "
+                                  "name (or move that file away), or leave --save_file out for a new name in "
+                                  "--output_dir.")
     options = {k: v for k, v in writer_options(args, prefix).items() if k != "pingpong"}
     check_save(target, format=fmt, frame_rate=16 if args.fps is None else args.fps, **options)
 

@@ -52,7 +52,8 @@ def sample_latents(dit, prompts: Prompts | list[Prompts], condition: Condition, 
                                 extras.cfg_zero_star, extras.skip_layers))
     model_fn = fns[0]
     if windows is not None:
-        log.info("Context windows: %s over %d latent frames", windows.describe(), start.x.shape[2])
+        log.info("Context windows: %s over %d latent frames%s", windows.describe(), start.x.shape[2],
+                 "" if start.x.shape[2] > windows.latent_frames else " (one window holds them all: one pass)")
         model_fn = windowed(fns, windows, start.x.shape[2])
     if known_latents is not None:
         model_fn = replace_known(model_fn, known_latents, start.x)

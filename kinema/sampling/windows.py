@@ -166,20 +166,34 @@ def freenoise(noise: torch.Tensor, size: int, overlap: int, generator: torch.Gen
     return noise
 
 
-def windowed(model_fns, spec: ContextWindows, total: int, section_of=None):
+def travel_section(window, total: int, sections: int) -> int:
+    """Prompt travel: the section (of `sections` equal spans of the `total` latent frames) a window's last frame
+    falls in, as the wrapper spreads '|' prompts."""
+    return min(int(max(window) / (total / sections)), sections - 1)
+
+
+def unused_sections(spec: ContextWindows, total: int, sections: int, steps: int) -> list[int]:
+    """The prompt-travel sections no window of any of `steps` steps takes: more sections than the clip has
+    windows to give them (each window takes one section, by its last frame)."""
+    size, stride, overlap = spec.latent()
+    used = {travel_section(w, total, sections) for step in range(max(steps, 1))
+            for w in windows_for(spec.schedule, step, total, size, stride, overlap)}
+    return [k for k in range(sections) if k not in used]
+
+
+def windowed(model_fns, spec: ContextWindows, total: int):
     """model_fn(x, t, step) over context windows of `total` latent frames. `model_fns`: one model function, or
     one per prompt (prompt travel: a window takes the prompt of the section its last frame falls in); each is
     called on a window's frames with `step.window` set to their indices."""
     fns = list(model_fns) if isinstance(model_fns, (list, tuple)) else [model_fns]
     size, stride, overlap = spec.latent()
-    section = total / len(fns)
     looped = spec.schedule == "uniform_looped"
 
     def fn(x: torch.Tensor, t: torch.Tensor, step) -> torch.Tensor:
         out = torch.zeros_like(x, dtype=torch.float32)
         count = torch.zeros(total, dtype=torch.float32, device=x.device)
         for window in windows_for(spec.schedule, step.step, total, size, stride, overlap):
-            prompt = min(int(max(window) / section), len(fns) - 1)
+            prompt = travel_section(window, total, len(fns))
             idx = torch.tensor(window, device=x.device)
             offset = window[0] if spec.rope == "absolute" else 0  # a looped window's positions run on past the end
             v = fns[prompt](x[:, :, idx], t, replace(step, window=tuple(window), frame_offset=offset)).float()
