@@ -7,6 +7,7 @@ asked frame count, size and rate, and options Kinema lacks must be a KinemaError
 
 from __future__ import annotations
 
+import logging
 import copy
 import json
 from pathlib import Path
@@ -420,7 +421,7 @@ def test_ui_examples_convert_and_run_through_the_executor(tmp_path, models):
     assert (other - video.frames.float()).abs().mean() > 1  # a different seed, a different clip
 
 
-def test_windows_prompt_travel_and_distilled_schedulers_equal_pipeline(ctx, pipe):
+def test_windows_prompt_travel_and_distilled_schedulers_equal_pipeline(ctx, pipe, caplog):
     model, t5, vae = loaders(ctx)
     (embeds,) = call("WanVideoEmptyEmbeds", ctx, width=64, height=64, num_frames=33)
     (context,) = call("WanVideoContextOptions", ctx, context_schedule="static_standard", context_frames=17,
@@ -436,10 +437,21 @@ def test_windows_prompt_travel_and_distilled_schedulers_equal_pipeline(ctx, pipe
     assert (samples["samples"][0] - ref.latents.cpu()).abs().max().item() <= 1e-6
     with pytest.raises(KinemaError, match="connect context_options"):
         call("WanVideoSampler", ctx, **args)
+    # more sections than the windows can take: the ones no window takes are named, as kinema generate does
+    (many,) = call("WanVideoTextEncode", ctx, positive_prompt=" | ".join(f"{PROMPT} {i}" for i in range(8)),
+                   negative_prompt="", t5=t5)
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        call("WanVideoSampler", ctx, context_options=context, **{**args, "text_embeds": many, "steps": 1})
+    assert "WanVideoSampler: text_embeds' prompt: 5 of its 8 '|' sections fall on no window" in caplog.text
+    with pytest.raises(KinemaError, match=r"WanVideoTextEncode.positive_prompt .* has an empty '\|' section"):
+        call("WanVideoTextEncode", ctx, positive_prompt=PROMPT + " | ", negative_prompt="", t5=t5)
 
     (embeds,) = call("WanVideoEmptyEmbeds", ctx, width=64, height=64, num_frames=17)
     for scheduler in ("flowmatch_distill", "lcm"):
         got = sample(ctx, model, t5, embeds, scheduler=scheduler, cfg=1.0, steps=4)
         ref = pipe(PROMPT, size="64*64", frame_num=17, steps=4, shift=3.0, guide_scale=1.0, seed=42, solver=scheduler,
                    negative_prompt="", decode=False, progress=False)
-        assert (got[0] - ref.latents.cpu()).abs().max().item() <= 1e-6, scheduler
+        # cfg 1: the Pipeline encodes the prompt alone, the node with its negative in one batch (cfg is known only
+        # at the sampler); the same sums, but some CPUs' kernels round a batch of 2 apart from one of 1 (AVX-512:
+        # 4.3e-6 after the 4 steps; AVX2: exact)
+        assert (got[0] - ref.latents.cpu()).abs().max().item() <= 2e-5, scheduler

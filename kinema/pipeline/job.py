@@ -22,7 +22,7 @@ from kinema.pipeline.refine import Refine, Upscale, parse_refine, parse_upscale
 from kinema.pipeline.settings import Settings, resolve_settings
 from kinema.pipeline.tasks import ANY_MODEL, Task, get_task, task_using
 from kinema.sampling.cache import CacheSpec, StepCache, parse_cache
-from kinema.sampling.windows import ContextWindows, unused_sections
+from kinema.sampling.windows import ContextWindows, travel_warning
 
 log = logging.getLogger("kinema")
 
@@ -86,11 +86,9 @@ def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=N
     windows = parse_windows(context_windows, names.get("context_windows", "context_windows"),
                             target.info.sample_defaults.get("context", {}), s.frame_num)
     sections = prompt_sections(s.prompt, windows is not None, names.get("prompt", "prompt"))
-    if len(sections) > 1 and (unused := unused_sections(windows, (s.frame_num - 1) // 4 + 1, len(sections), s.steps)):
-        log.warning("%s: %d of its %d '|' sections fall on no window's last frame and are not used (%s): %d frames "
-                    "in %d-frame windows give fewer windows than sections; write fewer sections or a longer clip.",
-                    names.get("prompt", "prompt"), len(unused), len(sections),
-                    ", ".join(repr(sections[k]) for k in unused), s.frame_num, windows.frames)
+    if windows is not None and (warning := travel_warning(windows, (s.frame_num - 1) // 4 + 1, sections, s.steps,
+                                                          names.get("prompt", "prompt"))):
+        log.warning("%s", warning)
     second = parse_refine(refine, names)
     if second is not None and extension is not None:
         raise KinemaError(f"{names.get('refine', 'refine')} is not for task extend (it would re-generate the video "

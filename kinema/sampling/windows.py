@@ -181,6 +181,16 @@ def unused_sections(spec: ContextWindows, total: int, sections: int, steps: int)
     return [k for k in range(sections) if k not in used]
 
 
+def travel_warning(spec: ContextWindows, total: int, sections, steps: int, name: str = "prompt") -> str | None:
+    """What to warn of when some of the prompt-travel `sections` (their texts) go to no window, else None."""
+    unused = unused_sections(spec, total, len(sections), steps) if len(sections) > 1 else []
+    if not unused:
+        return None
+    return (f"{name}: {len(unused)} of its {len(sections)} '|' sections fall on no window's last frame and are not "
+            f"used ({', '.join(repr(sections[k]) for k in unused)}): {4 * (total - 1) + 1} frames in {spec.frames}-frame "
+            "windows give fewer windows than sections; write fewer sections or a longer clip.")
+
+
 def windowed(model_fns, spec: ContextWindows, total: int):
     """model_fn(x, t, step) over context windows of `total` latent frames. `model_fns`: one model function, or
     one per prompt (prompt travel: a window takes the prompt of the section its last frame falls in); each is

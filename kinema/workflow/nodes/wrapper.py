@@ -361,10 +361,9 @@ def text_encode(ctx, positive_prompt, negative_prompt, t5=None, force_offload=Tr
     n = "WanVideoTextEncode"
     if t5 is None:
         raise KinemaError(f"{n}.t5 is not connected; connect a LoadWanVideoT5TextEncoder.")
-    sections = [p.strip() for p in positive_prompt.split("|")]
-    if len(sections) > 1 and not all(sections):
-        raise KinemaError(f"{n}.positive_prompt {positive_prompt!r} has an empty '|' section; write text between "
-                          "every '|'.")
+    from kinema.pipeline.job import prompt_sections
+
+    sections = prompt_sections(positive_prompt, True, f"{n}.positive_prompt")  # windows come at the sampler
     if "[1]" in positive_prompt:
         raise unsupported(n, "positive_prompt", "EchoShot multi-shot prompts ('[1]', '[2]', ...)", "write one prompt")
     import re
@@ -629,13 +628,14 @@ def sampler(ctx, model, image_embeds, steps, cfg, shift, seed, force_offload=Tru
     from kinema.memory.vae_tiling import TiledVAE
     from kinema.pipeline.conditioning import Condition, empty_condition
     from kinema.pipeline.extras import train_latent_frames
-    from kinema.sampling.windows import ContextWindows
     from kinema.pipeline.guidance import guidance_for
+    from kinema.pipeline.job import prompt_sections
     from kinema.pipeline.latents import prepare_latents
     from kinema.pipeline.prompts import Prompts, pad_context
     from kinema.pipeline.sample import sample_latents
     from kinema.pipeline.settings import Geometry, resolve_settings
     from kinema.sampling.cache import make_cache
+    from kinema.sampling.windows import ContextWindows, travel_warning
 
     n = "WanVideoSampler"
     for name, what in SAMPLER_UNSUPPORTED.items():
@@ -710,6 +710,10 @@ def sampler(ctx, model, image_embeds, steps, cfg, shift, seed, force_offload=Tru
             latents = latents[0]
     if context_options is not None and not isinstance(context_options, ContextWindows):
         raise KinemaError(f"{n}.context_options must come from WanVideoContextOptions.")
+    if context_options is not None and (warning := travel_warning(
+            context_options, s.latent_shape(geometry)[1], prompt_sections(text_embeds.prompt, True), s.steps,
+            f"{n}: text_embeds' prompt")):
+        log.warning("%s", warning)
     start = prepare_latents(s, geometry, device, latents=latents, windows=context_options)
     cache = make_cache(cache_args, dit, s.width * s.height)
     total = s.steps - start.start_step
