@@ -157,6 +157,36 @@ def test_save_writes_decodable_files_with_settings(world):
         run("KinemaSaveVideo", ctx, images=frames, fps=8.0, format="png", filename_prefix="x")
 
 
+def test_extend_matches_the_pipeline(world):
+    """Task extend through the node: the video (IMAGE frames, as KinemaLoadVideo gives them) continued, the whole
+    video back, as a direct call; the extend inputs are read for it only (ComfyUI sends every widget's value)."""
+    ctx = make_ctx(world)
+    recipe = builtin_recipe(ctx)
+    pipe = ctx.models.pipeline(recipe)
+    first, _, _ = run("KinemaGenerate", ctx, pipeline=recipe, **SMALL)  # 9 frames
+    src = (first * 255).round().to(torch.uint8)
+    extend = {**SMALL, "task": "extend", "width": 0, "height": 0, "frame_num": 0, "extend_frames": 8,
+              "overlap_frames": 5, "colour_match": "hm", "overlap_join": "cut"}
+    frames, _, s = run("KinemaGenerate", ctx, pipeline=recipe, video=src.float() / 255, **extend)
+    direct = pipe(PROMPT, task="extend", video=src.numpy(), extend_frames=8, overlap_frames=5, colour_match="hm",
+                  overlap_join="cut", steps=3, seed=7, progress=False)
+    assert frames.shape == (17, 64, 64, 3)
+    assert torch.equal((frames * 255).round().to(torch.uint8), torch.from_numpy(direct.frames))
+    assert torch.equal((frames[:9] * 255).round().to(torch.uint8), src)  # cut: every input frame kept
+    rec = json.loads(s)
+    assert (rec["task"], rec["extend_frames"], rec["overlap_frames"], rec["colour_match"], rec["overlap_join"]) == \
+        ("extend", 8, 5, "hm", "cut")
+    # t2v with the extend widgets at other values: not read
+    plain, _, _ = run("KinemaGenerate", ctx, pipeline=recipe, **{**SMALL, "extend_frames": 12, "loop": True})
+    assert torch.equal(plain, first)
+    with pytest.raises(KinemaError, match="KinemaGenerate.extend_frames 6 must be a multiple of 4"):
+        run("KinemaGenerate", ctx, pipeline=recipe, video=src.float() / 255, **{**extend, "extend_frames": 6})
+    with pytest.raises(KinemaError, match="drop KinemaGenerate.width/height"):
+        run("KinemaGenerate", ctx, pipeline=recipe, video=src.float() / 255, **{**extend, "width": 64, "height": 64})
+    with pytest.raises(KinemaError, match="KinemaGenerate's video input"):
+        run("KinemaGenerate", ctx, pipeline=recipe, **extend)
+
+
 def test_errors_name_the_node_and_input(world):
     ctx = make_ctx(world)
     recipe = builtin_recipe(ctx)
@@ -182,7 +212,9 @@ def test_object_info(world):
     assert info["output"] == ["KINEMA_PIPELINE"]
     gen = NODES["KinemaGenerate"].object_info(ctx)
     assert gen["input"]["required"]["seed"][1]["control_after_generate"] is True
-    assert gen["input"]["required"]["task"][0] == ["t2v", "i2v", "flf2v", "t2i", "v2v"]
+    assert gen["input"]["required"]["task"][0] == ["t2v", "i2v", "flf2v", "t2i", "v2v", "extend"]
+    assert gen["input"]["optional"]["colour_match"][0] == ["overlap", "hm", "off"]
+    assert gen["input"]["optional"]["extend_frames"][1]["step"] == 4
     assert gen["output"] == ["IMAGE", "FLOAT", "STRING"]
     save = NODES["KinemaSaveVideo"].object_info(ctx)
     assert save["output_node"] is True and "h264-mp4" in save["input"]["required"]["format"][0]

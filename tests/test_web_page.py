@@ -292,6 +292,28 @@ def test_page_uploads_an_image_and_a_video(page, server):
     assert meta["task"] == "v2v" and meta["denoise"] == 0.5 and meta["frame_num"] == 9
     prompt = json.load(urllib.request.urlopen(server[0] + "/history/" + v2v))[v2v]["prompt"][2]
     assert any(n["class_type"] == "KinemaLoadVideo" and n["inputs"]["video"] == "source.mp4" for n in prompt.values())
+
+    # extend: the same upload continued by 8 frames; size and frame count are the video's (their fields hidden)
+    pg.click("#tasks [data-task=extend]")
+    assert pg.is_visible(".upload[data-for=video]") and pg.is_visible("#extend_frames")
+    assert not pg.is_visible("#width") and not pg.is_visible("#frame_num") and not pg.is_visible("#denoise")
+    assert pg.eval_on_selector("#colour_match", "s => [...s.options].map(o => o.value)") == ["overlap", "hm", "off"]
+    pg.fill("#extend_frames", "8")
+    pg.fill("#overlap_frames", "5")
+    pg.select_option("#overlap_join", "cut")
+    pg.click("#generate")
+    ext = wait_result(pg, not_id=v2v)
+    name = pg.eval_on_selector("#download", "a => a.download")
+    meta = read_metadata(root / "output" / name)
+    assert (meta["task"], meta["extend_frames"], meta["overlap_frames"], meta["overlap_join"]) == ("extend", 8, 5, "cut")
+    assert read_video(root / "output" / name).frames.shape[0] == 17  # the 9 frames and the 8 new ones
+    prompt = json.load(urllib.request.urlopen(server[0] + "/history/" + ext))[ext]["prompt"][2]
+    gen = next(n["inputs"] for n in prompt.values() if n["class_type"] == "KinemaGenerate")
+    assert (gen["task"], gen["width"], gen["frame_num"], gen["loop"]) == ("extend", 0, 0, False) and "denoise" not in gen
+    pg.wait_for_function("[...document.querySelectorAll('#history summary')].some(e => e.textContent.startsWith("
+                         "'extended by 8 frames (overlap 5), 3 steps'))", timeout=10_000)  # its history card
+    pg.click("#tasks [data-task=t2v]")  # back to a task without them: the extend inputs are not sent
+    assert pg.evaluate("() => Object.keys(buildPrompt()['2'].inputs).includes('extend_frames')") is False
     assert pg.errors == []
 
 

@@ -3,7 +3,8 @@
 // POST /prompt, GET /queue, /history, /view, /object_info, POST /upload/image, /interrupt, ws /ws?clientId=.
 "use strict";
 
-const TASK_INPUTS = { t2v: [], i2v: ["image"], flf2v: ["first_frame", "last_frame"], t2i: [], v2v: ["video"] };
+const TASK_INPUTS = { t2v: [], i2v: ["image"], flf2v: ["first_frame", "last_frame"], t2i: [], v2v: ["video"], extend: ["video"] };
+const EXTEND_FIELDS = ["extend_frames", "overlap_frames", "colour_match", "overlap_join", "loop"];
 const GRAPH = { loader: "1", generate: "2", save: "3", image: "4", first_frame: "5", last_frame: "6", video: "7" };
 const KINEMA_NODES = ["KinemaPipelineLoader", "KinemaGenerate", "KinemaSaveVideo", "KinemaLoadVideo"];
 const VIDEO_MIME = /^video\//;
@@ -135,6 +136,8 @@ async function loadObjectInfo() {
   fillSelect("solver", comboOf("KinemaGenerate", "solver"));
   fillSelect("cache", comboOf("KinemaGenerate", "cache"));
   fillSelect("vae_tile", comboOf("KinemaGenerate", "vae_tile"));
+  fillSelect("colour_match", comboOf("KinemaGenerate", "colour_match"));
+  fillSelect("overlap_join", comboOf("KinemaGenerate", "overlap_join"));
   fillSelect("ckpt", comboOf("KinemaPipelineLoader", "ckpt"), { builtin: "built-in model" });
   fillSelect("lora", comboOf("KinemaPipelineLoader", "lora_1"));
   fillSelect("quantization", comboOf("KinemaPipelineLoader", "quantization"));
@@ -175,13 +178,18 @@ function formValues() {
     cache: $("cache").value || "off",
     vae_tile: $("vae_tile").value || "auto",
     denoise: num("denoise", 1),
+    extend_frames: Math.round(num("extend_frames", 32)),
+    overlap_frames: Math.round(num("overlap_frames", 9)),
+    colour_match: $("colour_match").value || "overlap",
+    overlap_join: $("overlap_join").value || "blend",
+    loop: $("loop").checked,
   };
 }
 
 function buildPrompt() {
   const v = formValues();
   if (!v.prompt.trim()) throw new Error("write a prompt first");
-  if ((v.width === 0) !== (v.height === 0)) throw new Error("set both width and height, or leave both empty for the model's size");
+  if (v.task !== "extend" && (v.width === 0) !== (v.height === 0)) throw new Error("set both width and height, or leave both empty for the model's size");
   const loader = {
     ckpt: $("ckpt").value || "builtin", dtype: $("dtype").value || "default",
     quantization: $("quantization").value || "disabled", attention: $("attention").value || "auto",
@@ -192,6 +200,8 @@ function buildPrompt() {
   const gen = { pipeline: [GRAPH.loader, 0], ...v };
   if (v.task !== "v2v") delete gen.denoise;
   if (v.task === "t2i") gen.frame_num = 1;
+  if (v.task === "extend") Object.assign(gen, { width: 0, height: 0, frame_num: 0 });  // the video's size, and more frames
+  else for (const k of EXTEND_FIELDS) delete gen[k];
   const prompt = {
     [GRAPH.loader]: { class_type: "KinemaPipelineLoader", inputs: loader },
     [GRAPH.generate]: { class_type: "KinemaGenerate", inputs: gen },
@@ -238,6 +248,8 @@ function fillForm(values) {
   if (values.cache !== undefined) setField("cache", values.cache || "off");
   if (values.vae_tile) setField("vae_tile", values.vae_tile);
   if (values.denoise !== undefined && values.denoise < 1) setField("denoise", values.denoise);
+  for (const k of ["extend_frames", "overlap_frames", "colour_match", "overlap_join"]) setField(k, values[k]);
+  if (values.loop !== undefined) $("loop").checked = Boolean(values.loop);
   if (values.quantization) setField("quantization", values.quantization);
   if (values.format && values.task !== "t2i") setField("format", values.format);
 }
@@ -593,7 +605,8 @@ function historyCard(id, entry) {
   const sum = document.createElement("summary");
   const s = settings || {};
   sum.textContent = settings
-    ? `${s.width}×${s.height}, ${s.frame_num} frames, ${s.steps} steps, seed ${s.seed}, cfg ${s.guide_scale}`
+    ? `${s.extend_frames !== undefined ? `extended by ${s.extend_frames} frames (overlap ${s.overlap_frames})`
+        : `${s.width}×${s.height}, ${s.frame_num} frames`}, ${s.steps} steps, seed ${s.seed}, cfg ${s.guide_scale}`
     : (errorOfStatus(status) || status.status_str || "settings");
   const pre = document.createElement("pre");
   pre.textContent = JSON.stringify(settings || prompt, null, 1);

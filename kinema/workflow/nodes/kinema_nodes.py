@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from kinema.errors import KinemaError
+from kinema.pipeline.extend import COLOUR_MATCH, OVERLAP_JOIN
 from kinema.workflow.types import BOOLEAN, CHOICE, FLOAT, INT, LINK, STRING, NodeOutput, node
 
 BUILTIN = "builtin"
 NONE = "none"
-TASKS = ("t2v", "i2v", "flf2v", "t2i", "v2v")
+TASKS = ("t2v", "i2v", "flf2v", "t2i", "v2v", "extend")
 DTYPES = ("default", "fp32", "bf16", "fp16")
 ATTENTION = ("auto", "sdpa", "flash_attn", "sageattn")
 CACHE_PRESETS = ("off", "teacache:0.05", "teacache:0.1", "teacache:0.2", "magcache:0.06:2", "magcache:0.12:2",
@@ -166,7 +167,10 @@ GENERATE_NAMES = {"prompt": "KinemaGenerate.prompt", "negative_prompt": "KinemaG
                   "denoise": "KinemaGenerate.denoise", "cache": "KinemaGenerate.cache",
                   "vae_tile": "KinemaGenerate.vae_tile", "image": "KinemaGenerate's image input",
                   "first_frame": "KinemaGenerate's first_frame input", "last_frame": "KinemaGenerate's last_frame input",
-                  "video": "KinemaGenerate's video input"}
+                  "video": "KinemaGenerate's video input", "extend_frames": "KinemaGenerate.extend_frames",
+                  "overlap_frames": "KinemaGenerate.overlap_frames", "loop": "KinemaGenerate.loop",
+                  "colour_match": "KinemaGenerate.colour_match", "overlap_join": "KinemaGenerate.overlap_join"}
+EXTEND_INPUTS = ("extend_frames", "overlap_frames", "loop", "colour_match", "overlap_join")
 
 
 def _solvers(ctx=None) -> list[str]:
@@ -197,12 +201,23 @@ def _solvers(ctx=None) -> list[str]:
           "image": LINK("IMAGE", tooltip="i2v: the first frame"),
           "first_frame": LINK("IMAGE", tooltip="flf2v"),
           "last_frame": LINK("IMAGE", tooltip="flf2v"),
-          "video": LINK("IMAGE", tooltip="v2v: the source frames"),
+          "video": LINK("IMAGE", tooltip="v2v: the source frames; extend: the video to continue"),
           "denoise": FLOAT(1.0, min=0.0, max=1.0, step=0.01, tooltip="v2v: the share of the schedule re-run"),
+          "extend_frames": INT(32, min=4, max=1024, step=4, tooltip="extend: frames to add (a multiple of 4)"),
+          "overlap_frames": INT(9, min=5, max=1025, step=4,
+                                tooltip="extend: the video's last frames the new clip starts from (4k + 1)"),
+          "loop": BOOLEAN(False, tooltip="extend: the new frames also lead back into the video's first frame"),
+          "colour_match": CHOICE(COLOUR_MATCH, tooltip="extend: overlap shifts the new frames by the overlap's colour "
+                                                        "offset; hm matches each frame's histogram; off"),
+          "overlap_join": CHOICE(OVERLAP_JOIN, tooltip="extend: blend cross-fades the overlap into the new clip's; "
+                                                        "cut keeps every input frame"),
       })
 def generate(ctx, pipeline, task, prompt, negative_prompt, width, height, frame_num, steps, seed, guide_scale, shift,
-             solver, cache, vae_tile, image=None, first_frame=None, last_frame=None, video=None, denoise=1.0):
-    """One kinema.Pipeline call: frames (IMAGE), their frame rate and the run's settings (JSON)."""
+             solver, cache, vae_tile, image=None, first_frame=None, last_frame=None, video=None, denoise=1.0,
+             extend_frames=32, overlap_frames=9, loop=False, colour_match="overlap", overlap_join="blend"):
+    """One kinema.Pipeline call: frames (IMAGE), their frame rate and the run's settings (JSON). Task extend
+    continues `video` (the whole video comes back, the new frames joined on); the extend inputs are read only for
+    it, as ComfyUI sends every widget's value whatever the task."""
     from kinema.errors import Cancelled
 
     pipe = ctx.models.pipeline(pipeline)
@@ -227,6 +242,8 @@ def generate(ctx, pipeline, task, prompt, negative_prompt, width, height, frame_
                            negative_prompt=negative_prompt or None, image=_image_arg(image),
                            first_frame=_image_arg(first_frame), last_frame=_image_arg(last_frame),
                            video=_video_arg(video), denoise=denoise, cache=cache, vae_tile=vae_tile, callback=on_step,
+                           **(dict(extend_frames=extend_frames, overlap_frames=overlap_frames, loop=bool(loop),
+                                   colour_match=colour_match, overlap_join=overlap_join) if task == "extend" else {}),
                            cancel=ctx.cancel, progress=False, names=GENERATE_NAMES)
         result = pipe.run(job)
     except Cancelled:
