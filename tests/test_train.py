@@ -217,6 +217,28 @@ def test_dit_init_from_starts_from_those_weights(dit_model, tmp_path, source):
         DiTTask(bad, torch.device("cpu"))
 
 
+def test_dit_init_from_keeps_the_models_declarations(dit_model, tmp_path):
+    """A fine-tune keeps what its init model declares beyond the trainer's own defaults (the guidance extras'
+    settings, its context windows: chosen for those weights), the windows only when the clip length is the same."""
+    import json
+    import shutil
+
+    from kinema.train.dit import DiTTask, DiTTrainConfig
+
+    model = shutil.copytree(dit_model, tmp_path / "init")
+    config = model / "transformer" / "config.json"
+    c = json.loads(config.read_text())
+    extras = {"slg": {"blocks": [0]}, "feta": {"weight": 0.5}, "context": {"frames": 5, "overlap": 4}}
+    c["sample_defaults"] = {**c["sample_defaults"], **extras, "steps": 99}
+    config.write_text(json.dumps(c))
+    for frames, want in ((5, extras), (9, {k: v for k, v in extras.items() if k != "context"})):
+        cfg = configs.build(DiTTrainConfig, {**TINY_DIT, "frames": frames, "vae": str(dit_model),
+                                             "output_dir": str(tmp_path / f"run{frames}"), "init_from": str(model)})
+        got = DiTTask(cfg, torch.device("cpu")).info.sample_defaults
+        assert {k: got[k] for k in extras if k in got} == want
+        assert got["steps"] == cfg.sample_steps and got["frame_num"] == frames  # the run's own defaults win
+
+
 def test_lora_trainer_learns_resumes_and_exports(dit_model, tmp_path):
     from kinema.lora import load_lora
     from kinema.train.lora import LoRATask, LoRATrainConfig

@@ -275,6 +275,16 @@ def _init_tokenizer(path: Path) -> Path:
                       "were trained with.")
 
 
+def init_declarations(path: Path) -> dict:
+    """The sampling defaults the init_from model declares (its transformer/config.json, next to the weights of a
+    model folder, a run folder or a checkpoint in one); {} when none is found (a checkpoint of a run never exported)."""
+    for folder in (path, path / "model", path.parent, path.parent / "model", path.parent.parent / "model"):
+        config = folder / "transformer" / "config.json"
+        if config.is_file():
+            return ModelInfo.from_config(json.loads(config.read_text())).sample_defaults
+    return {}
+
+
 def _known_frames(mode: str, frames: int, rng: np.random.Generator) -> list[int]:
     if mode == "i2v":
         return [0]
@@ -339,6 +349,17 @@ class DiTTask(TrainTask):
                                   f"or of another shape, e.g. {wrong[0]}); use the same model sizes as the run it came from.")
             module.load_state_dict({k: state[k] for k in own})
         log.info("initialised the DiT, umT5 and CLIP from %s", path)
+        # What the init model declares beyond this trainer's own defaults (guidance extras' settings, its context
+        # windows) was chosen for these weights: a fine-tune keeps it, the windows only at the same clip length.
+        own, theirs = self.info.sample_defaults, init_declarations(Path(path).expanduser())
+        kept = {k: v for k, v in theirs.items() if k not in own}
+        if "context" in kept and theirs.get("frame_num") != own["frame_num"]:
+            log.info("init_from declares context windows for %s-frame clips; this run trains on %d: not kept",
+                     theirs.get("frame_num"), own["frame_num"])
+            kept.pop("context")
+        if kept:
+            log.info("kept the init model's sampling declarations: %s", ", ".join(sorted(kept)))
+            self.info = ModelInfo(self.info.tasks, {**own, **kept})
 
     def vae_source(self) -> str:
         """Where the (frozen) VAE comes from."""
