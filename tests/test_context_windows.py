@@ -266,6 +266,52 @@ def test_i2v_windows_keep_the_first_frame_anchor(models):
     assert out.latents.shape == (16, 9, 4, 4)
 
 
+def test_window_args_anchor_and_references():
+    """Every window's first frame is the video's first (mask and latent), or with reference latents, for windows
+    that do not start at the video's first frame, a reference's latent under the first frame's mask; with several,
+    the one of the section the window's last frame falls in (the wrapper's reference_latent)."""
+    from kinema.pipeline.conditioning import window_args
+
+    y = torch.randn(1, 4 + 3, 12, 2, 2)
+    refs = torch.randn(3, 3, 2, 2)
+    first = window_args({"y": y}, (0, 1, 2, 3))["y"]
+    assert first.equal(y[:, :, :4]) and window_args({"y": y}, (0, 1, 2, 3), refs)["y"].equal(first)
+    later = window_args({"y": y}, (5, 6, 7, 8))["y"]
+    assert later[:, :, 0].equal(y[:, :, 0]) and later[:, :, 1:].equal(y[:, :, 6:9])
+    for window, k in (((4, 5, 6, 7), 1), ((8, 9, 10, 11), 2), ((1, 2, 3), 0)):  # sections of 4 latent frames
+        part = window_args({"y": y}, window, refs)["y"]
+        assert part[:, :4, 0].equal(y[:, :4, 0]) and part[0, 4:, 0].equal(refs[k]), window
+        assert part[:, :, 1:].equal(y[:, :, list(window[1:])])
+    one = window_args({"y": y}, (8, 9, 10, 11), refs[:1])["y"]
+    assert one[0, 4:, 0].equal(refs[0])
+    assert window_args({"y": None, "clip_fea": 1}, (5, 6), refs) == {"y": None, "clip_fea": 1}
+
+
+def test_context_reference(models):
+    """context_reference: the image whose latent anchors the windows after the first. The video's own first frame as
+    the reference gives what no reference gives (the causal VAE encodes a first frame alone); another image changes
+    the video; it needs windows, an image DiT and a task with a known first frame."""
+    g = torch.Generator().manual_seed(3)
+    image, other = (torch.rand(3, 32, 32, generator=g) * 2 - 1 for _ in range(2))
+    win = dict(frames=17, overlap=8, schedule="static_standard")
+    plain = run(models, task="i2v", image=image, context_windows=win)
+    same = run(models, task="i2v", image=image, context_windows=win, context_reference=image)
+    assert (same.latents - plain.latents).abs().max().item() < 1e-5
+    # two references over 9 latent frames: sections 0-4 and 4.5-8; the windows after the first end at 7 and 8
+    moved = run(models, task="i2v", image=image, context_windows=win, context_reference=[image, other])
+    assert (moved.latents - plain.latents).abs().max().item() > 1e-4  # (a tiny random DiT: 8e-4 here)
+    assert moved.latents.equal(run(models, task="i2v", image=image, context_windows=win, context_reference=other).latents)
+    assert (run(models, task="i2v", image=image, context_windows=win, context_reference=[other, image]).latents
+            - plain.latents).abs().max().item() < 1e-5  # the first section's reference goes to no window here
+    assert moved.settings["context_reference"] == 2 and "context_reference" not in plain.settings
+    for kw, text in ((dict(task="i2v", image=image, context_windows=False), "this call runs in one pass"),
+                     (dict(context_windows=win), "task t2v has none"),
+                     (dict(task="i2v", image=image, context_windows=win, context_reference=[image, "nothere.png"]),
+                      "nothere.png does not exist")):
+        with pytest.raises(KinemaError, match=text):
+            run(models, context_reference=kw.pop("context_reference", other), **kw)
+
+
 def test_cli_windows_and_repeat(tmp_path, capsys):
     from kinema.cli.main import main
     from kinema.demo import write_random_checkpoint
@@ -293,6 +339,8 @@ def test_cli_windows_and_repeat(tmp_path, capsys):
     assert "prompt travel spreads them over context windows" in capsys.readouterr().err
     assert main([*gen, "--plan", "--context_frames", "17"]) == 0
     assert "41 frames in windows of 17" in capsys.readouterr().out
+    assert main([*gen, "--plan", "--context_frames", "17", "--context_reference", str(out)]) == 2
+    assert "--context_reference takes the place of a window's first known frame" in capsys.readouterr().err
     # `default`: the model's windows (this Wan2.1-style checkpoint declares none: the wrapper's 81 frames, which
     # cover these 41 in one window)
     assert main([*gen, "--plan", "--context_frames", "default"]) == 0

@@ -149,6 +149,41 @@ def test_i2v_and_flf2v_equal_pipeline(ctx, pipe):
     assert (got[0] - ref.latents.cpu()).abs().max().item() <= 1e-6
 
 
+def test_context_reference_latent_equals_pipeline(ctx, pipe, caplog):
+    """WanVideoContextOptions' reference_latent (an image through WanVideoEncode) anchors the windows after the
+    first, as Pipeline's context_reference does."""
+    model, t5, vae = loaders(ctx)
+    (clip,) = call("LoadWanVideoClipTextEncoder", ctx, model_name=CLIP, precision="fp32")
+    g = torch.Generator().manual_seed(1)
+    first, ref_image = torch.rand(1, 64, 64, 3, generator=g), torch.rand(1, 64, 64, 3, generator=g)
+    (tokens,) = call("WanVideoClipVisionEncode", ctx, clip_vision=clip, image_1=first, strength_1=1.0, strength_2=1.0,
+                     crop="disabled", combine_embeds="average")
+    (embeds,) = call("WanVideoImageToVideoEncode", ctx, width=64, height=64, num_frames=33, noise_aug_strength=0.0,
+                     start_latent_strength=1.0, end_latent_strength=1.0, vae=vae, clip_embeds=tokens, start_image=first)
+    (reference,) = call("WanVideoEncode", ctx, vae=vae, image=ref_image, enable_vae_tiling=False, tile_x=272,
+                        tile_y=272, tile_stride_x=144, tile_stride_y=128)
+    (context,) = call("WanVideoContextOptions", ctx, context_schedule="static_standard", context_frames=17,
+                      context_stride=4, context_overlap=8, freenoise=False, reference_latent=reference)
+    got = sample(ctx, model, t5, embeds, context_options=context)
+    as_model = lambda im: im[0].permute(2, 0, 1) * 2 - 1  # noqa: E731
+    win = dict(frames=17, overlap=8, schedule="static_standard", freenoise=False)
+    ref = pipe(PROMPT, task="i2v", image=as_model(first), size="64*64", frame_num=33, steps=STEPS, shift=3.0,
+               guide_scale=4.0, seed=42, negative_prompt="", context_windows=win, context_reference=as_model(ref_image),
+               decode=False, progress=False)
+    assert (got[0] - ref.latents.cpu()).abs().max().item() <= 1e-5
+    plain = pipe(PROMPT, task="i2v", image=as_model(first), size="64*64", frame_num=33, steps=STEPS, shift=3.0,
+                 guide_scale=4.0, seed=42, negative_prompt="", context_windows=win, decode=False, progress=False)
+    assert (ref.latents - plain.latents).abs().max().item() > 1e-3  # the reference did change the windows
+    # without an image condition the reference has nothing to replace: unused, and said so (the wrapper ignores it)
+    (empty,) = call("WanVideoEmptyEmbeds", ctx, width=64, height=64, num_frames=33)
+    with caplog.at_level(logging.WARNING, logger="kinema"):
+        sample(ctx, model, t5, empty, context_options=context, steps=1)
+    assert "reference_latent is for an image condition" in caplog.text
+    with pytest.raises(KinemaError, match=r"WanVideoContextOptions.reference_latent must be a video LATENT"):
+        call("WanVideoContextOptions", ctx, context_schedule="static_standard", context_frames=17, context_stride=4,
+             context_overlap=8, freenoise=False, reference_latent={"samples": torch.zeros(1, 16, 8, 8)})
+
+
 def test_cache_and_v2v_equal_pipeline(ctx, pipe):
     model, t5, vae = loaders(ctx)
     (embeds,) = call("WanVideoEmptyEmbeds", ctx, width=64, height=64, num_frames=17)

@@ -30,7 +30,7 @@ FLAGS = {
     "cache": "--cache", "vae_tile": "--vae_tile", "skip_layers": "--slg", "cfg_zero_star": "--cfg_zero_star",
     "enhance": "--feta", "riflex": "--riflex", "context_windows": "--context_frames", "extend_frames": "--extend_frames",
     "overlap_frames": "--overlap_frames", "loop": "--loop", "colour_match": "--colour_match",
-    "overlap_join": "--overlap_join",
+    "overlap_join": "--overlap_join", "context_reference": "--context_reference",
     "refine": "--refine_size", "refine_size": "--refine_size",
     "refine_denoise": "--refine_denoise", "refine_steps": "--refine_steps", "refine_method": "--refine_method",
     "upscale": "--upscale", "upscaler": "--upscaler", "upscale_tile": "--upscale_tile",
@@ -70,7 +70,7 @@ def call_arguments(args) -> dict:
                 denoise=args.denoise, cache=args.cache, vae_tile=args.vae_tile, batched_cfg=args.batched_cfg,
                 extend_frames=args.extend_frames, overlap_frames=args.overlap_frames, loop=args.loop,
                 colour_match=args.colour_match, overlap_join=args.overlap_join,
-                refine=refine_argument(args), upscale=args.upscale, upscaler=args.upscaler,
+                context_reference=args.context_reference, refine=refine_argument(args), upscale=args.upscale, upscaler=args.upscaler,
                 upscale_tile=args.upscale_tile, **extras_arguments(args))
 
 
@@ -148,6 +148,10 @@ def extras_flags(g) -> None:
                    help="with --context_frames: FreeNoise initial noise (the default, as the wrapper's)")
     w.add_argument("--no_freenoise", dest="freenoise", action="store_const", const=False,
                    help="with --context_frames: every window's own initial noise")
+    w.add_argument("--context_reference", nargs="+", default=None, metavar="IMAGE",
+                   help="i2v / flf2v / extend with windows: the image whose latent is the first frame of every window "
+                        "not starting at the video's (default: the video's first frame); several: one per section of "
+                        "the video, as the wrapper's context reference_latent")
     x.add_argument("--riflex", default="off", metavar="auto|K|off",
                    help="RIFLEx for videos longer than the model was trained on: lower the K-th temporal RoPE "
                         "frequency (auto: the paper's rule, only when longer than trained)")

@@ -86,21 +86,36 @@ class Condition:
 
     clip_fea: torch.Tensor | None = None  # [1, N, image_dim] CLIP tokens, joined sequence-wise (i2v 257, flf2v 2 x 257)
     y: torch.Tensor | None = None  # [1, 4 + z, T, h, w] mask + known-frame latents, joined channel-wise to the noise
+    anchors: torch.Tensor | None = None  # [n, z, h, w] reference latents for context windows (window_args)
 
     def args(self) -> dict:
         return {"clip_fea": self.clip_fea, "y": self.y}
 
 
-def window_args(args: dict, window) -> dict:
+def window_args(args: dict, window, anchors: torch.Tensor | None = None) -> dict:
     """A branch's DiT inputs for a context window (latent frame indices): the condition y sliced to the window's
     frames with the video's first frame (its mask and latent) as the window's first, every window's anchor (the
-    wrapper's rule); CLIP tokens and text as they are."""
+    wrapper's rule); CLIP tokens and text as they are. `anchors` (reference latents [n, z, h, w], the wrapper's
+    context `reference_latent`): a window that does not start at the video's first frame takes one of them as its
+    first frame's latent instead (the video's first frame's mask kept); with several, the one of the section its
+    last frame falls in, as prompt travel chooses."""
     y = args.get("y")
     if y is None or window is None:
         return args
     part = y[:, :, list(window)].clone()
     part[:, :, 0] = y[:, :, 0]
+    if anchors is not None and window[0] != 0:
+        from kinema.sampling.windows import travel_section
+
+        part[:, 4:, 0] = anchors[travel_section(window, y.shape[2], anchors.shape[0])].to(part)
     return {**args, "y": part}
+
+
+@torch.no_grad()
+def encode_references(vae, images, height: int, width: int) -> torch.Tensor:
+    """Reference images [3, h, w] in [-1, 1] -> their latents [n, z, H/8, W/8], each image resized to the run's size
+    (bicubic, as the known frames are) and encoded as a one-frame video."""
+    return torch.cat([vae.encode(condition_video({0: im}, 1, height, width)[None])[:, :, 0] for im in images])
 
 
 def _no_visit(name: str):

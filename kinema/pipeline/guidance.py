@@ -72,16 +72,18 @@ def combine(v: dict[str, torch.Tensor], scale: float, zero_star: CFGZeroStar | N
 
 
 def guided_model(dit, cond: dict, uncond: dict | None, scale: float, guidance: Guidance, hooks=(),
-                 attention: str = "sdpa", zero_star: CFGZeroStar | None = None, skip_layers: SkipLayers | None = None):
+                 attention: str = "sdpa", zero_star: CFGZeroStar | None = None, skip_layers: SkipLayers | None = None,
+                 anchors: torch.Tensor | None = None):
     """model_fn(x, t, step) for the sampler: the DiT under `guidance`, with `hooks` around its blocks and its
     attention on `attention`. cond / uncond: the DiT's keyword inputs of each branch (context, clip_fea, y);
     uncond None: unguided. zero_star: CFG-Zero*, or None; skip_layers: the SLG spec when its SD3 form adds a
-    branch (its blocks are skipped by its hook, which `hooks` must hold), else None."""
+    branch (its blocks are skipped by its hook, which `hooks` must hold), else None. anchors: reference latents
+    for context windows' first frames (kinema.pipeline.conditioning.window_args), or None."""
     sd3 = skip_layers if skip_layers is not None and skip_layers.mode == "sd3" else None
 
     def run(x, t, args, step):
         if step.window is not None:
-            args = window_args(args, step.window)
+            args = window_args(args, step.window, anchors)
         return dit(x, t, **args, hooks=hooks, step=step, attention=attention)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor, step: StepContext) -> torch.Tensor:

@@ -44,6 +44,7 @@ class Job:
     refine: Refine | None = None  # a second pass at a larger size (kinema/pipeline/refine.py)
     upscale: Upscale | None = None  # the learned upscaler after decoding
     prompts: tuple[str, ...] = ()  # the prompt's '|' sections (prompt travel), or the one prompt
+    references: tuple[torch.Tensor, ...] = ()  # context windows' reference images [3, H, W] (conditioning.window_args)
     callback: object = None
     cancel: object = None
     decode: bool = True
@@ -52,9 +53,10 @@ class Job:
 
 def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=None, last_frame=None, video=None,
                 latents=None, cache=None, vae_tile="auto", batched_cfg=False, skip_layers=None, cfg_zero_star=None,
-                enhance=None, riflex=None, context_windows=None, extend_frames=None, overlap_frames=9, loop=False,
-                colour_match="overlap", overlap_join="blend", refine=None, upscale=None, upscaler=None,
-                upscale_tile=128, callback=None, cancel=None, decode=True, progress=True, names=None, **settings) -> Job:
+                enhance=None, riflex=None, context_windows=None, context_reference=None, extend_frames=None,
+                overlap_frames=9, loop=False, colour_match="overlap", overlap_join="blend", refine=None, upscale=None,
+                upscaler=None, upscale_tile=128, callback=None, cancel=None, decode=True, progress=True, names=None,
+                **settings) -> Job:
     """A call's arguments (`Pipeline.__call__`'s) -> Job, or one KinemaError naming the value and the fix.
     `names` maps argument names to the names messages use (the command line's flags)."""
     names = names or {}
@@ -89,14 +91,15 @@ def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=N
     if windows is not None and (warning := travel_warning(windows, (s.frame_num - 1) // 4 + 1, sections, s.steps,
                                                           names.get("prompt", "prompt"))):
         log.warning("%s", warning)
+    references = parse_references(context_reference, windows, spec, target, names)
     second = parse_refine(refine, names)
     if second is not None and extension is not None:
         raise KinemaError(f"{names.get('refine', 'refine')} is not for task extend (it would re-generate the video "
                           "being continued); refine the first clip, then extend it.")
     up = parse_upscale(upscale, upscaler, upscale_tile, names)
     return Job(s, {k: media[k] for k in spec.images}, media.get("video"), latents, cache, vae_tile,
-               guidance_for(bool(batched_cfg)), extras, windows, extension, second, up, sections, callback, cancel,
-               bool(decode), bool(progress))
+               guidance_for(bool(batched_cfg)), extras, windows, extension, second, up, sections, references,
+               callback, cancel, bool(decode), bool(progress))
 
 
 def _extension(spec: Task, target: Target, video, frames, overlap, loop, colour, join, settings: dict, names: dict):
@@ -149,6 +152,30 @@ def parse_windows(value, name: str = "context_windows", defaults: dict | None = 
         return record_of(with_defaults(value, "frames", dict(defaults or {})), ContextWindows, name)
     raise KinemaError(f"{name} {value!r} is not understood; pass True or 'default' (the model's windows), 'off' or "
                       "False (one pass), a ContextWindows or a dict of its fields.")
+
+
+def parse_references(value, windows: ContextWindows | None, spec: Task, target: Target,
+                     names: dict) -> tuple[torch.Tensor, ...]:
+    """context_reference: None, one image or a list of them (any form image inputs take) -> the images. They
+    replace the first frame's latent as the anchor of the windows that do not start at the video's first frame
+    (the wrapper's context reference_latent), so they need windows, an image-to-video type DiT and a task whose
+    first frame is known (i2v, flf2v, extend)."""
+    if value is None:
+        return ()
+    name = names.get("context_reference", "context_reference")
+    items = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not items:
+        return ()
+    if windows is None:
+        raise KinemaError(f"{name} anchors context windows, and this call runs in one pass; turn windows on "
+                          f"({names.get('context_windows', 'context_windows')}) or drop it.")
+    if target.dit_config.in_dim <= target.geometry.z_dim:
+        raise KinemaError(f"{name} takes the place of a window's first known frame, and this checkpoint is a "
+                          "text-to-video DiT (no image condition); use an image-to-video type model or drop it.")
+    if not (spec.images or spec.name == "extend"):
+        raise KinemaError(f"{name} takes the place of a window's first known frame, and task {spec.name} has none; "
+                          "use it with i2v, flf2v or extend.")
+    return tuple(image_input(v, f"{name} {i + 1}" if len(items) > 1 else name) for i, v in enumerate(items))
 
 
 def prompt_sections(prompt: str, windows: bool, name: str = "prompt") -> tuple[str, ...]:

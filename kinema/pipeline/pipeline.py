@@ -27,7 +27,7 @@ from kinema.parallel.cfg import CFGParallel
 from kinema.parallel.mesh import ParallelOptions, broadcast_object, shared_stop
 from kinema.parallel.sequence import sequence_hooks
 from kinema.parallel.vae import ParallelVAE
-from kinema.pipeline.conditioning import make_condition
+from kinema.pipeline.conditioning import encode_references, make_condition
 from kinema.pipeline.extend import extension_inputs, join
 from kinema.pipeline.extras import train_latent_frames
 from kinema.pipeline.job import Job, parse_windows, prepare_job
@@ -89,7 +89,7 @@ class Pipeline:
                  seed=0, solver=None, negative_prompt=None, image=None, first_frame=None, last_frame=None,
                  video=None, denoise=1.0, latents=None, cache=None, vae_tile="auto", batched_cfg=False,
                  skip_layers=None, cfg_zero_star=None, enhance=None, riflex=None, context_windows=None,
-                 extend_frames=None, overlap_frames=9, loop=False, colour_match="overlap", overlap_join="blend", refine=None,
+                 context_reference=None, extend_frames=None, overlap_frames=9, loop=False, colour_match="overlap", overlap_join="blend", refine=None,
                  upscale=None, upscaler=None, upscale_tile=128, callback=None, cancel=None, decode=True, progress=True) -> Result:
         """Generate one video (or image, task "t2i"). See the README's Python section for every argument;
         unset values take the model's own defaults, then the task's official ones."""
@@ -99,7 +99,8 @@ class Pipeline:
                                image=image, first_frame=first_frame, last_frame=last_frame, video=video,
                                denoise=denoise, latents=latents, cache=cache, vae_tile=vae_tile, batched_cfg=batched_cfg,
                                skip_layers=skip_layers, cfg_zero_star=cfg_zero_star, enhance=enhance, riflex=riflex,
-                               context_windows=context_windows, extend_frames=extend_frames,
+                               context_windows=context_windows, context_reference=context_reference,
+                               extend_frames=extend_frames,
                                overlap_frames=overlap_frames, loop=loop, colour_match=colour_match,
                                overlap_join=overlap_join, refine=refine, upscale=upscale,
                                upscaler=upscaler, upscale_tile=upscale_tile,
@@ -165,6 +166,7 @@ class Pipeline:
         else:
             condition = make_condition(s.task, job.images, s.frame_num, s.height, s.width, vae, m.clip, m.dit.config,
                                        device, off.visit, m.blank_conditions)
+        condition = self._with_references(job, condition, vae, s)
         start = prepare_latents(s, m.geometry, device, vae, None if ext else job.video, job.latents, off.visit,
                                 job.windows)
         x0 = self._sample(job, s, prompts, condition, start, cache, known if ext else None)
@@ -176,6 +178,7 @@ class Pipeline:
             source, latents = refine_input(job.refine, x0, out, m.geometry.spatial)
             condition = make_condition(s.task, job.images, s.frame_num, s.height, s.width, vae, m.clip, m.dit.config,
                                        device, off.visit, m.blank_conditions)
+            condition = self._with_references(job, condition, vae, s)
             start = prepare_latents(s, m.geometry, device, vae, source, latents, off.visit, job.windows)
             x0 = self._sample(job, s, prompts, condition, start, cache, None, "Refining")
             out = decode_latents(vae, x0, off.visit) if job.decode else None
@@ -184,6 +187,14 @@ class Pipeline:
         if job.upscale is not None and out is not None:
             out = upscale_video(self.upscaler(job.upscale), out, job.upscale.tile, progress=job.progress)
         return Result(out, x0[0], self.record(job, partway, cache), cache)
+
+    def _with_references(self, job: Job, condition, vae, s):
+        """The condition with the context windows' reference latents (job.references encoded at this pass's size)."""
+        if not job.references:
+            return condition
+        with self.offloader.visit("vae"):
+            anchors = encode_references(vae, job.references, s.height, s.width)
+        return replace(condition, anchors=anchors.to(self.offloader.device))
 
     def _sample(self, job: Job, s, prompts, condition, start, cache, known=None, what="Generating"):
         """One sampling pass of the DiT (kinema.pipeline.sample.sample_latents) with the job's options."""
@@ -227,6 +238,8 @@ class Pipeline:
         if (w := job.windows) is not None:
             rec.update(context_frames=w.frames, context_stride=w.stride, context_overlap=w.overlap,
                        context_schedule=w.schedule, context_fuse=w.fuse, freenoise=w.freenoise, context_rope=w.rope)
+            if job.references:  # the images themselves are inputs, like --image: not recorded, only how many
+                rec["context_reference"] = len(job.references)
         elif parse_windows(None, defaults=m.info.sample_defaults.get("context", {}), frames=job.settings.frame_num):
             rec["context_frames"] = "off"  # one pass where the model's own windows would apply: asked for, so kept
         if m.loras:

@@ -49,7 +49,7 @@ def sample_latents(dit, prompts: Prompts | list[Prompts], condition: Condition, 
         cond = {"context": p.cond, **condition.args()}
         uncond = {"context": p.uncond, **condition.args()} if p.uncond is not None else None
         fns.append(guided_model(dit, cond, uncond, settings.guide_scale, guidance, hooks, attention,
-                                extras.cfg_zero_star, extras.skip_layers))
+                                extras.cfg_zero_star, extras.skip_layers, condition.anchors))
     model_fn = fns[0]
     if windows is not None:
         log.info("Context windows: %s over %d latent frames%s", windows.describe(), start.x.shape[2],

@@ -109,6 +109,16 @@ class ImageEmbeds:
     extra: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True, eq=False)
+class ContextOptions:
+    """WANVIDCONTEXT: the sampler's context windows (kinema.sampling.windows.ContextWindows) and, optionally, the
+    reference latents [n, z, h, w] that become the first frame of every window not starting at the video's (the
+    wrapper's reference_latent)."""
+
+    windows: object
+    reference: torch.Tensor | None = None
+
+
 @dataclass
 class VideoValue:
     """VIDEO (ComfyUI's CreateVideo / SaveVideo): frames IMAGE [F, H, W, 3] in [0, 1] and a frame rate."""

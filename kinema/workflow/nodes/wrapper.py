@@ -21,8 +21,8 @@ import torch
 from kinema.errors import KinemaError
 from kinema.workflow.folders import folders_of, listed
 from kinema.workflow.types import BOOLEAN, CHOICE, FLOAT, INT, LINK, STRING, NodeOutput, node
-from kinema.workflow.values import (ClipVisionOutput, ClipVisionRecipe, DiTRecipe, ImageEmbeds, TextEmbeds,
-                                    TextEncoderRecipe, VAERecipe)
+from kinema.workflow.values import (ClipVisionOutput, ClipVisionRecipe, ContextOptions, DiTRecipe, ImageEmbeds,
+                                    TextEmbeds, TextEncoderRecipe, VAERecipe)
 
 log = logging.getLogger("kinema")
 
@@ -228,18 +228,32 @@ def skip_layer_guidance(ctx, blocks, start_percent, end_percent):
       required={"context_schedule": CHOICE(["uniform_standard", "uniform_looped", "static_standard"]),
                 "context_frames": INT(81, 2, 1000, tooltip="pixel frames per window (4n + 1)"),
                 "context_stride": INT(4, 4, 100), "context_overlap": INT(16, 4, 100), "freenoise": BOOLEAN(True)},
-      optional={"fuse_method": CHOICE(["linear", "pyramid"], "linear")})
+      optional={"fuse_method": CHOICE(["linear", "pyramid"], "linear"),
+                "reference_latent": LINK("LATENT", tooltip="i2v: the image latent that is the first frame of every "
+                                                           "window not starting at the video's (several: one per "
+                                                           "section of the video)")})
 def context_options(ctx, context_schedule, context_frames, context_stride, context_overlap, freenoise=True,
-                    fuse_method="linear"):
+                    fuse_method="linear", reference_latent=None):
     """Context windows (kinema/sampling/windows.py) for the sampler's context_options; every window keeps the
-    video's first frame as its anchor."""
+    video's first frame as its anchor, or with reference_latent (a LATENT of encoded images, [n, z, T, h, w]:
+    each one's first latent frame) takes that as its first frame where it does not start at the video's."""
     from kinema.sampling.windows import ContextWindows
 
+    n = "WanVideoContextOptions"
     try:
-        return (ContextWindows(int(context_frames), int(context_stride), int(context_overlap), context_schedule,
-                               fuse_method, bool(freenoise)),)
+        windows = ContextWindows(int(context_frames), int(context_stride), int(context_overlap), context_schedule,
+                                 fuse_method, bool(freenoise))
     except KinemaError as e:
-        raise KinemaError(f"WanVideoContextOptions: {e}") from None
+        raise KinemaError(f"{n}: {e}") from None
+    reference = None
+    if reference_latent is not None:
+        samples = reference_latent.get("samples") if isinstance(reference_latent, dict) else None
+        if not isinstance(samples, torch.Tensor) or samples.ndim != 5:
+            raise KinemaError(f"{n}.reference_latent must be a video LATENT [n, 16, T, h, w] (WanVideoEncode of an "
+                              "image); got " + (f"shape {list(samples.shape)}" if isinstance(samples, torch.Tensor)
+                                                else type(reference_latent).__name__) + ".")
+        reference = samples[:, :, 0].float()
+    return (ContextOptions(windows, reference),)
 
 # The experimental options Kinema lacks, each with the value that turns it off.
 EXPERIMENTAL_OFF = {"video_attention_split_steps": "", "use_fresca": False, "use_tcfg": False, "raag_alpha": 0.0,
@@ -635,7 +649,7 @@ def sampler(ctx, model, image_embeds, steps, cfg, shift, seed, force_offload=Tru
     from kinema.pipeline.sample import sample_latents
     from kinema.pipeline.settings import Geometry, resolve_settings
     from kinema.sampling.cache import make_cache
-    from kinema.sampling.windows import ContextWindows, travel_warning
+    from kinema.sampling.windows import travel_warning
 
     n = "WanVideoSampler"
     for name, what in SAMPLER_UNSUPPORTED.items():
@@ -708,13 +722,24 @@ def sampler(ctx, model, image_embeds, steps, cfg, shift, seed, force_offload=Tru
         latents = samples["samples"]
         if latents.ndim == 5:
             latents = latents[0]
-    if context_options is not None and not isinstance(context_options, ContextWindows):
+    if context_options is not None and not isinstance(context_options, ContextOptions):
         raise KinemaError(f"{n}.context_options must come from WanVideoContextOptions.")
-    if context_options is not None and (warning := travel_warning(
-            context_options, s.latent_shape(geometry)[1], prompt_sections(text_embeds.prompt, True), s.steps,
+    windows = None if context_options is None else context_options.windows
+    if windows is not None and (warning := travel_warning(
+            windows, s.latent_shape(geometry)[1], prompt_sections(text_embeds.prompt, True), s.steps,
             f"{n}: text_embeds' prompt")):
         log.warning("%s", warning)
-    start = prepare_latents(s, geometry, device, latents=latents, windows=context_options)
+    if windows is not None and context_options.reference is not None:
+        ref = context_options.reference
+        if e.y is None:  # as the wrapper: a reference replaces a known first frame, and there is none
+            log.warning("%s: context_options' reference_latent is for an image condition (WanVideoImageToVideoEncode); "
+                        "this run has none, so it is not used.", n)
+        elif tuple(ref.shape[1:]) != (want := (e.y.shape[1] - 4, *e.y.shape[-2:])):
+            raise KinemaError(f"{n}: context_options' reference_latent is {list(ref.shape[1:])} per image, but this "
+                              f"run's latents are {list(want)}; encode the reference at {s.width}x{s.height}.")
+        else:
+            condition = Condition(condition.clip_fea, condition.y, ref.to(device))
+    start = prepare_latents(s, geometry, device, latents=latents, windows=windows)
     cache = make_cache(cache_args, dit, s.width * s.height)
     total = s.steps - start.start_step
 
@@ -723,7 +748,7 @@ def sampler(ctx, model, image_embeds, steps, cfg, shift, seed, force_offload=Tru
 
     with _visit(part):
         x0 = sample_latents(dit, prompts, condition, start, s, guidance=guidance_for(bool(batched_cfg)), extras=extras,
-                            windows=context_options, hooks=part.lora_hooks,
+                            windows=windows, hooks=part.lora_hooks,
                             train_frames=train_latent_frames(part.info.sample_defaults), cache=cache,
                             callback=callback, cancel=ctx.cancel, preview=preview, progress=False,
                             attention=rt.attention)
