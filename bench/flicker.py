@@ -1,4 +1,4 @@
-"""Short-clip flicker of built-in-type models, side by side: how steady the object's colour stays within plain t2v clips.
+"""Short-clip flicker of built-in-type models, side by side: how steady the object's colour stays in plain t2v clips.
 
 For the eval world's prompts (the eval seed, never trained on) each model generates a 17-frame t2v clip with its
 own sampling defaults and the same seeds; the world analyser gives each frame's object colour (the median of its
@@ -50,15 +50,15 @@ def main() -> None:
         name = d or "built-in"
         results[name] = rows
         devs = np.array([r["dev"] for r in rows])
+        direction, shape = (100 * np.mean([r[k] for r in rows]) for k in ("direction", "shape"))
         print(f"{name}: {int((devs > args.bound).sum())} / {len(rows)} clips with a frame > {args.bound:g} levels off; "
               f"per-clip largest deviation mean {np.nanmean(devs):.2f}, max {np.nanmax(devs):.1f}; direction "
-              f"{100 * np.mean([r['direction'] for r in rows]):.1f}%, shape {100 * np.mean([r['shape'] for r in rows]):.1f}% "
-              f"({time.perf_counter() - t0:.0f} s)", flush=True)
+              f"{direction:.1f}%, shape {shape:.1f}% ({time.perf_counter() - t0:.0f} s)", flush=True)
     names = list(results)
     for other in names[1:]:
         a, b = (np.array([r["dev"] for r in results[n]]) for n in (names[0], other))
-        print(f"{other} against {names[0]}: steadier on {int((b < a).sum())} clips, less steady on {int((b > a).sum())}, "
-              f"mean change {np.nanmean(b - a):+.2f} levels")
+        print(f"{other} against {names[0]}: steadier on {int((b < a).sum())} clips, less steady on "
+              f"{int((b > a).sum())}, mean change {np.nanmean(b - a):+.2f} levels")
 
 
 if __name__ == "__main__":

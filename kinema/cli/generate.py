@@ -70,8 +70,8 @@ def call_arguments(args) -> dict:
                 denoise=args.denoise, cache=args.cache, vae_tile=args.vae_tile, batched_cfg=args.batched_cfg,
                 extend_frames=args.extend_frames, overlap_frames=args.overlap_frames, loop=args.loop,
                 colour_match=args.colour_match, overlap_join=args.overlap_join,
-                context_reference=args.context_reference, refine=refine_argument(args), upscale=args.upscale, upscaler=args.upscaler,
-                upscale_tile=args.upscale_tile, **extras_arguments(args))
+                context_reference=args.context_reference, refine=refine_argument(args), upscale=args.upscale,
+                upscaler=args.upscaler, upscale_tile=args.upscale_tile, **extras_arguments(args))
 
 
 def refine_argument(args) -> dict | None:

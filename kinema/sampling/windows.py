@@ -186,9 +186,10 @@ def travel_warning(spec: ContextWindows, total: int, sections, steps: int, name:
     unused = unused_sections(spec, total, len(sections), steps) if len(sections) > 1 else []
     if not unused:
         return None
+    texts = ", ".join(repr(sections[k]) for k in unused)
     return (f"{name}: {len(unused)} of its {len(sections)} '|' sections fall on no window's last frame and are not "
-            f"used ({', '.join(repr(sections[k]) for k in unused)}): {4 * (total - 1) + 1} frames in {spec.frames}-frame "
-            "windows give fewer windows than sections; write fewer sections or a longer clip.")
+            f"used ({texts}): {4 * (total - 1) + 1} frames in {spec.frames}-frame windows give fewer windows than "
+            "sections; write fewer sections or a longer clip.")
 
 
 def windowed(model_fns, spec: ContextWindows, total: int):

@@ -170,7 +170,6 @@ GENERATE_NAMES = {"prompt": "KinemaGenerate.prompt", "negative_prompt": "KinemaG
                   "video": "KinemaGenerate's video input", "extend_frames": "KinemaGenerate.extend_frames",
                   "overlap_frames": "KinemaGenerate.overlap_frames", "loop": "KinemaGenerate.loop",
                   "colour_match": "KinemaGenerate.colour_match", "overlap_join": "KinemaGenerate.overlap_join"}
-EXTEND_INPUTS = ("extend_frames", "overlap_frames", "loop", "colour_match", "overlap_join")
 
 
 def _solvers(ctx=None) -> list[str]:
