@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kinema.sampling.windows import travel_section
+
 
 def target_size(height: int, width: int, max_area: int, stride: int = 8, patch: int = 2) -> tuple[int, int]:
     """The official i2v size rule: keep the image's aspect ratio at about `max_area` pixels,
@@ -105,8 +107,6 @@ def window_args(args: dict, window, anchors: torch.Tensor | None = None) -> dict
     part = y[:, :, list(window)].clone()
     part[:, :, 0] = y[:, :, 0]
     if anchors is not None and window[0] != 0:
-        from kinema.sampling.windows import travel_section
-
         part[:, 4:, 0] = anchors[travel_section(window, y.shape[2], anchors.shape[0])].to(part)
     return {**args, "y": part}
 
