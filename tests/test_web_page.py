@@ -293,8 +293,14 @@ def test_page_uploads_an_image_and_a_video(page, server):
     prompt = json.load(urllib.request.urlopen(server[0] + "/history/" + v2v))[v2v]["prompt"][2]
     assert any(n["class_type"] == "KinemaLoadVideo" and n["inputs"]["video"] == "source.mp4" for n in prompt.values())
 
-    # extend: the same upload continued by 8 frames; size and frame count are the video's (their fields hidden)
+    # extend: a 10-frame clip continued by 8 frames, every frame of it kept (not trimmed to 4n + 1 as for v2v);
+    # size and frame count are the video's (their fields hidden)
+    ten = root / "ten.mp4"
+    save_video(rng.integers(0, 256, (10, 64, 64, 3), dtype=np.uint8), ten, format="h264-mp4", frame_rate=8)
     pg.click("#tasks [data-task=extend]")
+    pg.set_input_files("#file-video", str(ten))
+    pg.wait_for_function("document.querySelector('.upload[data-for=video] .status').textContent === 'ten.mp4'",
+                         timeout=10_000)
     assert pg.is_visible(".upload[data-for=video]") and pg.is_visible("#extend_frames")
     assert not pg.is_visible("#width") and not pg.is_visible("#frame_num") and not pg.is_visible("#denoise")
     assert pg.eval_on_selector("#colour_match", "s => [...s.options].map(o => o.value)") == ["overlap", "hm", "off"]
@@ -306,10 +312,12 @@ def test_page_uploads_an_image_and_a_video(page, server):
     name = pg.eval_on_selector("#download", "a => a.download")
     meta = read_metadata(root / "output" / name)
     assert (meta["task"], meta["extend_frames"], meta["overlap_frames"], meta["overlap_join"]) == ("extend", 8, 5, "cut")
-    assert read_video(root / "output" / name).frames.shape[0] == 17  # the 9 frames and the 8 new ones
+    assert read_video(root / "output" / name).frames.shape[0] == 18  # the 10 frames and the 8 new ones
     prompt = json.load(urllib.request.urlopen(server[0] + "/history/" + ext))[ext]["prompt"][2]
     gen = next(n["inputs"] for n in prompt.values() if n["class_type"] == "KinemaGenerate")
     assert (gen["task"], gen["width"], gen["frame_num"], gen["loop"]) == ("extend", 0, 0, False) and "denoise" not in gen
+    assert {"class_type": "KinemaLoadVideo", "inputs": {"video": "ten.mp4", "frame_load_cap": 0, "force_4n1": False}} \
+        in prompt.values()
     pg.wait_for_function("[...document.querySelectorAll('#history summary')].some(e => e.textContent.startsWith("
                          "'extended by 8 frames (overlap 5), 3 steps'))", timeout=10_000)  # its history card
     pg.click("#tasks [data-task=t2v]")  # back to a task without them: the extend inputs are not sent

@@ -211,7 +211,8 @@ function buildPrompt() {
     if (!name) throw new Error(`${v.task} needs ${input.replace("_", " ")}: choose a file for it first`);
     const id = GRAPH[input];
     prompt[id] = input === "video"
-      ? { class_type: "KinemaLoadVideo", inputs: { video: name, frame_load_cap: 0, force_4n1: true } }
+      // v2v samples the frames it is given (4n + 1); extend continues the video's very last frame: all of them
+      ? { class_type: "KinemaLoadVideo", inputs: { video: name, frame_load_cap: 0, force_4n1: v.task !== "extend" } }
       : { class_type: "LoadImage", inputs: { image: name } };
     gen[input] = [id, 0];
   }
