@@ -116,6 +116,27 @@ def test_windows_blend_by_their_weights():
     assert torch.allclose(out, want / total)
 
 
+def test_cancel_is_seen_between_windows():
+    """A stop set while a step's windows run ends the step at the next window, not after all of them."""
+    import threading
+
+    from kinema.errors import Cancelled
+
+    cancel, calls = threading.Event(), []
+
+    def model(x, t, s):
+        calls.append(s.window)
+        if len(calls) == 2:
+            cancel.set()  # as POST /interrupt does, from another thread
+        return torch.zeros_like(x)
+
+    spec = ContextWindows(frames=17, overlap=8, schedule="static_standard")
+    assert len(windows_for("static_standard", 0, 15, 5, 1, 2)) == 5
+    with pytest.raises(Cancelled, match="before window 3 of 5"):
+        windowed(model, spec, 15, cancel)(torch.zeros(1, 1, 15, 1, 1), None, ctx(0))
+    assert len(calls) == 2
+
+
 def test_prompt_travel_picks_the_section_of_the_last_frame():
     calls = []
     fns = [lambda x, t, s, i=i: (calls.append((i, s.window)), torch.zeros_like(x))[1] for i in range(3)]

@@ -54,7 +54,7 @@ def sample_latents(dit, prompts: Prompts | list[Prompts], condition: Condition, 
     if windows is not None:
         log.info("Context windows: %s over %d latent frames%s", windows.describe(), start.x.shape[2],
                  "" if start.x.shape[2] > windows.latent_frames else " (one window holds them all: one pass)")
-        model_fn = windowed(fns, windows, start.x.shape[2])
+        model_fn = windowed(fns, windows, start.x.shape[2], cancel)
     if known_latents is not None:
         model_fn = replace_known(model_fn, known_latents, start.x)
     x0 = sample(model_fn, start.x, start.sigmas, start.timesteps, settings.solver, start.start_step, progress,

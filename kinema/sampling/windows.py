@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from kinema.errors import KinemaError
+from kinema.errors import Cancelled, KinemaError
 
 SCHEDULES = ("uniform_standard", "uniform_looped", "static_standard")
 FUSE = ("linear", "pyramid", "flat")
@@ -192,10 +192,11 @@ def travel_warning(spec: ContextWindows, total: int, sections, steps: int, name:
             "sections; write fewer sections or a longer clip.")
 
 
-def windowed(model_fns, spec: ContextWindows, total: int):
+def windowed(model_fns, spec: ContextWindows, total: int, cancel=None):
     """model_fn(x, t, step) over context windows of `total` latent frames. `model_fns`: one model function, or
     one per prompt (prompt travel: a window takes the prompt of the section its last frame falls in); each is
-    called on a window's frames with `step.window` set to their indices."""
+    called on a window's frames with `step.window` set to their indices. `cancel` (a threading.Event) is also
+    checked between windows: a long video's step is many DiT calls, and a stop should not wait for all of them."""
     fns = list(model_fns) if isinstance(model_fns, (list, tuple)) else [model_fns]
     size, stride, overlap = spec.latent()
     looped = spec.schedule == "uniform_looped"
@@ -203,7 +204,11 @@ def windowed(model_fns, spec: ContextWindows, total: int):
     def fn(x: torch.Tensor, t: torch.Tensor, step) -> torch.Tensor:
         out = torch.zeros_like(x, dtype=torch.float32)
         count = torch.zeros(total, dtype=torch.float32, device=x.device)
-        for window in windows_for(spec.schedule, step.step, total, size, stride, overlap):
+        windows = windows_for(spec.schedule, step.step, total, size, stride, overlap)
+        for i, window in enumerate(windows):
+            if i and cancel is not None and cancel.is_set():
+                raise Cancelled(f"cancelled in step {step.step + 1} of {step.steps}, before window {i + 1} of "
+                                f"{len(windows)}")
             prompt = travel_section(window, total, len(fns))
             idx = torch.tensor(window, device=x.device)
             offset = window[0] if spec.rope == "absolute" else 0  # a looped window's positions run on past the end
