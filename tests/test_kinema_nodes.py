@@ -187,6 +187,29 @@ def test_extend_matches_the_pipeline(world):
         run("KinemaGenerate", ctx, pipeline=recipe, **extend)
 
 
+def test_guidance_extras_and_upscale_match_the_pipeline(world):
+    """slg / feta / cfg_zero_star / upscale on the node: kinema generate's flags of the same names, off by default."""
+    ctx = make_ctx(world)
+    recipe = builtin_recipe(ctx)
+    pipe = ctx.models.pipeline(recipe)
+    frames, _, s = run("KinemaGenerate", ctx, pipeline=recipe, **SMALL, slg="default", feta=-1.0, cfg_zero_star=True,
+                       upscale="2")
+    direct = pipe(PROMPT, size=(64, 64), frame_num=9, steps=3, seed=7, skip_layers="default", enhance="default",
+                  cfg_zero_star=True, upscale=2, progress=False)
+    assert frames.shape == (9, 128, 128, 3)
+    assert torch.equal((frames * 255).round().to(torch.uint8), torch.from_numpy(direct.frames))
+    rec = json.loads(s)
+    assert rec["slg"] == "3" and rec["feta"] == 0.5 and rec["cfg_zero_star"] is True and rec["upscale"] == 2
+    plain, _, s = run("KinemaGenerate", ctx, pipeline=recipe, **SMALL, slg="off", feta=0.0, cfg_zero_star=False,
+                      upscale="off")
+    assert not {"slg", "feta", "cfg_zero_star", "upscale"} & set(json.loads(s))
+    own, _, _ = run("KinemaGenerate", ctx, pipeline=recipe, **SMALL, slg="2", feta=1.5)
+    assert torch.equal(own, run("KinemaGenerate", ctx, pipeline=recipe, **SMALL, slg=" 2 ", feta=1.5)[0])
+    for kw, text in ((dict(slg="99"), "KinemaGenerate.slg"), (dict(feta=-0.5), "KinemaGenerate.feta")):
+        with pytest.raises(KinemaError, match=text):
+            run("KinemaGenerate", ctx, pipeline=recipe, **SMALL, **kw)
+
+
 def test_errors_name_the_node_and_input(world):
     ctx = make_ctx(world)
     recipe = builtin_recipe(ctx)

@@ -322,6 +322,24 @@ def test_page_uploads_an_image_and_a_video(page, server):
                          "'extended by 8 frames (overlap 5), 3 steps'))", timeout=10_000)  # its history card
     pg.click("#tasks [data-task=t2v]")  # back to a task without them: the extend inputs are not sent
     assert pg.evaluate("() => Object.keys(buildPrompt()['2'].inputs).includes('extend_frames')") is False
+
+    # the guidance extras and the upscaler, from the advanced section
+    pg.evaluate("() => { document.getElementById('advanced').open = true; }")
+    pg.select_option("#upscale", "2")
+    pg.fill("#slg", "default")
+    pg.fill("#feta", "-1")
+    pg.check("#cfg_zero_star")
+    pg.click("#generate")
+    extras = wait_result(pg, not_id=ext)
+    name = pg.eval_on_selector("#download", "a => a.download")
+    meta = read_metadata(root / "output" / name)
+    assert (meta["upscale"], meta["slg"], meta["feta"], meta["cfg_zero_star"]) == (2, "3", 0.5, True)
+    assert read_video(root / "output" / name).frames.shape[1:3] == (128, 128)
+    prompt = json.load(urllib.request.urlopen(server[0] + "/history/" + extras))[extras]["prompt"][2]
+    gen = next(n["inputs"] for n in prompt.values() if n["class_type"] == "KinemaGenerate")
+    assert (gen["upscale"], gen["slg"], gen["feta"], gen["cfg_zero_star"]) == ("2", "default", -1, True)
+    pg.evaluate("(s) => fillForm(s)", {**meta, "slg": None})  # a record without an extra: that extra off
+    assert pg.input_value("#slg") == "" and pg.input_value("#feta") == "0.5" and pg.is_checked("#cfg_zero_star")
     assert pg.errors == []
 
 

@@ -90,10 +90,15 @@ def parse_extras(*, skip_layers=None, cfg_zero_star=None, enhance=None, riflex=N
                           "pass, and this call runs no guidance (guide scale 1); raise the guide scale or use the sd3 "
                           "mode.")
     if dit_config is not None:
-        if s is not None:
-            SkipLayersHook(s, dit_config.num_layers)  # checks the block indices
-        if extras.riflex is not None:
-            RiflexHook(extras.riflex, dit_config.head_dim, 1)  # checks the index
+        key = "skip_layers"
+        try:  # the block indices, then the frequency index, against this DiT
+            if s is not None:
+                SkipLayersHook(s, dit_config.num_layers)
+            key = "riflex"
+            if extras.riflex is not None:
+                RiflexHook(extras.riflex, dit_config.head_dim, 1)
+        except KinemaError as e:
+            raise KinemaError(f"{names.get(key, key)}: {e}") from None
     return extras
 
 
@@ -143,11 +148,10 @@ def _enhance(value, name: str, defaults: dict) -> EnhanceVideo | None:
 
 
 def record_of(value, kind, name: str):
-    """None / False -> None; True -> kind(); a kind as it is; a dict of its fields -> kind(**dict)."""
+    """None / False -> None; True -> kind(); a kind as it is; a dict of its fields -> kind(**dict). A value the
+    record refuses is an error that starts with `name` (the argument or flag the user gave)."""
     if value is None or value is False:
         return None
-    if value is True:
-        return kind()
     if isinstance(value, kind):
         return value
     if isinstance(value, dict):
@@ -156,5 +160,9 @@ def record_of(value, kind, name: str):
         if unknown:
             raise KinemaError(f"{name} has no field {', '.join(map(repr, unknown))}; its fields are "
                               f"{', '.join(sorted(known))}.")
-        return kind(**value)
+    if value is True or isinstance(value, dict):
+        try:
+            return kind(**({} if value is True else value))
+        except KinemaError as e:
+            raise KinemaError(f"{name}: {e}") from None
     raise KinemaError(f"{name} {value!r} is not understood; pass True, a {kind.__name__} or a dict of its fields.")

@@ -138,6 +138,7 @@ async function loadObjectInfo() {
   fillSelect("vae_tile", comboOf("KinemaGenerate", "vae_tile"));
   fillSelect("colour_match", comboOf("KinemaGenerate", "colour_match"));
   fillSelect("overlap_join", comboOf("KinemaGenerate", "overlap_join"));
+  fillSelect("upscale", comboOf("KinemaGenerate", "upscale"), { off: "off", 2: "x2", 4: "x4" });
   fillSelect("ckpt", comboOf("KinemaPipelineLoader", "ckpt"), { builtin: "built-in model" });
   fillSelect("lora", comboOf("KinemaPipelineLoader", "lora_1"));
   fillSelect("quantization", comboOf("KinemaPipelineLoader", "quantization"));
@@ -183,6 +184,10 @@ function formValues() {
     colour_match: $("colour_match").value || "overlap",
     overlap_join: $("overlap_join").value || "blend",
     loop: $("loop").checked,
+    slg: $("slg").value.trim() || "off",
+    feta: num("feta", 0),
+    cfg_zero_star: $("cfg_zero_star").checked,
+    upscale: $("upscale").value || "off",
   };
 }
 
@@ -251,6 +256,12 @@ function fillForm(values) {
   if (values.denoise !== undefined && values.denoise < 1) setField("denoise", values.denoise);
   for (const k of ["extend_frames", "overlap_frames", "colour_match", "overlap_join"]) setField(k, values[k]);
   if (values.loop !== undefined) $("loop").checked = Boolean(values.loop);
+  // a settings record names only the extras a run used: the others were off
+  const record = values.kinema_version !== undefined;
+  if (values.slg !== undefined || record) setField("slg", !values.slg || values.slg === "off" ? "" : values.slg);
+  if (values.feta !== undefined || record) setField("feta", !values.feta ? "" : values.feta);
+  if (values.cfg_zero_star !== undefined || record) $("cfg_zero_star").checked = Boolean(values.cfg_zero_star);
+  if (values.upscale !== undefined || record) setField("upscale", String(values.upscale || "off"));
   if (values.quantization) setField("quantization", values.quantization);
   if (values.format && values.task !== "t2i") setField("format", values.format);
 }

@@ -169,7 +169,9 @@ GENERATE_NAMES = {"prompt": "KinemaGenerate.prompt", "negative_prompt": "KinemaG
                   "first_frame": "KinemaGenerate's first_frame input", "last_frame": "KinemaGenerate's last_frame input",
                   "video": "KinemaGenerate's video input", "extend_frames": "KinemaGenerate.extend_frames",
                   "overlap_frames": "KinemaGenerate.overlap_frames", "loop": "KinemaGenerate.loop",
-                  "colour_match": "KinemaGenerate.colour_match", "overlap_join": "KinemaGenerate.overlap_join"}
+                  "colour_match": "KinemaGenerate.colour_match", "overlap_join": "KinemaGenerate.overlap_join",
+                  "skip_layers": "KinemaGenerate.slg", "enhance": "KinemaGenerate.feta",
+                  "cfg_zero_star": "KinemaGenerate.cfg_zero_star", "upscale": "KinemaGenerate.upscale"}
 
 
 def _solvers(ctx=None) -> list[str]:
@@ -210,14 +212,22 @@ def _solvers(ctx=None) -> list[str]:
                                                         "offset; hm matches each frame's histogram; off"),
           "overlap_join": CHOICE(OVERLAP_JOIN, tooltip="extend: blend cross-fades the overlap into the new clip's; "
                                                         "cut keeps every input frame"),
+          "slg": STRING("off", tooltip="skip-layer guidance: off, default (the model's blocks) or blocks like 9,10"),
+          "feta": FLOAT(0.0, min=-1.0, max=20.0, step=0.1,
+                        tooltip="Enhance-A-Video weight; 0: off; -1: the model's own weight"),
+          "cfg_zero_star": BOOLEAN(False, tooltip="CFG-Zero*: the optimised guidance scale and zero-init"),
+          "upscale": CHOICE(("off", "2", "4"), tooltip="the model's learned upscaler after decoding, x2 or x4"),
       })
 def generate(ctx, pipeline, task, prompt, negative_prompt, width, height, frame_num, steps, seed, guide_scale, shift,
              solver, cache, vae_tile, image=None, first_frame=None, last_frame=None, video=None, denoise=1.0,
-             extend_frames=32, overlap_frames=9, loop=False, colour_match="overlap", overlap_join="blend"):
+             extend_frames=32, overlap_frames=9, loop=False, colour_match="overlap", overlap_join="blend", slg="off",
+             feta=0.0, cfg_zero_star=False, upscale="off"):
     """One kinema.Pipeline call: frames (IMAGE), their frame rate and the run's settings (JSON). Task extend
     continues `video` (the whole video comes back, the new frames joined on); the extend inputs are read only for
-    it, as ComfyUI sends every widget's value whatever the task."""
+    it, as ComfyUI sends every widget's value whatever the task. slg / feta / cfg_zero_star: the guidance extras at
+    kinema generate's flags of the same names (off by default); upscale: the learned upscaler."""
     from kinema.errors import Cancelled
+    from kinema.pipeline.extras import is_off
 
     pipe = ctx.models.pipeline(pipeline)
     if (width == 0) != (height == 0):
@@ -243,6 +253,10 @@ def generate(ctx, pipeline, task, prompt, negative_prompt, width, height, frame_
                            video=_video_arg(video), denoise=denoise, cache=cache, vae_tile=vae_tile, callback=on_step,
                            **(dict(extend_frames=extend_frames, overlap_frames=overlap_frames, loop=bool(loop),
                                    colour_match=colour_match, overlap_join=overlap_join) if task == "extend" else {}),
+                           skip_layers=None if not str(slg).strip() or is_off(slg) else slg,
+                           enhance=None if feta == 0 else "default" if feta == -1 else feta,
+                           cfg_zero_star=True if cfg_zero_star else None,
+                           upscale=None if is_off(upscale) else int(upscale),
                            cancel=ctx.cancel, progress=False, names=GENERATE_NAMES)
         result = pipe.run(job)
     except Cancelled:
