@@ -189,6 +189,24 @@ def test_pipeline_extends(source, i2v):
         assert looped.video.shape == (3, 21, 32, 32) and looped.latents.shape == (16, 5, 4, 4)
 
 
+def test_extend_keeps_the_videos_own_size(source, caplog):
+    """A video off the model's 16-pixel grid: the new clip is generated at the rounded size and resized to the
+    video's, so the output has the video's size and, with a cut join, its frames exactly as given."""
+    import logging
+
+    pipe = Pipeline(tiny_models(False))
+    odd = torch.nn.functional.interpolate(source.transpose(0, 1), size=(36, 28), mode="bilinear").transpose(0, 1)
+    with caplog.at_level(logging.INFO, logger="kinema"):
+        out = pipe(PROMPT, task="extend", video=odd, extend_frames=8, overlap_frames=5, steps=3, seed=1,
+                   overlap_join="cut", progress=False)
+    assert "generated at 32x32 and resized to the video's 28x36" in caplog.text
+    assert out.video.shape == (3, 21, 36, 28) and torch.equal(out.video[:, :13], odd)
+    assert out.latents.shape == (16, 4, 4, 4)  # sampled at 32x32
+    again = pipe(PROMPT, task="extend", video=out.video, extend_frames=8, overlap_frames=5, steps=3, seed=2,
+                 progress=False)  # and it chains
+    assert again.video.shape == (3, 29, 36, 28) and torch.equal(again.video[:, :16], out.video[:, :16])
+
+
 def test_extend_errors(source):
     t2v, i2v = Pipeline(tiny_models(False)), Pipeline(tiny_models(True))
     cases = [(t2v, dict(extend_frames=8, loop=True), "needs a DiT that takes known frames"),

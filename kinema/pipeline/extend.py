@@ -34,6 +34,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kinema.errors import KinemaError
 
@@ -153,7 +154,11 @@ def histogram_match(new: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 def join(ext: Extension, video: torch.Tensor, clip: torch.Tensor) -> torch.Tensor:
     """The source video [3, F, H, W] with the generated clip's new frames appended, colour-matched (ext.colour):
     [3, F + frames, H, W]; with ext.join "blend", the source's last `overlap` frames cross-faded into the clip's
-    (colour-matched the same way)."""
+    (colour-matched the same way). A clip generated at another size (the video's rounded to the model's grid) is
+    resized to the video's first, so the source frames stay as they were."""
+    if clip.shape[-2:] != video.shape[-2:]:
+        clip = F.interpolate(clip.float().transpose(0, 1), size=tuple(video.shape[-2:]), mode="bilinear",
+                             antialias=True).transpose(0, 1).clamp(-1, 1)
     k = ext.overlap
     ours = clip[:, : k + ext.frames].float()  # the generated overlap, then the new frames
     if ext.colour == "overlap":

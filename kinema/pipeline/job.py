@@ -70,6 +70,9 @@ def prepare_job(target: Target, prompt, *, task="t2v", image=None, first_frame=N
     s = resolve_settings(spec, target.info.sample_defaults, prompt=prompt, geometry=target.geometry, names=names,
                          image_size=None if first is None else tuple(first.shape[1:]),
                          video_frames=None if video is None or extension else media["video"].shape[1], **settings)
+    if extension is not None and (s.width, s.height) != (media["video"].shape[3], media["video"].shape[2]):
+        log.info("the new frames are generated at %dx%d and resized to the video's %dx%d; its own frames are kept as "
+                 "they are", s.width, s.height, media["video"].shape[3], media["video"].shape[2])
     if latents is not None:
         want = s.latent_shape(target.geometry)
         if not isinstance(latents, torch.Tensor) or tuple(latents.shape) != want:

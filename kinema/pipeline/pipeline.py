@@ -182,8 +182,8 @@ class Pipeline:
             start = prepare_latents(s, m.geometry, device, vae, source, latents, off.visit, job.windows)
             x0 = self._sample(job, s, prompts, condition, start, cache, None, "Refining")
             out = decode_latents(vae, x0, off.visit) if job.decode else None
-        if ext is not None and out is not None:
-            out = join(ext, video, out)
+        if ext is not None and out is not None:  # joined at the video's own size, its frames as they came
+            out = join(ext, job.video, out)
         if job.upscale is not None and out is not None:
             out = upscale_video(self.upscaler(job.upscale), out, job.upscale.tile, progress=job.progress)
         return Result(out, x0[0], self.record(job, partway, cache), cache)
