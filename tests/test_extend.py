@@ -205,13 +205,18 @@ def test_extend_keeps_the_videos_own_size(source, caplog):
     again = pipe(PROMPT, task="extend", video=out.video, extend_frames=8, overlap_frames=5, steps=3, seed=2,
                  progress=False)  # and it chains
     assert again.video.shape == (3, 29, 36, 28) and torch.equal(again.video[:, :16], out.video[:, :16])
+    # a working size asked for: the new clip made there (a large video extended at a small size), then resized
+    small = pipe(PROMPT, task="extend", video=odd, extend_frames=8, overlap_frames=5, steps=3, seed=1, size="16*16",
+                 overlap_join="cut", progress=False)
+    assert small.latents.shape == (16, 4, 2, 2) and small.video.shape == (3, 21, 36, 28)
+    assert torch.equal(small.video[:, :13], odd) and small.settings["size"] == "16*16"
+    assert "size" not in out.settings  # the video's own: not repeated
 
 
 def test_extend_errors(source):
     t2v, i2v = Pipeline(tiny_models(False)), Pipeline(tiny_models(True))
     cases = [(t2v, dict(extend_frames=8, loop=True), "needs a DiT that takes known frames"),
              (i2v, dict(extend_frames=8, frame_num=21), "drop frame_num"),
-             (i2v, dict(extend_frames=8, size="64*64"), "drop size"),
              (i2v, dict(), "needs extend_frames"),
              (i2v, dict(extend_frames=6), "multiple of 4")]
     for pipe, kw, text in cases:

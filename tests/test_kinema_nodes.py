@@ -181,8 +181,11 @@ def test_extend_matches_the_pipeline(world):
     assert torch.equal(plain, first)
     with pytest.raises(KinemaError, match="KinemaGenerate.extend_frames 6 must be a multiple of 4"):
         run("KinemaGenerate", ctx, pipeline=recipe, video=src.float() / 255, **{**extend, "extend_frames": 6})
-    with pytest.raises(KinemaError, match="drop KinemaGenerate.width/height"):
-        run("KinemaGenerate", ctx, pipeline=recipe, video=src.float() / 255, **{**extend, "width": 64, "height": 64})
+    small, _, s = run("KinemaGenerate", ctx, pipeline=recipe, video=src.float() / 255,
+                      **{**extend, "width": 32, "height": 32})  # a working size: the video's size kept
+    assert small.shape == (17, 64, 64, 3) and json.loads(s)["size"] == "32*32"
+    with pytest.raises(KinemaError, match="drop KinemaGenerate.frame_num"):
+        run("KinemaGenerate", ctx, pipeline=recipe, video=src.float() / 255, **{**extend, "frame_num": 17})
     with pytest.raises(KinemaError, match="KinemaGenerate's video input"):
         run("KinemaGenerate", ctx, pipeline=recipe, **extend)
 

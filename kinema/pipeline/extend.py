@@ -51,6 +51,7 @@ class Extension:
     loop: bool = False
     colour: str = "overlap"  # how the new frames are colour-matched to the overlap: one of COLOUR_MATCH
     join: str = "blend"  # how they are joined on: one of OVERLAP_JOIN
+    sized: bool = False  # the new clip generated at a size asked for, not the video's (resized to the video's after)
 
     def clip_frames(self) -> int:
         """Frames of the clip the model generates."""

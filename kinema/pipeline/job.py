@@ -7,7 +7,7 @@ command line can check a call against the checkpoints' headers before it loads a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -116,10 +116,9 @@ def _extension(spec: Task, target: Target, video, frames, overlap, loop, colour,
                 raise KinemaError(f"{n(key, key)} is for task extend; add it (with the video to continue) or drop "
                                   "the flag.")
         return None
-    for key in ("size", "frame_num"):
-        if settings.get(key) is not None:
-            raise KinemaError(f"task extend keeps the video's size and adds {n('extend_frames', 'extend_frames')} "
-                              f"frames; drop {n(key, key)}.")
+    if settings.get("frame_num") is not None:
+        raise KinemaError(f"task extend adds {n('extend_frames', 'extend_frames')} frames to the video's; drop "
+                          f"{n('frame_num', 'frame_num')}.")
     if frames is None:
         raise KinemaError(f"task extend needs {n('extend_frames', 'extend_frames')}: how many frames to add (e.g. 32).")
     ext = parse_extension(frames, overlap, loop, video.shape[1], names, target.geometry.temporal, colour, join)
@@ -129,9 +128,11 @@ def _extension(spec: Task, target: Target, video, frames, overlap, loop, colour,
     if target.dit_config.in_dim > target.geometry.z_dim and not target.has_clip:
         raise KinemaError("task extend on an image-to-video type DiT needs the CLIP vision encoder (the known frames' "
                           "tokens); pass clip=... (--clip) or a checkpoint folder that has it.")
-    settings["size"] = (video.shape[3], video.shape[2])
+    sized = settings.get("size") is not None  # a working size: the new clip made there, then resized to the video's
+    if not sized:
+        settings["size"] = (video.shape[3], video.shape[2])
     settings["frame_num"] = ext.clip_frames()
-    return ext
+    return replace(ext, sized=sized)
 
 
 def parse_windows(value, name: str = "context_windows", defaults: dict | None = None,

@@ -228,8 +228,8 @@ class Pipeline:
             if value:
                 rec[key] = value if not isinstance(value, tuple) else f"{value[0]}x{value[1]}"
         rec.update(job.extras.record())
-        if job.extension is not None:  # the clip's size and length follow from the video: not repeated as flags
-            for key in ("size", "width", "height", "frame_num"):
+        if job.extension is not None:  # the clip's length (and unless asked for, its size) follow from the video
+            for key in ("frame_num",) if job.extension.sized else ("size", "width", "height", "frame_num"):
                 rec.pop(key, None)
             rec.update(job.extension.record())
         for stage in (job.refine, job.upscale):
