@@ -126,6 +126,9 @@ def main() -> None:
     windows = parse_windows({k: v for k, v in given.items() if v is not None}, "windows",
                             pipe.models.info.sample_defaults.get("context", {}))
     print(f"windows: {windows.describe()}", flush=True)
+    if not pipe.models.info.sample_defaults.get("context") and args.window is None:
+        print("  (this model declares no windows: the wrapper's defaults, made for Wan2.1's 81 frames; give --window "
+              "and --overlap for a model trained on shorter clips)", flush=True)
     total = (args.frames - 1) // 4 + 1
     size, _, overlap = windows.latent()
     edges = {e for w in windows_for("static_standard", 0, total, size, 1, overlap) for e in (w[0], w[-1] + 1)}
