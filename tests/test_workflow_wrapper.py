@@ -119,19 +119,30 @@ def test_t2v_sampler_equals_pipeline(ctx, pipe, scheduler, solver):
         assert (sample(ctx, model, t5, empty) - got).abs().max().item() <= 1e-6
 
 
+def i2v_embeds(ctx, vae, clip, first, num_frames):
+    """WanVideoClipVisionEncode -> WanVideoImageToVideoEncode of a first frame: (its CLIP tokens, the embeds)."""
+    (tokens,) = call("WanVideoClipVisionEncode", ctx, clip_vision=clip, image_1=first, strength_1=1.0, strength_2=1.0,
+                     crop="disabled", combine_embeds="average")
+    (embeds,) = call("WanVideoImageToVideoEncode", ctx, width=64, height=64, num_frames=num_frames,
+                     noise_aug_strength=0.0, start_latent_strength=1.0, end_latent_strength=1.0, vae=vae,
+                     clip_embeds=tokens, start_image=first)
+    return tokens, embeds
+
+
+def as_model(image):
+    """IMAGE [1, H, W, 3] in [0, 1] -> the float [3, H, W] in [-1, 1] Pipeline takes (the same image for both)."""
+    return image[0].permute(2, 0, 1) * 2 - 1
+
+
 def test_i2v_and_flf2v_equal_pipeline(ctx, pipe):
     model, t5, vae = loaders(ctx)
     (clip,) = call("LoadWanVideoClipTextEncoder", ctx, model_name=CLIP, precision="fp32")
     g = torch.Generator().manual_seed(0)
     first, last = torch.rand(1, 64, 64, 3, generator=g), torch.rand(1, 64, 64, 3, generator=g)
 
-    (tokens,) = call("WanVideoClipVisionEncode", ctx, clip_vision=clip, image_1=first, strength_1=1.0, strength_2=1.0,
-                     crop="disabled", combine_embeds="average")
-    (embeds,) = call("WanVideoImageToVideoEncode", ctx, width=64, height=64, num_frames=9, noise_aug_strength=0.0,
-                     start_latent_strength=1.0, end_latent_strength=1.0, vae=vae, clip_embeds=tokens, start_image=first)
+    tokens, embeds = i2v_embeds(ctx, vae, clip, first, 9)
     single = tokens.tokens.shape[1]
     got = sample(ctx, model, t5, embeds)
-    as_model = lambda im: im[0].permute(2, 0, 1) * 2 - 1  # noqa: E731  (the same float image for both)
     ref = pipe(PROMPT, task="i2v", image=as_model(first), size="64*64", frame_num=9, steps=STEPS, shift=3.0,
                guide_scale=4.0, seed=42, negative_prompt="", decode=False, progress=False)
     assert (got[0] - ref.latents.cpu()).abs().max().item() <= 1e-6
@@ -156,16 +167,12 @@ def test_context_reference_latent_equals_pipeline(ctx, pipe, caplog):
     (clip,) = call("LoadWanVideoClipTextEncoder", ctx, model_name=CLIP, precision="fp32")
     g = torch.Generator().manual_seed(1)
     first, ref_image = torch.rand(1, 64, 64, 3, generator=g), torch.rand(1, 64, 64, 3, generator=g)
-    (tokens,) = call("WanVideoClipVisionEncode", ctx, clip_vision=clip, image_1=first, strength_1=1.0, strength_2=1.0,
-                     crop="disabled", combine_embeds="average")
-    (embeds,) = call("WanVideoImageToVideoEncode", ctx, width=64, height=64, num_frames=33, noise_aug_strength=0.0,
-                     start_latent_strength=1.0, end_latent_strength=1.0, vae=vae, clip_embeds=tokens, start_image=first)
+    _, embeds = i2v_embeds(ctx, vae, clip, first, 33)
     (reference,) = call("WanVideoEncode", ctx, vae=vae, image=ref_image, enable_vae_tiling=False, tile_x=272,
                         tile_y=272, tile_stride_x=144, tile_stride_y=128)
     (context,) = call("WanVideoContextOptions", ctx, context_schedule="static_standard", context_frames=17,
                       context_stride=4, context_overlap=8, freenoise=False, reference_latent=reference)
     got = sample(ctx, model, t5, embeds, context_options=context)
-    as_model = lambda im: im[0].permute(2, 0, 1) * 2 - 1  # noqa: E731
     win = dict(frames=17, overlap=8, schedule="static_standard", freenoise=False)
     ref = pipe(PROMPT, task="i2v", image=as_model(first), size="64*64", frame_num=33, steps=STEPS, shift=3.0,
                guide_scale=4.0, seed=42, negative_prompt="", context_windows=win, context_reference=as_model(ref_image),

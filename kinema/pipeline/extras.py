@@ -89,17 +89,21 @@ def parse_extras(*, skip_layers=None, cfg_zero_star=None, enhance=None, riflex=N
         raise KinemaError(f"{names.get('skip_layers', 'skip_layers')} in the uncond mode skips blocks of the uncond "
                           "pass, and this call runs no guidance (guide scale 1); raise the guide scale or use the sd3 "
                           "mode.")
-    if dit_config is not None:
-        key = "skip_layers"
-        try:  # the block indices, then the frequency index, against this DiT
-            if s is not None:
-                SkipLayersHook(s, dit_config.num_layers)
-            key = "riflex"
-            if extras.riflex is not None:
-                RiflexHook(extras.riflex, dit_config.head_dim, 1)
-        except KinemaError as e:
-            raise KinemaError(f"{names.get(key, key)}: {e}") from None
+    if dit_config is not None:  # the block indices and the frequency index, against this DiT
+        if s is not None:
+            named(names.get("skip_layers", "skip_layers"), SkipLayersHook, s, dit_config.num_layers)
+        if extras.riflex is not None:
+            named(names.get("riflex", "riflex"), RiflexHook, extras.riflex, dit_config.head_dim, 1)
     return extras
+
+
+def named(name: str, make, *args, **kwargs):
+    """make(*args, **kwargs), its refusal (a KinemaError) starting with `name`: the argument or flag the value came
+    from."""
+    try:
+        return make(*args, **kwargs)
+    except KinemaError as e:
+        raise KinemaError(f"{name}: {e}") from None
 
 
 def is_default(value) -> bool:
@@ -154,15 +158,13 @@ def record_of(value, kind, name: str):
         return None
     if isinstance(value, kind):
         return value
+    if value is True:
+        value = {}
     if isinstance(value, dict):
         known = {f.name for f in fields(kind)}
         unknown = sorted(set(value) - known)
         if unknown:
             raise KinemaError(f"{name} has no field {', '.join(map(repr, unknown))}; its fields are "
                               f"{', '.join(sorted(known))}.")
-    if value is True or isinstance(value, dict):
-        try:
-            return kind(**({} if value is True else value))
-        except KinemaError as e:
-            raise KinemaError(f"{name}: {e}") from None
+        return named(name, kind, **value)
     raise KinemaError(f"{name} {value!r} is not understood; pass True, a {kind.__name__} or a dict of its fields.")

@@ -90,7 +90,8 @@ class Pipeline:
                  video=None, denoise=1.0, latents=None, cache=None, vae_tile="auto", batched_cfg=False,
                  skip_layers=None, cfg_zero_star=None, enhance=None, riflex=None, context_windows=None,
                  context_reference=None, extend_frames=None, overlap_frames=9, loop=False, colour_match="overlap",
-                 overlap_join="blend", refine=None, upscale=None, upscaler=None, upscale_tile=128, callback=None, cancel=None, decode=True, progress=True) -> Result:
+                 overlap_join="blend", refine=None, upscale=None, upscaler=None, upscale_tile=128, callback=None,
+                 cancel=None, decode=True, progress=True) -> Result:
         """Generate one video (or image, task "t2i"). See the README's Python section for every argument;
         unset values take the model's own defaults, then the task's official ones."""
         with self._lock:

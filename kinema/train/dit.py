@@ -266,23 +266,29 @@ def _encode(cfg: DiTTrainConfig, vae, video: torch.Tensor, captions: list[str], 
     entry["captions"] += captions
 
 
+def _beside_init(path: Path, relative: str) -> Path | None:
+    """The file `relative` that goes with init_from weights (a model folder, a run folder or a checkpoint in one):
+    next to them, or in the run's exported model/; None when there is none."""
+    for folder in (path, path / "model", path.parent, path.parent / "model", path.parent.parent,
+                   path.parent.parent / "model"):
+        if (folder / relative).is_file():
+            return folder / relative
+    return None
+
+
 def _init_tokenizer(path: Path) -> Path:
-    """The tokenizer file that goes with init_from weights (a model folder, a run folder or a checkpoint in one)."""
-    for folder in (path, path.parent, path.parent.parent):
-        if (folder / "tokenizer" / "spiece.model").is_file():
-            return folder / "tokenizer" / "spiece.model"
+    """The tokenizer file that goes with init_from weights."""
+    if (found := _beside_init(path, "tokenizer/spiece.model")) is not None:
+        return found
     raise KinemaError(f"init_from {path}: no tokenizer/spiece.model next to it; the weights need the tokenizer they "
                       "were trained with.")
 
 
 def init_declarations(path: Path) -> dict:
-    """The sampling defaults the init_from model declares (its transformer/config.json, next to the weights of a
-    model folder, a run folder or a checkpoint in one); {} when none is found (a checkpoint of a run never exported)."""
-    for folder in (path, path / "model", path.parent, path.parent / "model", path.parent.parent / "model"):
-        config = folder / "transformer" / "config.json"
-        if config.is_file():
-            return ModelInfo.from_config(json.loads(config.read_text())).sample_defaults
-    return {}
+    """The sampling defaults the init_from model declares (its transformer/config.json); {} when none is found (a
+    checkpoint of a run never exported)."""
+    config = _beside_init(path, "transformer/config.json")
+    return {} if config is None else ModelInfo.from_config(json.loads(config.read_text())).sample_defaults
 
 
 def _known_frames(mode: str, frames: int, rng: np.random.Generator) -> list[int]:

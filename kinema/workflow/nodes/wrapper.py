@@ -237,14 +237,12 @@ def context_options(ctx, context_schedule, context_frames, context_stride, conte
     """Context windows (kinema/sampling/windows.py) for the sampler's context_options; every window keeps the
     video's first frame as its anchor, or with reference_latent (a LATENT of encoded images, [n, z, T, h, w]:
     each one's first latent frame) takes that as its first frame where it does not start at the video's."""
+    from kinema.pipeline.extras import named
     from kinema.sampling.windows import ContextWindows
 
     n = "WanVideoContextOptions"
-    try:
-        windows = ContextWindows(int(context_frames), int(context_stride), int(context_overlap), context_schedule,
-                                 fuse_method, bool(freenoise))
-    except KinemaError as e:
-        raise KinemaError(f"{n}: {e}") from None
+    windows = named(n, ContextWindows, int(context_frames), int(context_stride), int(context_overlap),
+                    context_schedule, fuse_method, bool(freenoise))
     reference = None
     if reference_latent is not None:
         samples = reference_latent.get("samples") if isinstance(reference_latent, dict) else None
